@@ -1,0 +1,28 @@
+"""tad_jax: Tail-Aware Distillation (TAD) for language models in JAX/Flax.
+
+The loss functions are importable from the top level; models, data, training and evaluation
+live in their own modules (`tad_jax.models`, `tad_jax.data`, `tad_jax.train`, `tad_jax.evaluate`)
+so that importing the loss pulls in nothing heavier than jax.
+"""
+
+from tad_jax.losses import (
+    causal_lm_loss,
+    cosine_hidden_loss,
+    distillation_loss,
+    js_divergence,
+    kl_divergence,
+    reverse_kl_divergence,
+    tad_components,
+    tad_divergence,
+)
+
+__all__ = [
+    "causal_lm_loss",
+    "cosine_hidden_loss",
+    "distillation_loss",
+    "js_divergence",
+    "kl_divergence",
+    "reverse_kl_divergence",
+    "tad_components",
+    "tad_divergence",
+]
