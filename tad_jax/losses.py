@@ -1,0 +1,570 @@
+"""Distillation losses: TAD (Tail-Aware Distillation) with its analytic gradient, and companions.
+
+Definitions follow `../shared/TAD_SPEC.md` (paper: arXiv 2602.20816, Sec. 2 and App. A).
+
+Shape convention: logits are `[..., T, V]`; a *row* is one index of the leading dims (one training
+sequence). Names carry suffixes: `_btv` = [..., T, V], `_bt` = [..., T], `_btk` = [..., T, K],
+`_b` = [...] (one value per row); `...` may be any number of leading dims, including none.
+
+Conventions shared by every divergence here:
+- `mask` `[..., T]` (bool or 0/1; None = all valid). Any non-zero entry counts as valid.
+- Temperature τ: probabilities are softmax(logits / τ) and the divergence is multiplied by τ²
+  (Hinton's convention), so gradient magnitudes do not shrink with τ.
+- `reduction`: "none" → `[..., T]` float32 with 0 at masked positions; "sum"; "mean" → the sum
+  divided by the number of valid positions of the whole (global) batch (0 when there is none).
+- Math is float32 inside whatever the input dtype (float64 if given float64); gradients come back
+  in the input dtype.
+- The teacher is a constant: its logits get a zero cotangent (distillation never trains it).
+- Config arguments (`top_k`, `beta`, `temperature`, `eps_alpha`, `reduction`, ...) are static
+  Python numbers/strings: they are checked at trace time, so bad values cost nothing at run time.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+_REDUCTIONS = ("none", "sum", "mean")
+_DIVERGENCES = ("tad", "kl", "rkl", "jsd")
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (trace time, Python level)
+# ----------------------------------------------------------------------------------------------
+
+
+def _static_number(name, value):
+    """Returns `value` as a Python float, or raises if it is a traced/array value."""
+    try:
+        return float(value)
+    except (TypeError, jax.errors.ConcretizationTypeError) as e:
+        raise ValueError(
+            f"{name} must be a static Python number (it configures the loss at trace time); "
+            f"got {type(value).__name__}. Pass a float, not a traced jax value."
+        ) from e
+
+
+def _check_positive(name, value):
+    value = _static_number(name, value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}.")
+    return value
+
+
+def _check_reduction(reduction):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
+
+
+def _check_float(name, x):
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(
+            f"{name} must be floating point (got {jnp.result_type(x)}); cast them with "
+            f".astype(jnp.float32) — integer logits are almost always token ids passed by mistake."
+        )
+
+
+def _check_pair(student_btv, teacher_btv):
+    """Checks that student and teacher logits are float `[..., T, V]` arrays of equal shape."""
+    _check_float("student_logits", student_btv)
+    _check_float("teacher_logits", teacher_btv)
+    s_shape, t_shape = jnp.shape(student_btv), jnp.shape(teacher_btv)
+    if len(s_shape) < 2:
+        raise ValueError(f"logits must be [..., T, V] (at least 2-D), got shape {s_shape}.")
+    if len(s_shape) != len(t_shape):
+        raise ValueError(
+            f"student logits {s_shape} and teacher logits {t_shape} have different ranks; "
+            "both must be [..., T, V] with the same leading dims."
+        )
+    if s_shape[-1] != t_shape[-1]:
+        raise ValueError(
+            f"vocabulary axis (-1) differs: student V={s_shape[-1]}, teacher V={t_shape[-1]}. "
+            "Slice the teacher's (padded) vocabulary to the shared tokenizer's: "
+            "teacher_logits[..., :student_vocab_size]."
+        )
+    for axis, (a, b) in enumerate(zip(s_shape, t_shape, strict=True)):
+        if a != b:
+            what = "time" if axis == len(s_shape) - 2 else "batch"
+            raise ValueError(
+                f"{what} axis {axis} differs: student {s_shape} vs teacher {t_shape}; "
+                "student and teacher logits must cover the same positions."
+            )
+
+
+def _mask_bt(mask, positions_shape):
+    """The validity mask as float32 0/1 of `positions_shape` (all ones when None)."""
+    if mask is None:
+        return jnp.ones(positions_shape, jnp.float32)
+    if tuple(jnp.shape(mask)) != tuple(positions_shape):
+        raise ValueError(
+            f"mask shape {jnp.shape(mask)} must equal the logits' leading shape {positions_shape} "
+            "([..., T]: one entry per position)."
+        )
+    return (jnp.asarray(mask) != 0).astype(jnp.float32)
+
+
+def _check_top_k(top_k, vocab):
+    if isinstance(top_k, bool) or not isinstance(top_k, int):
+        raise ValueError(f"top_k must be a Python int, got {top_k!r}.")
+    if top_k < 0 or top_k >= vocab:
+        raise ValueError(
+            f"top_k must satisfy 0 <= top_k < V={vocab} (the tail must be non-empty), "
+            f"got {top_k}."
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared numerics
+# ----------------------------------------------------------------------------------------------
+
+
+def _lse(x_btv):
+    """logsumexp over the last axis; a row that is all -inf gives -inf (not NaN)."""
+    m_bt = jnp.max(x_btv, axis=-1)
+    m_bt = jnp.where(jnp.isfinite(m_bt), m_bt, 0.0)
+    return jnp.log(jnp.sum(jnp.exp(x_btv - m_bt[..., None]), axis=-1)) + m_bt
+
+
+def _topk_member(idx_btk, vocab):
+    """Boolean [..., T, V] top-K membership mask from the top-K indices.
+
+    Built by comparing against an iota (K compares per entry); XLA fuses this into its consumers so
+    the mask is never materialised. `t >= kth_value` is ~90x slower on XLA CPU (TAD_SPEC.md).
+    """
+    lead = idx_btk.ndim - 1
+    iota_v = jax.lax.broadcasted_iota(jnp.int32, (1,) * lead + (vocab,), lead)
+    member = jnp.zeros(idx_btk.shape[:-1] + (vocab,), bool)
+    for k in range(idx_btk.shape[-1]):
+        member = member | (idx_btk[..., k : k + 1] == iota_v)
+    return member
+
+
+def _reduce(loss_bt, mask_bt, reduction):
+    """Applies the reduction to a per-position loss that is already 0 at masked positions."""
+    if reduction == "none":
+        return loss_bt
+    total = jnp.sum(loss_bt)
+    if reduction == "sum":
+        return total
+    count = jnp.sum(mask_bt)
+    return total / jnp.maximum(count, 1.0)
+
+
+def _scaled(x, temperature):
+    """logits/τ in float32, or in float64 when given float64 (the exactness tests use it)."""
+    x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    return x / temperature if temperature != 1.0 else x
+
+
+# ----------------------------------------------------------------------------------------------
+# TAD
+# ----------------------------------------------------------------------------------------------
+
+
+def _tad_stats(student_btv, teacher_btv, top_k, temperature):
+    """Per-position TAD statistics (float32), unmasked.
+
+    Returns a dict with the top-K indices `idx_btk`, `lse_s`, `lse_t` (full logsumexps),
+    `lse_tail_s`, `lse_tail_t` (logsumexps over the tail, i.e. top-K set to -inf), `log_alpha_t`,
+    `log_alpha_s`, `kl1` and `kl2` (the spec's D_KL1, D_KL2), all `[..., T]` except `idx_btk`.
+    """
+    s_btv = _scaled(student_btv, temperature)
+    t_btv = _scaled(teacher_btv, temperature)
+    vocab = s_btv.shape[-1]
+    lse_s, lse_t = _lse(s_btv), _lse(t_btv)
+    if top_k == 0:  # the tail is the whole vocabulary: alpha = 1, D_KL1 = 0, D_KL2 = KL.
+        idx_btk = jnp.zeros(s_btv.shape[:-1] + (0,), jnp.int32)
+        in_top = None
+        lse_tail_s, lse_tail_t = lse_s, lse_t
+        top_part = jnp.zeros_like(lse_s)
+    else:
+        top_t_btk, idx_btk = jax.lax.top_k(t_btv, top_k)
+        in_top = _topk_member(idx_btk, vocab)
+        lse_tail_s = _lse(jnp.where(in_top, -jnp.inf, s_btv))
+        lse_tail_t = _lse(jnp.where(in_top, -jnp.inf, t_btv))
+        # The K head terms from gathered values: [.., K] work instead of another [.., V] pass.
+        top_s_btk = jnp.take_along_axis(s_btv, idx_btk, axis=-1)
+        lpt_btk = top_t_btk - lse_t[..., None]
+        lps_btk = top_s_btk - lse_s[..., None]
+        pt_btk = jnp.exp(lpt_btk)
+        top_part = jnp.sum(jnp.where(pt_btk > 0, pt_btk * (lpt_btk - lps_btk), 0.0), axis=-1)
+    log_alpha_t, log_alpha_s = lse_tail_t - lse_t, lse_tail_s - lse_s
+    alpha_t = jnp.exp(log_alpha_t)
+    has_tail = alpha_t > 0  # alpha_T = 0: the tail terms are 0 by convention (limit x log x -> 0).
+    bucket = jnp.where(has_tail, alpha_t * (log_alpha_t - log_alpha_s), 0.0)
+    kl2 = _tail_kl(s_btv, t_btv, in_top, lse_tail_s, lse_tail_t)
+    kl2 = jnp.where(has_tail, kl2, 0.0)
+    return dict(
+        idx_btk=idx_btk, lse_s=lse_s, lse_t=lse_t, lse_tail_s=lse_tail_s, lse_tail_t=lse_tail_t,
+        log_alpha_t=log_alpha_t, log_alpha_s=log_alpha_s, kl1=top_part + bucket, kl2=kl2,
+    )
+
+
+def _tail_kl(s_btv, t_btv, in_top, lse_tail_s, lse_tail_t):
+    """D_KL2: KL between the tail-renormalised teacher and student, straight from logits."""
+    lpt_btv = t_btv - jnp.where(jnp.isfinite(lse_tail_t), lse_tail_t, 0.0)[..., None]
+    lps_btv = s_btv - lse_tail_s[..., None]
+    pt_btv = jnp.exp(lpt_btv)
+    keep = pt_btv > 0 if in_top is None else (pt_btv > 0) & ~in_top
+    return jnp.sum(jnp.where(keep, pt_btv * (lpt_btv - lps_btv), 0.0), axis=-1)
+
+
+def _beta_x(log_alpha_t_bt, mask_bt, beta, eps_alpha):
+    """β(X) = β / max(ᾱ(X), eps_alpha), ᾱ(X) the mean teacher tail mass over valid positions.
+
+    Teacher-only, so a constant for differentiation. A row with no valid position gets β/eps_alpha,
+    which multiplies only zeros.
+    """
+    count_b = jnp.sum(mask_bt, axis=-1)
+    mean_alpha_b = jnp.sum(mask_bt * jnp.exp(log_alpha_t_bt), axis=-1) / jnp.maximum(count_b, 1.0)
+    return beta / jnp.maximum(mean_alpha_b, eps_alpha)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5, 6))
+def _tad_per_position(student_btv, teacher_btv, mask_bt, top_k, beta, temperature, eps_alpha):
+    """τ²·(D_KL1 + β(X)·α_T·D_KL2) per position, 0 where masked; float32 `[..., T]`."""
+    loss_bt, _ = _tad_fwd(student_btv, teacher_btv, mask_bt, top_k, beta, temperature, eps_alpha)
+    return loss_bt
+
+
+def _tad_fwd(student_btv, teacher_btv, mask_bt, top_k, beta, temperature, eps_alpha):
+    st = _tad_stats(student_btv, teacher_btv, top_k, temperature)
+    beta_x_b = _beta_x(st["log_alpha_t"], mask_bt, beta, eps_alpha)
+    tail_bt = jnp.exp(st["log_alpha_t"]) * st["kl2"]
+    loss_bt = temperature**2 * mask_bt * (st["kl1"] + beta_x_b[..., None] * tail_bt)
+    # Residuals: the inputs (alive anyway), [.., K] indices and [.., T] statistics; the softmaxes
+    # are recomputed in the backward pass instead of keeping [.., V] float32 probabilities.
+    res = (student_btv, teacher_btv, mask_bt, st["idx_btk"], st["lse_s"], st["lse_t"],
+           st["lse_tail_s"], st["log_alpha_t"], beta_x_b)
+    return loss_bt, res
+
+
+def _tad_bwd(top_k, beta, temperature, eps_alpha, res, g_bt):
+    """Eq. 6: dL/dz_S = p_S − p_T + [i ∉ I]·(β(X) − 1)·(α_T·p̃_S − p_T), times τ (from τ²·1/τ)."""
+    del beta, eps_alpha
+    student_btv, teacher_btv, mask_bt, idx_btk, lse_s, lse_t, lse_tail_s, log_alpha_t = res[:8]
+    beta_x_b = res[8]
+    s_btv = _scaled(student_btv, temperature)
+    t_btv = _scaled(teacher_btv, temperature)
+    ps_btv = jnp.exp(s_btv - lse_s[..., None])
+    pt_btv = jnp.exp(t_btv - lse_t[..., None])
+    # α_T·p̃_S,i = exp(s_i − lse_tail_s + log α_T) in log space: exact when both tails are tiny.
+    log_scale = jnp.where(jnp.isfinite(log_alpha_t), log_alpha_t - lse_tail_s, -jnp.inf)
+    ps_tail_btv = jnp.exp(s_btv + log_scale[..., None])
+    tail_btv = (beta_x_b[..., None, None] - 1.0) * (ps_tail_btv - pt_btv)
+    if top_k > 0:
+        tail_btv = jnp.where(_topk_member(idx_btk, s_btv.shape[-1]), 0.0, tail_btv)
+    scale_bt = temperature * g_bt * mask_bt
+    grad_btv = (scale_bt[..., None] * (ps_btv - pt_btv + tail_btv)).astype(student_btv.dtype)
+    return grad_btv, jnp.zeros_like(teacher_btv), jnp.zeros_like(mask_bt)
+
+
+_tad_per_position.defvjp(_tad_fwd, _tad_bwd)
+
+
+def _tad_args(student_logits, teacher_logits, mask, top_k, beta, temperature, eps_alpha):
+    """Validates the TAD arguments; returns (mask_bt, top_k, beta, temperature, eps_alpha)."""
+    _check_pair(student_logits, teacher_logits)
+    mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
+    _check_top_k(top_k, jnp.shape(student_logits)[-1])
+    beta = _check_positive("beta", beta)
+    temperature = _check_positive("temperature", temperature)
+    eps_alpha = _check_positive("eps_alpha", eps_alpha)
+    return mask_bt, top_k, beta, temperature, eps_alpha
+
+
+def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=2.0,
+                   temperature=1.0, eps_alpha=1e-6, reduction="mean"):
+    """Tail-Aware Distillation divergence L_DIV = D_KL1 + β(X)·α_T·D_KL2 (paper Eq. 3).
+
+    The gradient is the paper's closed form (Eq. 6) through a `jax.custom_vjp`; the teacher logits
+    get a zero cotangent. Top-K ties are broken as `jax.lax.top_k` does (lowest index first).
+
+    Args:
+      student_logits: float `[..., T, V]` (any float dtype; math in float32).
+      teacher_logits: float `[..., T, V]`, same shape. Slice a padded teacher vocabulary first.
+      mask: `[..., T]` bool or 0/1, 1 = the position counts; None = all positions count.
+      top_k: K, size of the teacher's head I; 0 <= K < V (K = 0 gives KL scaled by β(X)).
+      beta: β > 0; β(X) = β / max(ᾱ(X), eps_alpha) with ᾱ(X) the row's mean teacher tail mass.
+      temperature: τ > 0; softmax(logits/τ), loss multiplied by τ².
+      eps_alpha: floor on ᾱ(X) (> 0), keeps β(X) finite when a row's tail mass is ~0.
+      reduction: "none" (`[..., T]`, 0 where masked), "sum", or "mean" (over valid positions).
+
+    Returns:
+      float32 loss: scalar, or `[..., T]` for reduction="none".
+
+    Raises:
+      ValueError: on mismatched shapes, integer logits, K out of range, β/τ/eps_alpha <= 0 or an
+        unknown reduction.
+    """
+    _check_reduction(reduction)
+    mask_bt, *cfg = _tad_args(student_logits, teacher_logits, mask, top_k, beta, temperature,
+                              eps_alpha)
+    loss_bt = _tad_per_position(student_logits, teacher_logits, mask_bt, *cfg)
+    return _reduce(loss_bt, mask_bt, reduction)
+
+
+def tad_components(student_logits, teacher_logits, mask=None, *, top_k=10, beta=2.0,
+                   temperature=1.0, eps_alpha=1e-6):
+    """The pieces of TAD, for diagnostics and evaluation (no gradient; not scaled by τ²).
+
+    Args:
+      student_logits, teacher_logits, mask, top_k, beta, temperature, eps_alpha: as for
+        `tad_divergence`.
+
+    Returns:
+      dict of float32 arrays: "kl1", "kl2", "alpha_t", "alpha_s", "kl" (= kl1 + alpha_t·kl2), each
+      `[..., T]` with 0 at masked positions, and "beta_x" `[...]` (β(X) per row).
+
+    Raises:
+      ValueError: as `tad_divergence`.
+    """
+    mask_bt, top_k, beta, temperature, eps_alpha = _tad_args(
+        student_logits, teacher_logits, mask, top_k, beta, temperature, eps_alpha)
+    student_logits = jax.lax.stop_gradient(student_logits)
+    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    st = _tad_stats(student_logits, teacher_logits, top_k, temperature)
+    alpha_t, alpha_s = jnp.exp(st["log_alpha_t"]), jnp.exp(st["log_alpha_s"])
+    out = dict(kl1=st["kl1"], kl2=st["kl2"], alpha_t=alpha_t, alpha_s=alpha_s,
+               kl=st["kl1"] + alpha_t * st["kl2"])
+    out = {k: mask_bt * v for k, v in out.items()}
+    out["beta_x"] = _beta_x(st["log_alpha_t"], mask_bt, beta, eps_alpha)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Companion divergences
+# ----------------------------------------------------------------------------------------------
+
+
+def _log_softmax(x_btv):
+    lse_bt = _lse(x_btv)
+    return x_btv - lse_bt[..., None], lse_bt
+
+
+def _xlogy_diff(p_btv, logp_btv, logq_btv):
+    """Σ p·(log p − log q) with 0·(anything) = 0, so -inf padding entries give 0, not NaN."""
+    return jnp.sum(jnp.where(p_btv > 0, p_btv * (logp_btv - logq_btv), 0.0), axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _kl_per_position(student_btv, teacher_btv, mask_bt, temperature):
+    loss_bt, _ = _kl_fwd(student_btv, teacher_btv, mask_bt, temperature)
+    return loss_bt
+
+
+def _kl_fwd(student_btv, teacher_btv, mask_bt, temperature):
+    lps_btv, lse_s = _log_softmax(_scaled(student_btv, temperature))
+    lpt_btv, lse_t = _log_softmax(_scaled(teacher_btv, temperature))
+    kl_bt = _xlogy_diff(jnp.exp(lpt_btv), lpt_btv, lps_btv)
+    loss_bt = temperature**2 * mask_bt * kl_bt
+    return loss_bt, (student_btv, teacher_btv, mask_bt, lse_s, lse_t)
+
+
+def _kl_bwd(temperature, res, g_bt):
+    # KL's gradient is p_S − p_T (times τ): one fused pass, no autodiff through logsumexp.
+    student_btv, teacher_btv, mask_bt, lse_s, lse_t = res
+    ps_btv = jnp.exp(_scaled(student_btv, temperature) - lse_s[..., None])
+    pt_btv = jnp.exp(_scaled(teacher_btv, temperature) - lse_t[..., None])
+    scale_bt = temperature * g_bt * mask_bt
+    grad_btv = (scale_bt[..., None] * (ps_btv - pt_btv)).astype(student_btv.dtype)
+    return grad_btv, jnp.zeros_like(teacher_btv), jnp.zeros_like(mask_bt)
+
+
+_kl_per_position.defvjp(_kl_fwd, _kl_bwd)
+
+
+def _common_args(student_logits, teacher_logits, mask, temperature, reduction):
+    _check_reduction(reduction)
+    _check_pair(student_logits, teacher_logits)
+    mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
+    return mask_bt, _check_positive("temperature", temperature)
+
+
+def kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
+                  reduction="mean"):
+    """Forward KL(p_T || p_S) (the paper's vanilla KD), with a closed-form p_S − p_T gradient.
+
+    Args:
+      student_logits, teacher_logits: float `[..., T, V]` of equal shape.
+      mask: `[..., T]` bool or 0/1; None = all valid.
+      temperature: τ > 0; the divergence is multiplied by τ².
+      reduction: "none", "sum" or "mean" (module docstring).
+
+    Returns:
+      float32 scalar, or `[..., T]` for reduction="none".
+
+    Raises:
+      ValueError: on mismatched shapes, integer logits, τ <= 0 or an unknown reduction.
+    """
+    mask_bt, temperature = _common_args(student_logits, teacher_logits, mask, temperature,
+                                        reduction)
+    loss_bt = _kl_per_position(student_logits, teacher_logits, mask_bt, temperature)
+    return _reduce(loss_bt, mask_bt, reduction)
+
+
+def reverse_kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
+                          reduction="mean"):
+    """Reverse KL(p_S || p_T) (mode seeking). Arguments, returns and errors as `kl_divergence`."""
+    mask_bt, temperature = _common_args(student_logits, teacher_logits, mask, temperature,
+                                        reduction)
+    lps_btv, _ = _log_softmax(_scaled(student_logits, temperature))
+    lpt_btv, _ = _log_softmax(_scaled(jax.lax.stop_gradient(teacher_logits), temperature))
+    loss_bt = temperature**2 * mask_bt * _xlogy_diff(jnp.exp(lps_btv), lps_btv, lpt_btv)
+    return _reduce(loss_bt, mask_bt, reduction)
+
+
+def js_divergence(student_logits, teacher_logits, mask=None, *, weight=0.5, temperature=1.0,
+                  reduction="mean"):
+    """Generalised Jensen-Shannon divergence with mixing weight w.
+
+    JSD_w = w·KL(p_T || M) + (1 − w)·KL(p_S || M), M = w·p_T + (1 − w)·p_S; w = 0.5 is the usual
+    symmetric JSD (bounded by log 2).
+
+    Args:
+      weight: w, strictly between 0 and 1. Other arguments as `kl_divergence`.
+
+    Returns:
+      float32 scalar, or `[..., T]` for reduction="none".
+
+    Raises:
+      ValueError: as `kl_divergence`, or when weight is not in (0, 1).
+    """
+    mask_bt, temperature = _common_args(student_logits, teacher_logits, mask, temperature,
+                                        reduction)
+    w = _static_number("weight", weight)
+    if not 0.0 < w < 1.0:
+        raise ValueError(f"weight (the JSD mixing weight) must be in (0, 1), got {w}.")
+    lps_btv, _ = _log_softmax(_scaled(student_logits, temperature))
+    lpt_btv, _ = _log_softmax(_scaled(jax.lax.stop_gradient(teacher_logits), temperature))
+    # log M by logaddexp: stays finite and exact where one of the two probabilities underflows.
+    lm_btv = jnp.logaddexp(math.log(w) + lpt_btv, math.log1p(-w) + lps_btv)
+    jsd_bt = (w * _xlogy_diff(jnp.exp(lpt_btv), lpt_btv, lm_btv)
+              + (1.0 - w) * _xlogy_diff(jnp.exp(lps_btv), lps_btv, lm_btv))
+    return _reduce(temperature**2 * mask_bt * jsd_bt, mask_bt, reduction)
+
+
+# ----------------------------------------------------------------------------------------------
+# CLM, hidden-state cosine, and the training objective
+# ----------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits, targets, mask=None, reduction="mean"):
+    """Cross-entropy of the next token: −log softmax(logits)[target] per position.
+
+    Args:
+      logits: float `[..., T, V]`.
+      targets: int `[..., T]`, the next token at each position (already shifted).
+      mask: `[..., T]` bool or 0/1; None = all valid.
+      reduction: "none", "sum" or "mean".
+
+    Returns:
+      float32 scalar, or `[..., T]` for reduction="none".
+
+    Raises:
+      ValueError: on integer logits, float targets, mismatched shapes or an unknown reduction.
+    """
+    _check_reduction(reduction)
+    _check_float("logits", logits)
+    if jnp.shape(logits)[:-1] != jnp.shape(targets) or len(jnp.shape(logits)) < 2:
+        raise ValueError(
+            f"targets shape {jnp.shape(targets)} must equal logits shape without the vocabulary "
+            f"axis ({jnp.shape(logits)[:-1]}); logits must be [..., T, V]."
+        )
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got {jnp.result_type(targets)}.")
+    mask_bt = _mask_bt(mask, jnp.shape(targets))
+    lp_btv, _ = _log_softmax(_scaled(logits, 1.0))
+    tgt_lp_bt = jnp.take_along_axis(lp_btv, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    # where, not multiply: a masked position whose target is a -inf (padding) entry stays 0.
+    loss_bt = jnp.where(mask_bt > 0, -tgt_lp_bt, 0.0)
+    return _reduce(loss_bt, mask_bt, reduction)
+
+
+def cosine_hidden_loss(student_hidden, teacher_hidden, mask=None, reduction="mean"):
+    """1 − cos(h_S, h_T) per position (Sec. 3.2.2), teacher hidden states held constant.
+
+    Args:
+      student_hidden: float `[..., T, d]`.
+      teacher_hidden: float `[..., T, d]`, same hidden size d.
+      mask: `[..., T]` bool or 0/1; None = all valid.
+      reduction: "none", "sum" or "mean".
+
+    Returns:
+      float32 scalar, or `[..., T]` for reduction="none".
+
+    Raises:
+      ValueError: on unequal hidden sizes (project one side first), mismatched positions or an
+        unknown reduction.
+    """
+    _check_reduction(reduction)
+    _check_float("student_hidden", student_hidden)
+    _check_float("teacher_hidden", teacher_hidden)
+    hs, ht = jnp.shape(student_hidden), jnp.shape(teacher_hidden)
+    if len(hs) < 2 or len(hs) != len(ht) or hs[:-1] != ht[:-1]:
+        raise ValueError(f"hidden states must both be [..., T, d] over the same positions, got "
+                         f"student {hs} and teacher {ht}.")
+    if hs[-1] != ht[-1]:
+        raise ValueError(
+            f"hidden sizes differ (student d={hs[-1]}, teacher d={ht[-1]}): the cosine loss needs "
+            "equal hidden sizes; project the student's hidden states to the teacher's size "
+            "(a learned linear map) or use cosine_weight=0."
+        )
+    mask_bt = _mask_bt(mask, hs[:-1])
+    hs_btd = _scaled(student_hidden, 1.0)
+    ht_btd = _scaled(jax.lax.stop_gradient(teacher_hidden), 1.0)
+    # eps inside the norms keeps an all-zero (padding) vector finite with a finite gradient.
+    dot_bt = jnp.sum(hs_btd * ht_btd, axis=-1)
+    norms_bt = jnp.sqrt(jnp.sum(hs_btd**2, -1) + 1e-12) * jnp.sqrt(jnp.sum(ht_btd**2, -1) + 1e-12)
+    loss_bt = mask_bt * (1.0 - dot_bt / norms_bt)
+    return _reduce(loss_bt, mask_bt, reduction)
+
+
+def distillation_loss(student_logits, teacher_logits, targets, mask, *, divergence="tad",
+                      top_k=10, beta=2.0, temperature=1.0, eps_alpha=1e-6, jsd_weight=0.5,
+                      cosine_weight=0.0, student_hidden=None, teacher_hidden=None,
+                      reduction="mean"):
+    """The training objective (Eq. 4): L_CLM + L_DIV (+ cosine_weight · cosine hidden loss).
+
+    Args:
+      student_logits, teacher_logits: float `[..., T, V]`.
+      targets: int `[..., T]` next tokens; mask: `[..., T]` (None = all valid).
+      divergence: "tad", "kl", "rkl" or "jsd".
+      top_k, beta, eps_alpha: TAD's settings; jsd_weight: the JSD mixing weight.
+      temperature: τ for the divergence (the CLM term is always at τ = 1).
+      cosine_weight: λ >= 0 of the hidden-state cosine term; > 0 needs both hidden states.
+      student_hidden, teacher_hidden: `[..., T, d]` final hidden states, or None.
+      reduction: "none", "sum" or "mean", applied to every part.
+
+    Returns:
+      (total, {"clm": ..., "div": ..., "cosine": ...}); "cosine" is 0 when cosine_weight is 0.
+
+    Raises:
+      ValueError: on an unknown divergence, a negative cosine_weight, missing hidden states, or any
+        error of the parts.
+    """
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"divergence must be one of {_DIVERGENCES}, got {divergence!r}.")
+    cosine_weight = _static_number("cosine_weight", cosine_weight)
+    if cosine_weight < 0:
+        raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}.")
+    clm = causal_lm_loss(student_logits, targets, mask, reduction)
+    common = dict(temperature=temperature, reduction=reduction)
+    if divergence == "tad":
+        div = tad_divergence(student_logits, teacher_logits, mask, top_k=top_k, beta=beta,
+                             eps_alpha=eps_alpha, **common)
+    elif divergence == "kl":
+        div = kl_divergence(student_logits, teacher_logits, mask, **common)
+    elif divergence == "rkl":
+        div = reverse_kl_divergence(student_logits, teacher_logits, mask, **common)
+    else:
+        div = js_divergence(student_logits, teacher_logits, mask, weight=jsd_weight, **common)
+    if cosine_weight > 0:
+        if student_hidden is None or teacher_hidden is None:
+            raise ValueError("cosine_weight > 0 needs student_hidden and teacher_hidden "
+                             "(request output_hidden_states from both models).")
+        cos = cosine_hidden_loss(student_hidden, teacher_hidden, mask, reduction)
+    else:
+        cos = jnp.zeros_like(clm)
+    return clm + div + cosine_weight * cos, {"clm": clm, "div": div, "cosine": cos}
