@@ -1,0 +1,209 @@
+"""grain pipelines: documents → tokenised pairs → packed or padded rows → per-host batches.
+
+Shapes: ``_bt`` = [batch, T]. A batch is a dict of numpy arrays ``[B_local, seq_len]``:
+``input_ids`` / ``targets`` / ``segment_ids`` / ``positions`` int32 and ``loss_mask`` float32.
+``segment_ids`` number the documents of a row from 1 (0 = padding); ``positions`` restart at 0 at
+each segment, including the continuation of a document split across rows.
+
+Pipeline (``make_train_iterator``)::
+
+    MapDataset.source(documents)[process_index::process_count]   # disjoint per-host shards
+      .shuffle(seed).repeat(num_epochs)                          # reshuffled every epoch
+      .map(TokenizeDocument)                                     # in worker processes
+      .to_iter_dataset() → pack (ConcatThenSplit / FirstFit) or pad → batch → mp_prefetch
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import grain
+import ml_collections
+import numpy as np
+
+from tad_jax.data.features import PadToRow, TokenizeDocument, load_tokenizer
+from tad_jax.data.sources import load_split
+
+BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+_PAIR_KEYS = ("input_ids", "targets", "loss_mask")
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """The ``data`` section of a run config, every field with its default; configs override."""
+    c = ml_collections.ConfigDict()
+    c.mode = "pretrain"  # "pretrain" (packed documents) or "sft" (prompt/response masked)
+    c.train_files = ""  # glob or list of globs of training files
+    c.val_files = ""  # glob(s) of held-out files; empty = split train_files by val_fraction
+    c.val_fraction = 0.01  # fraction of documents held out (by content hash) without val_files
+    c.format = "auto"  # "auto" (by extension) | "text" | "jsonl" | "parquet"; .gz/.zst read too
+    c.text_field = "text"  # JSONL/Parquet field with the text (pretrain)
+    c.prompt_field = "prompt"  # JSONL/Parquet field with the prompt (sft)
+    c.response_field = "response"  # JSONL/Parquet field with the response (sft)
+    c.messages_field = "messages"  # field with chat messages [{role, content}] (sft), if present
+    c.use_chat_template = True  # sft: render with the tokenizer's chat template when it has one
+    c.text_chunking = "paragraphs"  # plain text documents: "paragraphs" | "file" | "lines"
+    c.text_chunk_chars = 4000  # "paragraphs": merge blank-line paragraphs up to this many chars
+    c.strict_jsonl = False  # a malformed JSONL line raises instead of being counted and skipped
+    c.tokenizer = ""  # local HF tokenizer folder (the student's)
+    c.seq_len = 512  # tokens per row (input/target pairs)
+    c.global_batch_size = 8  # rows per step over all processes
+    c.pack = True  # sft: pack several examples per row (True) or one padded example per row
+    c.packing_bins = 0  # sft packing: first-fit bins (0 = the per-host batch size)
+    c.shuffle = True  # shuffle documents (from the seed given to make_train_iterator)
+    c.num_epochs = ml_collections.config_dict.placeholder(int)  # None = repeat forever
+    c.num_workers = 0  # grain worker processes for tokenising and packing (0 = in-process)
+    c.worker_buffer_size = 4  # batches buffered per worker process
+    c.read_threads = 2  # threads that tokenise within each process
+    return c
+
+
+def _check(cfg, process_count: int) -> None:
+    if cfg.seq_len < 2:
+        raise ValueError(f"data.seq_len={cfg.seq_len}; use at least 2.")
+    if cfg.mode not in ("pretrain", "sft"):
+        raise ValueError(f"data.mode={cfg.mode!r}; use 'pretrain' or 'sft'.")
+    if cfg.global_batch_size % process_count:
+        raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is not divisible by "
+                         f"the {process_count} processes; make it a multiple.")
+    load_tokenizer(cfg.tokenizer)  # Fail here, in the main process, not inside a worker.
+
+
+def _rows(ds: grain.IterDataset, cfg, batch_size: int, seed: int) -> grain.IterDataset:
+    """Pairs → rows of seq_len: packed (pretrain: concat-then-split; sft: first-fit) or padded."""
+    lengths = dict.fromkeys(_PAIR_KEYS, cfg.seq_len)
+    if cfg.mode == "pretrain":
+        # Concat-then-split never drops a token: a document longer than the rest of a row
+        # continues at the start of the next one.
+        ds = grain.experimental.ConcatThenSplitIterDataset(ds, length_struct=lengths)
+    elif cfg.pack:
+        # First-fit keeps each example whole in one row (examples were truncated to seq_len).
+        ds = grain.experimental.FirstFitPackIterDataset(
+            ds, length_struct=lengths, num_packing_bins=cfg.packing_bins or batch_size,
+            seed=seed, shuffle_bins=False)
+    else:
+        return ds.map(PadToRow(cfg.seq_len))
+    return ds.map(_rename_packed)
+
+
+def _rename_packed(row: dict) -> dict:
+    return {**{k: row[k] for k in _PAIR_KEYS}, "segment_ids": row["input_ids_segment_ids"],
+            "positions": row["input_ids_positions"]}
+
+
+class _FinishBatch(grain.transforms.Map):
+    """Fixes dtypes and pads a short final batch with empty rows, so every batch has one shape."""
+
+    def __init__(self, batch_size: int):
+        self.batch_size = batch_size
+
+    def map(self, batch: dict) -> dict:
+        out = {}
+        for key in BATCH_KEYS:
+            x_bt = np.asarray(batch[key], np.float32 if key == "loss_mask" else np.int32)
+            missing = self.batch_size - x_bt.shape[0]
+            out[key] = np.pad(x_bt, ((0, missing), (0, 0))) if missing else x_bt
+        return out
+
+
+def _pipeline(docs, cfg, *, batch_size: int, seed: int, shard: tuple[int, int],
+              shuffle: bool, num_epochs, num_workers: int) -> grain.IterDataset:
+    index, count = shard
+    ds = grain.MapDataset.source(docs)[index::count]
+    if shuffle:
+        ds = ds.shuffle(seed=seed)
+    if num_epochs != 1:
+        ds = ds.repeat(num_epochs)
+    ds = ds.map(TokenizeDocument(cfg.tokenizer, cfg.mode, cfg.seq_len, cfg.use_chat_template))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
+                                              prefetch_buffer_size=4 * batch_size))
+    ds = _rows(ds, cfg, batch_size, seed)
+    ds = ds.batch(batch_size, drop_remainder=False).map(_FinishBatch(batch_size))
+    if num_workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
+    return ds
+
+
+def make_train_iterator(data_cfg, *, seed: int, process_index: int | None = None,
+                        process_count: int | None = None) -> grain.DatasetIterator:
+    """A checkpointable iterator of this host's training batches.
+
+    Args:
+        data_cfg: the run config's ``data`` section (``default_data_config()`` fields).
+        seed: shuffling seed; the same seed gives the same batches.
+        process_index: this host's index (default ``jax.process_index()``).
+        process_count: number of hosts (default ``jax.process_count()``); host i reads documents
+            i, i + count, ... of the training split, disjoint from every other host's.
+
+    Returns:
+        A grain iterator (``get_state()`` / ``set_state()``) of dicts of numpy arrays
+        ``[global_batch_size // process_count, seq_len]`` (see the module docstring). With
+        ``num_epochs`` set it ends after that many passes, its last batch padded with empty rows.
+
+    Raises:
+        ValueError, FileNotFoundError: bad config, missing files or tokenizer, empty corpus.
+    """
+    if process_index is None or process_count is None:
+        import jax
+
+        process_index = jax.process_index() if process_index is None else process_index
+        process_count = jax.process_count() if process_count is None else process_count
+    _check(data_cfg, process_count)
+    docs = load_split(data_cfg, "train")
+    ds = _pipeline(docs, data_cfg, batch_size=data_cfg.global_batch_size // process_count,
+                   seed=seed, shard=(process_index, process_count), shuffle=data_cfg.shuffle,
+                   num_epochs=data_cfg.num_epochs, num_workers=data_cfg.num_workers)
+    return iter(ds)
+
+
+def make_eval_iterator(data_cfg, *, batch_size: int, max_batches: int | None = None,
+                       process_index: int = 0, process_count: int = 1) -> grain.DatasetIterator:
+    """A finite, deterministic iterator over the held-out split (one pass, unshuffled).
+
+    Args:
+        data_cfg: the run config's ``data`` section.
+        batch_size: rows per batch (per host).
+        max_batches: stop after this many batches (None = the whole split).
+        process_index: this host's shard of the split (default: the whole split).
+        process_count: number of shards.
+
+    Returns:
+        An iterator of the same dicts as ``make_train_iterator``; the last batch is padded.
+    """
+    _check(data_cfg, 1)
+    docs = load_split(data_cfg, "validation")
+    # In-process: eval batches must not depend on the worker count, and the split is small.
+    ds = _pipeline(docs, data_cfg, batch_size=batch_size, seed=0,
+                   shard=(process_index, process_count), shuffle=False, num_epochs=1,
+                   num_workers=0)
+    if max_batches is not None:
+        ds = grain.experimental.LimitIterDataset(ds, count=max_batches)
+    return iter(ds)
+
+
+def to_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
+    """Assembles this host's batch into global ``jax.Array``s laid out by ``sharding``.
+
+    Args:
+        local_batch: dict of per-host numpy arrays ``[B_local, T]``.
+        sharding: a ``jax.sharding.Sharding`` for every array, or a dict of them per key.
+
+    Returns:
+        Dict of ``jax.Array`` ``[B_local * process_count, T]``.
+    """
+    import jax
+
+    return {k: jax.make_array_from_process_local_data(
+        sharding[k] if isinstance(sharding, dict) else sharding, v)
+        for k, v in local_batch.items()}
+
+
+def iterator_state_to_json(iterator) -> str:
+    """The iterator's position as a JSON string (save it with the training state)."""
+    return json.dumps(iterator.get_state())
+
+
+def restore_iterator_state(iterator, state_json: str) -> None:
+    """Moves a freshly made iterator (same config and seed) to a saved position."""
+    iterator.set_state(json.loads(state_json))
