@@ -1,0 +1,32 @@
+"""Qwen1.5-1.8B -> a 0.5B student (~475M non-embedding parameters), paper Sec. 3.2.1, Table 1.
+
+TAD K=10 beta=2, Adam lr 1e-4, weight decay 0.1, batch 128 x 2048, tau=1, 2.8B tokens of Regmix.
+The student's attention is initialised from the teacher's, truncated per head to the student's
+width; its MLP is random (init_student). Vanilla KD: --config.loss.divergence=kl.
+"""
+
+from tad_jax.config import base_config
+
+
+def get_config():
+    """The run config of this setup."""
+    c = base_config()
+    c.train_tokens = 2_800_000_000  # 2.8B tokens for the 0.5B student (Sec. 3.2.1).
+    c.teacher.path = ""  # HF folder of Qwen/Qwen1.5-1.8B.
+    c.teacher.preset = "qwen15_1p8b"  # architecture used by --dry_run when no path is given.
+    c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
+    # Sized for ~475M non-embedding parameters (the paper's count; its Table 7 follows MiniPLM):
+    # 16 heads of 64 (the teacher's 128 truncated), 24 layers, MLP 5504 (the teacher's).
+    c.student.overrides = dict(hidden_size=1024, head_dim=64, num_layers=24,
+                               intermediate_size=5504)
+    c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
+    c.loss.top_k = 10  # K.
+    c.loss.beta = 2.0  # beta (Table 2: best at 2).
+    c.loss.vocab_size = 151646  # the tokenizer's size: Qwen pads its embedding to 151936.
+    c.opt.lr = 1e-4  # Adam learning rate.
+    c.opt.weight_decay = 0.1  # weight decay.
+    c.opt.grad_accum_steps = 4  # 128 sequences as 4 micro-batches of 32.
+    c.data.global_batch_size = 128  # sequences per step.
+    c.data.seq_len = 2048  # context size.
+    c.data.train_files = ""  # Regmix sample files.
+    return c

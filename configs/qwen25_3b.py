@@ -1,0 +1,31 @@
+"""Qwen2.5-3B -> a student with half its layers (paper Sec. 3.2.2, Table 4).
+
+Same width as the teacher, a smaller MLP (~1B non-embedding parameters), embeddings copied and
+frozen, cosine loss on the final hidden states, TAD K=10 beta=2, Adam lr 1e-4, weight decay 0.1,
+batch 128 x 2048, 2B tokens. Vanilla KD / reverse KL: --config.loss.divergence=kl (or rkl).
+"""
+
+from tad_jax.config import base_config
+
+
+def get_config():
+    """The run config of this setup."""
+    c = base_config()
+    c.train_tokens = 2_000_000_000  # 2B tokens (Table 4).
+    c.teacher.path = ""  # HF folder of Qwen/Qwen2.5-3B (base, not instruct).
+    c.teacher.preset = "qwen25_3b"  # architecture used by --dry_run when no path is given.
+    c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
+    # Half of the 36 layers; MLP 11008 -> 7424 gives ~1B non-embedding parameters.
+    c.student.overrides = dict(num_layers=18, intermediate_size=7424)
+    c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD, "rkl" for reverse KL.
+    c.loss.top_k = 10  # K.
+    c.loss.beta = 2.0  # beta.
+    c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2).
+    c.loss.vocab_size = 151665  # the Qwen2.5 tokenizer's size (the embedding is padded to 151936).
+    c.opt.lr = 1e-4  # Adam learning rate.
+    c.opt.weight_decay = 0.1  # weight decay.
+    c.opt.grad_accum_steps = 8  # 128 sequences as 8 micro-batches of 16.
+    c.data.global_batch_size = 128  # sequences per step.
+    c.data.seq_len = 2048  # context size.
+    c.data.train_files = ""  # Regmix sample files.
+    return c

@@ -1,0 +1,263 @@
+"""The run configuration: shared defaults for `configs/*.py` and their validation.
+
+A run config is an `ml_collections.ConfigDict` with the groups `teacher`, `student`, `loss`, `opt`,
+`data`, `ckpt`, `mesh`, `eval`, `log`, `dry_run` and the top-level `seed`, `steps`, `train_tokens`.
+`base_config()` gives every field with its default and a comment; each `configs/NAME.py` starts
+from it and changes what its paper setup needs. `validate_config()` checks what can be checked
+before any device work and raises a ValueError / FileNotFoundError that names the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import ml_collections
+
+DIVERGENCES = ("tad", "kl", "rkl", "jsd")
+DTYPES = ("float32", "bfloat16", "float16")
+
+# Fields that may differ between the run that wrote a checkpoint and the run that resumes it:
+# they change how the run is watched or stored, never what is computed.
+RESUMABLE_FIELDS = (
+    "steps", "train_tokens", "ckpt.every_steps", "ckpt.keep", "ckpt.async_save",
+    "ckpt.allow_config_change", "log", "eval.every_steps", "eval.max_batches", "dry_run",
+    "teacher.path", "student.path", "data.train_files", "data.val_files", "data.tokenizer",
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every run-config field with its default; `configs/*.py` start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # PRNG seed of the student init and of the data order.
+    c.steps = 1000  # optimizer steps to run (ignored when train_tokens > 0).
+    c.train_tokens = 0  # if > 0: steps = ceil(train_tokens / (global_batch_size * seq_len)).
+    c.teacher = _teacher_defaults()
+    c.student = _student_defaults()
+    c.loss = _loss_defaults()
+    c.opt = _opt_defaults()
+    c.data = data_defaults()
+    c.ckpt = _ckpt_defaults()
+    c.mesh = _mesh_defaults()
+    c.eval = _eval_defaults()
+    c.log = _log_defaults()
+    c.dry_run = _dry_run_defaults()
+    return c
+
+
+def _teacher_defaults() -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict()
+    t.path = ""  # HF model folder (config.json + safetensors) loaded with models.from_pretrained.
+    t.preset = ""  # else: a name in tad_jax.models.PRESETS (its architecture; random weights).
+    # else: ModelConfig fields of a custom random teacher (tiny test configs); {} = unused.
+    t.model = ml_collections.ConfigDict({}, type_safe=False)
+    t.random_init = False  # without teacher.path: a random teacher (dry runs always; tests).
+    t.dtype = "float32"  # parameter and compute dtype of the teacher ("bfloat16" halves memory).
+    t.remat = False  # rematerialise teacher layers (no backward pass, so rarely useful).
+    return t
+
+
+def _student_defaults() -> ml_collections.ConfigDict:
+    s = ml_collections.ConfigDict()
+    s.path = ""  # HF folder of a pretrained student (continued pretraining); "" = init_student.
+    s.preset = ""  # PRESETS name of that pretrained student's architecture (dry runs without path).
+    # ModelConfig fields changed from the teacher's by init_student (e.g. num_layers).
+    s.overrides = ml_collections.ConfigDict({}, type_safe=False)
+    s.dtype = "float32"  # compute dtype of the student forward pass.
+    s.param_dtype = "float32"  # dtype of the trained parameters and of Adam's moments.
+    s.remat = True  # rematerialise student layers in the backward pass (activation memory).
+    s.scan_layers = False  # scan one layer over a stacked axis (faster compiles of deep models).
+    return s
+
+
+def _loss_defaults() -> ml_collections.ConfigDict:
+    lo = ml_collections.ConfigDict()
+    lo.divergence = "tad"  # "tad" (the paper), "kl" (vanilla KD), "rkl" or "jsd".
+    lo.top_k = 10  # K: teacher top-K tokens kept apart by TAD.
+    lo.beta = 2.0  # beta of Eq. 3 (divided by the row's mean teacher tail mass).
+    lo.temperature = 1.0  # tau; the divergence is multiplied by tau^2.
+    lo.eps_alpha = 1e-6  # floor of the row's mean tail mass in beta(X).
+    lo.jsd_weight = 0.5  # mixture weight of the JSD divergence.
+    lo.cosine_weight = 0.0  # lambda of the cosine loss on final hidden states (Sec. 3.2.2).
+    lo.vocab_size = 0  # slice both vocabularies to this many entries; 0 = min of the two models.
+    lo.fused = False  # fused output-head + loss in token chunks (tad_jax.fused), no [B,T,V] logits.
+    lo.chunk_size = 1024  # tokens per chunk of the fused loss.
+    return lo
+
+
+def _opt_defaults() -> ml_collections.ConfigDict:
+    o = ml_collections.ConfigDict()
+    o.lr = 1e-4  # peak learning rate (paper: 1e-4 from scratch, 3e-5 continued, 1e-5 supervised).
+    o.warmup_steps = 100  # linear warmup from 0 to lr.
+    o.min_lr_ratio = 0.1  # the cosine decay ends at lr * min_lr_ratio at the last step.
+    o.weight_decay = 0.1  # decoupled AdamW weight decay (matrices only; not norms or biases).
+    o.b1 = 0.9  # Adam beta1.
+    o.b2 = 0.95  # Adam beta2 (the paper is silent; 0.95 is the common LM choice).
+    o.eps = 1e-8  # Adam epsilon.
+    o.clip_norm = 1.0  # global-norm gradient clipping; 0 = off.
+    o.grad_accum_steps = 1  # micro-batches per step (a scan inside the step).
+    return o
+
+
+def data_defaults() -> ml_collections.ConfigDict:
+    """The data section: tad_jax.data's defaults (its module documents the fields)."""
+    from tad_jax.data import default_data_config
+
+    return default_data_config()
+
+
+def _ckpt_defaults() -> ml_collections.ConfigDict:
+    k = ml_collections.ConfigDict()
+    k.every_steps = 500  # save a checkpoint every this many steps (and at the end, and on SIGTERM).
+    k.keep = 3  # keep the newest this many checkpoints.
+    k.async_save = True  # write checkpoints in a background thread while training goes on.
+    k.allow_config_change = False  # resume a workdir whose checkpoint has another config.
+    return k
+
+
+def _mesh_defaults() -> ml_collections.ConfigDict:
+    m = ml_collections.ConfigDict()
+    m.data = -1  # data-parallel axis; -1 = all devices the other axes leave.
+    m.fsdp = 1  # parameter-sharded data-parallel axis.
+    m.tensor = 1  # tensor-parallel axis (heads, MLP, vocabulary).
+    m.distributed = "auto"  # jax.distributed.initialize(): "auto" (when multi-host), "on", "off".
+    return m
+
+
+def _eval_defaults() -> ml_collections.ConfigDict:
+    e = ml_collections.ConfigDict()
+    e.every_steps = 500  # evaluate on the held-out split every this many steps (and at the end).
+    e.batch_size = 8  # sequences per evaluation batch (divisible by data x fsdp).
+    e.max_batches = 16  # evaluation batches per evaluation; 0 = the whole held-out split.
+    return e
+
+
+def _log_defaults() -> ml_collections.ConfigDict:
+    g = ml_collections.ConfigDict()
+    g.every_steps = 10  # write metrics.jsonl / TensorBoard every this many steps.
+    g.tensorboard = True  # also write TensorBoard scalars under WORKDIR/tb.
+    g.progress = True  # show a tqdm progress bar.
+    return g
+
+
+def _dry_run_defaults() -> ml_collections.ConfigDict:
+    d = ml_collections.ConfigDict()
+    # > 0: build the teacher with this many layers and shrink the student's in proportion, so a
+    # 9B compile fits a CPU test; 0 = the configured sizes.
+    d.num_layers = 0
+    d.flops_tokens = 1_000_000  # the paper's Table 3 measure: FLOPs to train on this many tokens.
+    return d
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation
+
+
+def validate_config(config: ml_collections.ConfigDict, *, check_paths: bool = True) -> None:
+    """Checks a run config before any device work.
+
+    Args:
+      config: the run config.
+      check_paths: also check that teacher/student/data paths exist (off for dry runs).
+
+    Raises:
+      ValueError: an inconsistent or unknown setting (the message names the field and the fix).
+      FileNotFoundError: a configured path does not exist.
+    """
+    _check_teacher(config.teacher, check_paths)
+    if check_paths and config.student.path and not os.path.isdir(config.student.path):
+        raise FileNotFoundError(
+            f"student.path={config.student.path!r} is not a folder; give an HF model folder or "
+            "set --config.student.path='' to initialise the student from the teacher."
+        )
+    for field in ("teacher.dtype", "student.dtype", "student.param_dtype"):
+        group, name = field.split(".")
+        if config[group][name] not in DTYPES:
+            raise ValueError(f"{field}={config[group][name]!r}: use one of {DTYPES}.")
+    _check_loss(config.loss)
+    _check_opt(config.opt)
+    if config.steps < 1 and config.train_tokens < 1:
+        raise ValueError("steps and train_tokens are both < 1: set --config.steps=N.")
+    for field in ("ckpt.every_steps", "eval.every_steps", "log.every_steps", "ckpt.keep"):
+        group, name = field.split(".")
+        if config[group][name] < 1:
+            raise ValueError(f"{field}={config[group][name]} must be >= 1.")
+
+
+def _check_teacher(t: ml_collections.ConfigDict, check_paths: bool) -> None:
+    if t.preset and t.model:
+        raise ValueError("teacher.preset and teacher.model are both set: keep one of them.")
+    if not (t.path or t.preset or t.model):
+        raise ValueError("No teacher: set --config.teacher.path=HF_FOLDER (or teacher.preset).")
+    if not check_paths:
+        return
+    if not t.path and not t.random_init:
+        raise FileNotFoundError(
+            "teacher.path is empty: set --config.teacher.path to the teacher's HF folder "
+            "(config.json + *.safetensors); teacher.random_init=True trains against a random "
+            "teacher (tests only).")
+    if t.path and not os.path.isfile(os.path.join(t.path, "config.json")):
+        raise FileNotFoundError(
+            f"teacher.path={t.path!r} holds no config.json; point --config.teacher.path at an HF "
+            "model folder (config.json + *.safetensors).")
+
+
+def _check_loss(lo: ml_collections.ConfigDict) -> None:
+    if lo.divergence not in DIVERGENCES:
+        raise ValueError(f"loss.divergence={lo.divergence!r}: use one of {DIVERGENCES}.")
+    if lo.top_k < 1:
+        raise ValueError(f"loss.top_k={lo.top_k} must be >= 1.")
+    if lo.beta <= 0 or lo.temperature <= 0:
+        raise ValueError(f"loss.beta={lo.beta} and loss.temperature={lo.temperature} must be > 0.")
+    if lo.cosine_weight < 0:
+        raise ValueError(f"loss.cosine_weight={lo.cosine_weight} must be >= 0.")
+
+
+def _check_opt(o: ml_collections.ConfigDict) -> None:
+    if o.lr <= 0:
+        raise ValueError(f"opt.lr={o.lr} must be > 0.")
+    if o.grad_accum_steps < 1:
+        raise ValueError(f"opt.grad_accum_steps={o.grad_accum_steps} must be >= 1.")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ValueError(f"opt.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
+
+
+def num_steps(config: ml_collections.ConfigDict) -> int:
+    """Optimizer steps of the run: `steps`, or `train_tokens` divided by the tokens of one step."""
+    if config.train_tokens > 0:
+        per_step = config.data.global_batch_size * config.data.seq_len
+        return math.ceil(config.train_tokens / per_step)
+    return int(config.steps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing the config of a checkpoint with the current one
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """A JSON-safe plain dict of the config (tuples become lists)."""
+    return json.loads(config.to_json_best_effort(sort_keys=True))
+
+
+def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Dotted names of the fields that differ, ignoring `RESUMABLE_FIELDS`."""
+    old, new = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(old) | set(new)):
+        if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+            continue
+        if old.get(key, "<absent>") != new.get(key, "<absent>"):
+            diffs.append(key)
+    return diffs
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

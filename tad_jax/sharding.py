@@ -1,0 +1,193 @@
+"""Device mesh, logical-axis rules and the shardings of parameters and batches.
+
+The models name only logical axes (`vocab, embed, heads, kv_heads, head_dim, mlp, layers` for
+parameters; `batch, seq, embed, heads, vocab` for activations). This module is the one place that
+maps them onto the three mesh axes:
+
+- `data`: pure data parallelism (parameters replicated);
+- `fsdp`: data parallelism with parameters sharded over their `embed` dimension (ZeRO-3 style);
+- `tensor`: tensor parallelism over heads, MLP and vocabulary dimensions.
+
+Batches are split over `data` x `fsdp`. Shapes: `_bt` = [batch, T].
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# Rules are tried in order; flax skips a rule whose mesh axis is already used by another dimension
+# of the same array, so an activation [batch, seq, embed] keeps `fsdp` on the batch and leaves
+# `embed` unsharded, while a weight [embed, mlp] gets `fsdp` on embed.
+LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", BATCH_AXES),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("embed", "fsdp"),
+    ("head_dim", None),
+    ("seq", None),
+    ("layers", None),
+)
+
+# Environment variables whose presence means "this process is one of several": the launcher
+# (SLURM, Open MPI, a TPU pod, or a hand-set coordinator) expects jax.distributed.initialize().
+_MULTIHOST_ENV = ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS")
+
+
+def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int, int]:
+    """Resolves the (data, fsdp, tensor) sizes; one of them may be -1 (= all remaining devices).
+
+    Args:
+      mesh_cfg: mapping with integer fields `data`, `fsdp`, `tensor`.
+      num_devices: the number of devices the mesh must cover.
+
+    Returns:
+      The three sizes, whose product is `num_devices`.
+
+    Raises:
+      ValueError: more than one -1, a size < 1, or sizes that do not multiply to `num_devices`.
+    """
+    sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+    shown = dict(zip(MESH_AXES, sizes, strict=True))
+    if sizes.count(-1) > 1:
+        raise ValueError(f"mesh {shown}: at most one axis may be -1.")
+    if any(s == 0 or s < -1 for s in sizes):
+        raise ValueError(f"mesh {shown}: sizes must be >= 1 or -1.")
+    known = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % known:
+            raise ValueError(
+                f"mesh {shown}: {num_devices} devices are not divisible by "
+                f"{known}; set --config.mesh.* so that the sizes divide the device count."
+            )
+        sizes[sizes.index(-1)] = num_devices // known
+    if math.prod(sizes) != num_devices:
+        raise ValueError(
+            f"mesh {shown} covers {math.prod(sizes)} devices but "
+            f"{num_devices} are available; set --config.mesh.data=-1 (or make the product match)."
+        )
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
+    """Builds the (data, fsdp, tensor) mesh over all devices (or `devices`)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    if devices == list(jax.devices()):
+        # jax.make_mesh orders devices so that the inner axes sit on fast interconnect.
+        return jax.make_mesh(shape, MESH_AXES, devices=devices)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def maybe_initialize_distributed(mode: str = "auto") -> bool:
+    """Calls `jax.distributed.initialize()` when the run spans several processes.
+
+    Args:
+      mode: "auto" (initialize when the environment names a coordinator, a multi-task SLURM job,
+        a multi-process MPI job or a multi-host TPU slice), "on" (always) or "off" (never).
+
+    Returns:
+      True if `jax.distributed.initialize()` was called.
+
+    Raises:
+      ValueError: unknown mode.
+    """
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"mesh.distributed={mode!r}: use 'auto', 'on' or 'off'.")
+    if mode == "off" or (mode == "auto" and not _environment_is_multihost()):
+        return False
+    if jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize()
+    return True
+
+
+def _environment_is_multihost() -> bool:
+    env = os.environ
+    if any(env.get(k) for k in _MULTIHOST_ENV):
+        return True
+    if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        return True
+    # A multi-host TPU slice lists several workers, comma separated.
+    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """Logical PartitionSpecs of boxed params (e.g. of `jax.eval_shape(model.init, ...)`)."""
+    return nn.get_partition_spec(boxed_tree)
+
+
+def param_shardings(
+    boxed_tree: Any, mesh: Mesh, rules: Sequence[tuple[str, Any]] = LOGICAL_AXIS_RULES
+) -> Any:
+    """NamedShardings for a tree of boxed (logically annotated) abstract or concrete params.
+
+    A dimension whose size does not divide by the mesh axes it maps to is left unsharded (e.g. 2 kv
+    heads on a 4-way tensor axis), so every preset works on every mesh.
+
+    Args:
+      boxed_tree: params as returned by `model.init` or `jax.eval_shape(model.init, ...)`.
+      mesh: the device mesh.
+      rules: logical -> mesh axis rules.
+
+    Returns:
+      A tree of `NamedSharding` shaped like the unboxed params.
+    """
+    specs = logical_specs(boxed_tree)
+    shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
+    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_tree))
+    return jax.tree.map(
+        lambda s, shape: _drop_indivisible(s, shape, mesh),
+        shardings,
+        shapes,
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def _drop_indivisible(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+    for i, axes in enumerate(spec):
+        if axes is None:
+            continue
+        names = (axes,) if isinstance(axes, str) else tuple(axes)
+        if shape[i] % math.prod(mesh.shape[n] for n in names):
+            spec[i] = None
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A sharding that puts a full copy on every device (scalars, the step counter)."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Sharding of a [batch, T] array: rows split over data x fsdp, the sequence unsharded."""
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, None))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways a batch is split (the product of the data and fsdp axes)."""
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> None:
+    """Raises ValueError when `batch_size` rows cannot be split evenly over data x fsdp."""
+    n = batch_shards(mesh)
+    if batch_size % n:
+        raise ValueError(
+            f"{what}={batch_size} is not divisible by the {n} batch shards of the mesh "
+            f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {n} "
+            "or change --config.mesh.*."
+        )
