@@ -1,0 +1,187 @@
+"""Streaming evaluation metrics of a student against its teacher (TAD_SPEC.md, "Evaluation
+metrics").
+
+`eval_sums` reduces one batch of logits to a small dict of float32 sums (scalars and one [M] vector
+per Full-ECE bin statistic); sums of several batches add up key by key (`add_sums`), and `finalize`
+turns the total into the metrics of the whole split. Nothing of size [N, V] ever leaves the device,
+so a held-out split of any length streams through in constant host memory.
+
+Shape suffixes: `_btv` = [..., T, V] logits, `_bt` = [..., T], `_btk` = [..., T, K], `_m` = [M]
+bins.
+Any number of leading dims (including none) is accepted, as in `tad_jax.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from tad_jax import losses
+
+DEFAULT_TAIL_KS = (1, 2, 5, 10, 20, 50)
+
+
+def _log_softmax(x_btv):
+    """float32 log-softmax; a -inf (padded) vocabulary entry gets log-probability -inf, not NaN."""
+    x_btv = x_btv.astype(jnp.float32)
+    m_bt = jnp.max(x_btv, axis=-1, keepdims=True)
+    m_bt = jnp.where(jnp.isfinite(m_bt), m_bt, 0.0)
+    z_btv = x_btv - m_bt
+    return z_btv - jnp.log(jnp.sum(jnp.exp(z_btv), axis=-1, keepdims=True))
+
+
+def _tail_mass_sums(lpt_btv, mask_bt, tail_ks):
+    """Σ_t m_t α_T(K)(t) for each K, exactly (no 1 − Σ top-K cancellation).
+
+    α(Kmax) is a logsumexp over the vocabulary with the top-Kmax entries masked to -inf; each
+    smaller K adds the sorted top probabilities between K and Kmax to it. K ≥ V gives 0 (no tail).
+    """
+    vocab = lpt_btv.shape[-1]
+    k_max = min(max(tail_ks), vocab)
+    top_lp_btk, top_idx_btk = jax.lax.top_k(lpt_btv, k_max)
+    if k_max < vocab:
+        lead_shape = top_idx_btk.shape[:-1]
+        flat_idx = top_idx_btk.reshape(-1, k_max)
+        rows = jnp.arange(flat_idx.shape[0])[:, None]
+        in_top = jnp.zeros((flat_idx.shape[0], vocab), bool).at[rows, flat_idx].set(True)
+        in_top_btv = in_top.reshape(lead_shape + (vocab,))
+        alpha_max_bt = jnp.exp(jax.nn.logsumexp(jnp.where(in_top_btv, -jnp.inf, lpt_btv), -1))
+        alpha_max_bt = jnp.nan_to_num(alpha_max_bt)  # an all -inf tail is mass 0
+    else:
+        alpha_max_bt = jnp.zeros(lpt_btv.shape[:-1], jnp.float32)
+    top_p_btk = jnp.exp(top_lp_btk)
+    # between_btk[..., j] = Σ_{i > j} top_p[..., i]: the sorted mass ranked j+2 .. k_max, as a
+    # suffix sum that never contains top_p[j] (subtracting it would cancel the tail to 0).
+    suffix_btk = jnp.flip(jnp.cumsum(jnp.flip(top_p_btk[..., 1:], -1), -1), -1)
+    between_btk = jnp.concatenate([suffix_btk, jnp.zeros_like(top_p_btk[..., :1])], -1)
+    out = {}
+    for k in tail_ks:
+        alpha_bt = alpha_max_bt + between_btk[..., k - 1] if k < vocab else 0.0 * alpha_max_bt
+        out[f"tail_mass_k{k}"] = jnp.sum(mask_bt * alpha_bt)
+    return out
+
+
+def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
+    """Per-bin hit counts and probability sums of every student probability (Liu et al. 2024).
+
+    One masked reduction per bin rather than a scatter-add of N·V entries: XLA fuses the compares
+    into the reductions, and the bin count is small.
+    """
+    p_btv = jnp.exp(lps_btv)
+    bins_btv = jnp.clip(jnp.floor(p_btv * ece_bins).astype(jnp.int32), 0, ece_bins - 1)
+    tgt_bin_bt = jnp.take_along_axis(bins_btv, targets_bt[..., None], axis=-1)[..., 0]
+    weighted_btv = p_btv * mask_bt[..., None]
+    conf = [jnp.sum(jnp.where(bins_btv == m, weighted_btv, 0.0)) for m in range(ece_bins)]
+    hits = [jnp.sum(jnp.where(tgt_bin_bt == m, mask_bt, 0.0)) for m in range(ece_bins)]
+    return {"ece_conf_m": jnp.stack(conf), "ece_hits_m": jnp.stack(hits)}
+
+
+def _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins):
+    if jnp.shape(student_logits) != jnp.shape(teacher_logits):
+        raise ValueError(f"student logits {jnp.shape(student_logits)} and teacher logits "
+                         f"{jnp.shape(teacher_logits)} must have the same shape [..., T, V].")
+    want = jnp.shape(student_logits)[:-1]
+    if jnp.shape(targets) != want or jnp.shape(mask) != want:
+        raise ValueError(f"targets {jnp.shape(targets)} and mask {jnp.shape(mask)} must both be "
+                         f"the logits shape without the vocabulary axis, {want}.")
+    if not tail_ks or any(int(k) != k or k < 1 for k in tail_ks):
+        raise ValueError(f"tail_ks must be positive integers, got {tail_ks!r}.")
+    if int(ece_bins) != ece_bins or ece_bins < 1:
+        raise ValueError(f"ece_bins must be a positive integer, got {ece_bins!r}.")
+
+
+def eval_sums(student_logits, teacher_logits, targets, mask, *,
+              tail_ks: Sequence[int] = DEFAULT_TAIL_KS, ece_bins: int = 10) -> dict:
+    """Sums of the evaluation statistics over the valid positions of one batch.
+
+    Jittable (``tail_ks`` and ``ece_bins`` static). Temperature is 1 throughout, as in the paper's
+    held-out metrics. Argmax ties go to the lowest token id (jnp.argmax).
+
+    Args:
+      student_logits: float `[..., T, V]`.
+      teacher_logits: float `[..., T, V]`.
+      targets: int `[..., T]`, the next token y at each position.
+      mask: `[..., T]`, non-zero = the position counts.
+      tail_ks: the K of the teacher tail masses α_T(K).
+      ece_bins: M, the number of equal-width Full-ECE bins over [0, 1].
+
+    Returns:
+      Dict of float32 sums: ``count``, ``kl``, ``student_nll``, ``teacher_nll``, ``mismatch``,
+      ``top1_agree``, ``tail_mass_k{K}`` for each K, and ``ece_conf_m`` / ``ece_hits_m`` of
+      shape [M].
+
+    Raises:
+      ValueError: on mismatched shapes or bad ``tail_ks`` / ``ece_bins``.
+    """
+    _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins)
+    mask_bt = (jnp.asarray(mask) != 0).astype(jnp.float32)
+    targets_bt = jnp.asarray(targets).astype(jnp.int32)
+    lps_btv = _log_softmax(student_logits)
+    lpt_btv = _log_softmax(teacher_logits)
+    s_top_bt = jnp.argmax(lps_btv, axis=-1)
+    t_top_bt = jnp.argmax(lpt_btv, axis=-1)
+    sums = {
+        "count": jnp.sum(mask_bt),
+        "kl": losses.kl_divergence(student_logits, teacher_logits, mask_bt, reduction="sum"),
+        "student_nll": losses.causal_lm_loss(student_logits, targets_bt, mask_bt, reduction="sum"),
+        "teacher_nll": losses.causal_lm_loss(teacher_logits, targets_bt, mask_bt, reduction="sum"),
+        "mismatch": jnp.sum(mask_bt * (t_top_bt != targets_bt)),
+        "top1_agree": jnp.sum(mask_bt * (s_top_bt == t_top_bt)),
+    }
+    sums.update(_tail_mass_sums(lpt_btv, mask_bt, tuple(tail_ks)))
+    sums.update(_full_ece_sums(lps_btv, targets_bt, mask_bt, int(ece_bins)))
+    return {k: jnp.asarray(v, jnp.float32) for k, v in sums.items()}
+
+
+def add_sums(total: Mapping | None, sums: Mapping) -> dict:
+    """Adds one batch's sums to a running total (None = nothing yet), on the host in float64.
+
+    float64 on the host keeps the running count and sums exact over long splits.
+    """
+    sums = {k: np.asarray(v, np.float64) for k, v in sums.items()}
+    if total is None:
+        return sums
+    if set(total) != set(sums):
+        raise ValueError(f"cannot add sums with different keys: {sorted(total)} vs {sorted(sums)}; "
+                         "use the same tail_ks and ece_bins for every batch.")
+    return {k: total[k] + sums[k] for k in sums}
+
+
+def finalize(sums: Mapping) -> dict:
+    """Turns summed statistics into the metrics of the split.
+
+    Args:
+      sums: the output of `eval_sums`, or several of them added key by key.
+
+    Returns:
+      Dict of Python floats: ``tokens`` (N), ``kl`` (mean KL(p_T‖p_S)), ``full_ece`` (in [0, 2]),
+      ``mismatch_rate``, ``top1_agreement``, ``student_ce``, ``student_ppl``, ``teacher_ce``,
+      ``teacher_ppl``, and ``tail_mass``: {K: mean α_T(K)} with int keys in increasing order.
+
+    Raises:
+      ValueError: the sums hold no valid position.
+    """
+    n = float(np.asarray(sums["count"]))
+    if n <= 0:
+        raise ValueError("no valid positions were evaluated (all masked, or an empty split): check "
+                         "the held-out data and its loss_mask.")
+    mean = {k: float(np.asarray(sums[k])) / n for k in
+            ("kl", "student_nll", "teacher_nll", "mismatch", "top1_agree")}
+    ece = np.sum(np.abs(np.asarray(sums["ece_hits_m"]) - np.asarray(sums["ece_conf_m"]))) / n
+    ks = sorted(int(k[len("tail_mass_k"):]) for k in sums if k.startswith("tail_mass_k"))
+    return {
+        "tokens": n,
+        "kl": mean["kl"],
+        "full_ece": float(ece),
+        "mismatch_rate": mean["mismatch"],
+        "top1_agreement": mean["top1_agree"],
+        "student_ce": mean["student_nll"],
+        "student_ppl": math.exp(min(mean["student_nll"], 700.0)),
+        "teacher_ce": mean["teacher_nll"],
+        "teacher_ppl": math.exp(min(mean["teacher_nll"], 700.0)),
+        "tail_mass": {k: float(np.asarray(sums[f"tail_mass_k{k}"])) / n for k in ks},
+    }
