@@ -700,3 +700,207 @@ def _evaluate(run: Run) -> dict[str, float]:
         raise ValueError(
             "The held-out split is empty: set data.val_files or raise data.val_fraction.")
     return finalize_eval(jax.device_get(total))
+
+
+# ---------------------------------------------------------------------------------------------
+# Restoring a trained student (for evaluation and export)
+
+
+def restore_student(config, workdir: str, step: int | None = None):
+    """The student of a run's checkpoint, without loading the teacher's weights.
+
+    Args:
+      config: the run's config (the one it was trained with).
+      workdir: the run folder.
+      step: the checkpoint step; None = the newest.
+
+    Returns:
+      (student_model, student_params, step): params are plain arrays on the default device.
+
+    Raises:
+      FileNotFoundError: no checkpoint in `workdir`.
+    """
+    config = _resolved(config)
+    ckpt = Checkpointer(workdir, keep=config.ckpt.keep, async_save=False)
+    step = ckpt.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(
+            f"No checkpoint in {ckpt.directory}: train first (scripts/train.py).")
+    teacher_model, teacher_abs, _ = _abstract_teacher(config, None)
+    student_model, params_abs, mask = _abstract_student(config, teacher_model, teacher_abs, None)
+    tx, _ = make_optimizer(config, num_steps(config))
+    abstract = jax.eval_shape(lambda p: init_state(p, mask, tx), params_abs)
+    state, _ = ckpt.restore(step, abstract)
+    ckpt.close()
+    return student_model, state["params"], step
+
+
+def _with_shardings(abstract, shardings):
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def _abstract_teacher(config, mesh):
+    """(model, abstract params with shardings, param count): nothing is allocated."""
+    cfg = teacher_model_config(config)
+    dtype = _DTYPES[config.teacher.dtype]
+    model = Decoder(cfg, dtype=dtype, param_dtype=dtype)
+    boxed = _abstract_boxed(model)
+    shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
+    return model, _with_shardings(nn.unbox(boxed), shardings), cfg
+
+
+def _abstract_student(config, teacher_model, teacher_abs, mesh):
+    """(model, abstract params with shardings, trainable mask) of the configured student."""
+    pdtype, dtype = _DTYPES[config.student.param_dtype], _DTYPES[config.student.dtype]
+    if config.student.path or config.student.preset:
+        if config.student.path:
+            with open(os.path.join(config.student.path, "config.json")) as f:
+                scfg = ModelConfig.from_hf(json.load(f))
+        else:
+            scfg = _preset(config.student.preset, "student.preset")
+        scfg = scfg.replace(remat=bool(config.student.remat),
+                            scan_layers=bool(config.student.scan_layers))
+        model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
+        boxed = _abstract_boxed(model)
+        shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
+        params = _with_shardings(nn.unbox(boxed), shardings)
+        return model, params, jax.tree.map(lambda _: True, params)
+    scfg, init_fn, mask = _student_init_fn(config, teacher_model.config)
+    model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
+    boxed = _abstract_boxed(model)
+    shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
+    params = jax.eval_shape(init_fn, teacher_abs, jax.random.key(0))
+    return model, _with_shardings(params, shardings), mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Dry run
+
+
+def dry_run(config, *, print_fn: Callable[[str], None] = print) -> dict[str, Any]:
+    """Compiles the configured step on abstract shapes and reports what it would cost.
+
+    Nothing is loaded or allocated: the teacher's architecture comes from `teacher.path`'s
+    config.json or `teacher.preset`. Reported: parameter counts, per-device memory of the step
+    (XLA memory analysis), FLOPs per token (XLA cost analysis of one micro-batch) for the
+    configured divergence and for vanilla KD, and both for `dry_run.flops_tokens` tokens (the
+    paper's Table 3 measure). `dry_run.num_layers` shrinks the teacher (and the student in
+    proportion) so big models compile on small hosts.
+
+    Returns:
+      The figures as a dict (also printed).
+    """
+    validate_config(config, check_paths=False)
+    config = _resolved(config)
+    mesh = sharding.make_mesh(config.mesh)
+    _check_batches(config, mesh)
+    with _mesh_context(mesh):
+        teacher_model, teacher_abs, _ = _abstract_teacher(config, mesh)
+        student_model, params_abs, mask = _abstract_student(config, teacher_model, teacher_abs,
+                                                            mesh)
+        vocab = shared_vocab_size(config, teacher_model.config, student_model.config)
+        figures = _param_figures(teacher_abs, params_abs, mask)
+        figures.update(mesh=dict(mesh.shape), devices=mesh.size,
+                       teacher_layers=teacher_model.config.num_layers,
+                       student_layers=student_model.config.num_layers)
+        models = (teacher_model, teacher_abs, student_model, params_abs, mask, vocab)
+        compiled = _compile_abstract(config, models, mesh)
+        figures.update(_memory_figures(compiled))
+        figures.update(_flop_figures(config, models, mesh, compiled))
+    for line in _format_figures(figures):
+        print_fn(line)
+    return figures
+
+
+def _param_figures(teacher_abs, params_abs, mask) -> dict[str, int]:
+    size = lambda tree: int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+    train, _ = split_trainable(params_abs, mask)
+    return dict(teacher_params=size(teacher_abs), student_params=size(params_abs),
+                student_trainable_params=size(train))
+
+
+def _compile_abstract(config, models, mesh, divergence=None, micro_only=False):
+    """The step compiled on abstract inputs (optionally: another divergence, one micro-batch)."""
+    teacher_model, teacher_abs, student_model, params_abs, mask, vocab = models
+    cfg = ml_collections.ConfigDict(config.to_dict())
+    batch = cfg.data.global_batch_size
+    if divergence:
+        cfg.loss.divergence = divergence
+    if micro_only:
+        batch //= cfg.opt.grad_accum_steps
+        cfg.opt.grad_accum_steps = 1
+    tx, schedule = make_optimizer(cfg, num_steps(cfg))
+    state_abs = jax.eval_shape(lambda p: init_state(p, mask, tx), params_abs)
+    state_sh = state_shardings(state_abs, jax.tree.map(lambda x: x.sharding, params_abs), mesh)
+    state_abs = _with_shardings(state_abs, state_sh)
+    batch_sh = sharding.batch_sharding(mesh)
+    batch_abs = {k: jax.ShapeDtypeStruct((batch, cfg.data.seq_len),
+                                         jnp.float32 if k == "loss_mask" else jnp.int32,
+                                         sharding=batch_sh) for k in _BATCH_KEYS}
+    step = make_train_step(cfg, student_model, teacher_model, mask, tx, schedule, vocab, mesh)
+    teacher_sh = jax.tree.map(lambda x: x.sharding, teacher_abs)
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, teacher_sh),
+                     out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+    return jitted.lower(state_abs, batch_abs, teacher_abs).compile()
+
+
+_BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
+
+
+def _memory_figures(compiled) -> dict[str, float]:
+    mem = compiled.memory_analysis()
+    if mem is None:
+        return {}
+    gib = 2.0**30
+    args, out = mem.argument_size_in_bytes, mem.output_size_in_bytes
+    temp, alias = mem.temp_size_in_bytes, mem.alias_size_in_bytes
+    return dict(mem_arguments_gib=args / gib, mem_outputs_gib=out / gib, mem_temp_gib=temp / gib,
+                mem_per_device_gib=(args + out - alias + temp) / gib)
+
+
+def _flops(compiled) -> float:
+    cost = compiled.cost_analysis()
+    if isinstance(cost, list | tuple):
+        cost = cost[0]
+    return float(cost.get("flops", float("nan")))
+
+
+def _flop_figures(config, models, mesh, compiled) -> dict[str, float]:
+    """FLOPs of one micro-batch (XLA counts a scan's body once, so the step is not measured
+    with accumulation), per token and for `dry_run.flops_tokens` tokens, TAD vs vanilla KD.
+    """
+    accum = config.opt.grad_accum_steps
+    tokens = config.data.global_batch_size // accum * config.data.seq_len
+    main = compiled if accum == 1 else _compile_abstract(config, models, mesh, micro_only=True)
+    kd = _compile_abstract(config, models, mesh, divergence="kl", micro_only=True)
+    # cost_analysis reports the FLOPs of one device's program; the step runs on every device.
+    per_tok = _flops(main) * mesh.size / tokens
+    kd_per_tok = _flops(kd) * mesh.size / tokens
+    n = config.dry_run.flops_tokens
+    return dict(flops_per_token=per_tok, kd_flops_per_token=kd_per_tok,
+                pflops_for_tokens=per_tok * n / 1e15, kd_pflops_for_tokens=kd_per_tok * n / 1e15,
+                flops_ratio_vs_kd=per_tok / kd_per_tok, flops_tokens=n)
+
+
+def _format_figures(f: dict[str, Any]) -> list[str]:
+    lines = [
+        f"mesh {f['mesh']} ({f['devices']} devices); teacher {f['teacher_layers']} layers, "
+        f"student {f['student_layers']} layers",
+        f"parameters: teacher {f['teacher_params']:,}  student {f['student_params']:,}  "
+        f"(trainable {f['student_trainable_params']:,})",
+    ]
+    if "mem_per_device_gib" in f:
+        lines.append(
+            f"memory per device: {f['mem_per_device_gib']:.2f} GiB (arguments "
+            f"{f['mem_arguments_gib']:.2f}, outputs {f['mem_outputs_gib']:.2f}, temporaries "
+            f"{f['mem_temp_gib']:.2f})")
+    lines += [
+        f"FLOPs per token: {f['flops_per_token']:.4g} (vanilla KD {f['kd_flops_per_token']:.4g}, "
+        f"ratio {f['flops_ratio_vs_kd']:.4f})",
+        f"PFLOPs for {f['flops_tokens']:,} tokens: {f['pflops_for_tokens']:.3f} "
+        f"(vanilla KD {f['kd_pflops_for_tokens']:.3f})",
+    ]
+    return lines

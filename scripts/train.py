@@ -1,0 +1,35 @@
+"""Distil a teacher into a student: `python scripts/train.py --config configs/X.py --workdir DIR`.
+
+  --config.a.b=v     override any config field (unknown fields are an error)
+  --dry_run          build the abstract state on the configured mesh, compile the step and print
+                     parameter counts, per-device memory and FLOPs (no weights are loaded)
+
+Rerunning the same command with the same --workdir resumes from the newest checkpoint.
+Thin on purpose: everything lives in tad_jax.train.
+"""
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (configs/*.py).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder of checkpoints and metrics.")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile on abstract shapes and print figures.")
+flags.mark_flag_as_required("config")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from tad_jax import train
+
+    if _DRY_RUN.value:
+        train.dry_run(_CONFIG.value)
+        return
+    if not _WORKDIR.value:
+        raise app.UsageError("--workdir is required (or pass --dry_run).")
+    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)
