@@ -1,0 +1,21 @@
+"""Flax decoders for the paper's families, HF checkpoints in and out, the student initialisation.
+
+Public API (docs/ARCHITECTURE.md): `ModelConfig`, `Decoder`, `DecoderOutput`, `lm_head`,
+`from_pretrained`, `save_pretrained`, `init_student`, `PRESETS`.
+"""
+
+from tad_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
+from tad_jax.models.decoder import Decoder, DecoderOutput, head_logits, lm_head
+from tad_jax.models.hf_io import from_pretrained, save_pretrained, unscan_params
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "Decoder",
+    "DecoderOutput",
+    "ModelConfig",
+    "from_pretrained",
+    "head_logits",
+    "lm_head",
+    "save_pretrained",
+    "unscan_params",
+]

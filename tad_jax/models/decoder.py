@@ -1,0 +1,234 @@
+"""The decoder-only transformer (flax linen) shared by every supported family.
+
+Shape suffixes: b = batch, t = positions, d = hidden size, v = vocabulary, l = layers.
+
+Parameter tree (boxed with logical axes by `init`; `from_pretrained` gives plain arrays):
+  embed/embedding [v, d]
+  layer_{i}/ (or layers/ with a leading [l] axis when `config.scan_layers`)
+    attn_norm, mlp_norm (absent for Phi-2's parallel block), attn_post_norm, mlp_post_norm (Gemma2)
+    attn/q,k,v/kernel [d, heads, head_dim] (+ bias), attn/o/kernel [heads, head_dim, d] (+ bias)
+    mlp/gate, mlp/up /kernel [d, f], mlp/down/kernel [f, d] (+ biases for Phi-2)
+  final_norm/scale (+ bias), lm_head/kernel [d, v] (+ bias) unless the head is tied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax.core import meta
+
+from tad_jax.models.config import ModelConfig
+from tad_jax.models.layers import Attention, Mlp, Norm, _param, rope_cos_sin
+
+Dtype = jnp.dtype
+
+
+class DecoderOutput(NamedTuple):
+    """What `Decoder.__call__` returns.
+
+    Attributes:
+      logits: [B, T, V] float32 (soft-capped when the config says so), or None.
+      hidden_states: [B, T, d] after the final norm (what the LM head consumes).
+      all_hidden_states: on request, a tuple of L + 1 arrays [B, T, d]: the (scaled) embeddings,
+        then the output of each layer (before the final norm).
+    """
+
+    logits: jax.Array | None
+    hidden_states: jax.Array
+    all_hidden_states: tuple[jax.Array, ...] | None = None
+
+
+class Block(nn.Module):
+    """One transformer layer; returns (x, x or None) so it can be scanned."""
+
+    cfg: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    return_hidden: bool = False
+
+    @nn.compact
+    def __call__(self, x_btd, cos, sin, mask_bts, mask_sliding_bts, is_sliding):
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = lambda name: Norm(c.traits["norm"], c.norm_eps, name=name, **kw)
+        mask = mask_bts if mask_sliding_bts is None else jnp.where(
+            is_sliding, mask_sliding_bts, mask_bts)
+        attn, mlp = Attention(c, name="attn", **kw), Mlp(c, name="mlp", **kw)
+        if c.traits["parallel"]:  # Phi-2: one norm feeds both branches
+            h = norm("attn_norm")(x_btd)
+            x_btd = attn(h, cos, sin, mask) + mlp(h) + x_btd
+        else:
+            a = attn(norm("attn_norm")(x_btd), cos, sin, mask)
+            if c.traits["post_norms"]:
+                a = norm("attn_post_norm")(a)
+            x_btd = x_btd + a
+            m = mlp(norm("mlp_norm")(x_btd))
+            if c.traits["post_norms"]:
+                m = norm("mlp_post_norm")(m)
+            x_btd = x_btd + m
+        x_btd = nn.with_logical_constraint(x_btd, ("batch", "seq", "embed"))
+        return x_btd, (x_btd if self.return_hidden else None)
+
+
+def attention_masks(cfg: ModelConfig, segment_ids_bt):
+    """Boolean [B, T, T] masks: causal within the same non-zero segment, and its windowed copy."""
+    t = segment_ids_bt.shape[1]
+    idx = jnp.arange(t)
+    causal = idx[:, None] >= idx[None, :]
+    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    mask = causal[None] & same & (segment_ids_bt[:, :, None] != 0)
+    if not any(cfg.sliding_layers):
+        return mask, None
+    # HF: key index > query index - window (the query and window - 1 keys before it).
+    window = (idx[:, None] - idx[None, :]) < cfg.sliding_window
+    return mask, mask & window[None]
+
+
+def positions_from_segments(segment_ids_bt):
+    """Position of each token inside its segment (restarting at 0 at each segment start)."""
+    t = segment_ids_bt.shape[1]
+    idx = jnp.broadcast_to(jnp.arange(t), segment_ids_bt.shape)
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids_bt[:, :1], bool),
+         segment_ids_bt[:, 1:] != segment_ids_bt[:, :-1]], axis=1)
+    start_idx = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - start_idx
+
+
+class Decoder(nn.Module):
+    """Decoder-only LM matching transformers' `<Family>ForCausalLM` forward.
+
+    Attributes:
+      config: the architecture.
+      dtype: compute dtype of activations (attention scores and logits are float32 regardless).
+      param_dtype: dtype of freshly initialised parameters.
+    """
+
+    config: ModelConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _layers(self, x, cos, sin, mask, mask_sliding, collect):
+        c = self.config
+        block_cls = nn.remat(Block) if c.remat else Block
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, return_hidden=collect)
+        if c.scan_layers:
+            scanned = nn.scan(
+                block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
+                in_axes=(nn.broadcast,) * 4 + (0,), length=c.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            flags = jnp.asarray(c.sliding_layers)
+            x, ys = scanned(c, name="layers", **kw)(x, cos, sin, mask, mask_sliding, flags)
+            return x, (tuple(ys[i] for i in range(c.num_layers)) if collect else ())
+        outs = []
+        for i in range(c.num_layers):
+            x, y = block_cls(c, name=f"layer_{i}", **kw)(
+                x, cos, sin, mask, mask_sliding, c.sliding_layers[i])
+            outs.append(y)
+        return x, tuple(outs)
+
+    @nn.compact
+    def __call__(self, input_ids_bt, segment_ids=None, positions=None,
+                 output_hidden_states=False, return_logits=True) -> DecoderOutput:
+        """Runs the model.
+
+        Args:
+          input_ids_bt: [B, T] int token ids.
+          segment_ids: [B, T] int, 0 = padding; tokens attend causally within their own non-zero
+            segment only (packed documents). None: one segment per row.
+          positions: [B, T] int RoPE positions. None: position within the segment.
+          output_hidden_states: also return every layer's output.
+          return_logits: compute the [B, T, V] logits (False: only the hidden states, for the
+            fused loss).
+
+        Returns:
+          A `DecoderOutput`.
+        """
+        c = self.config
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(input_ids_bt, jnp.int32)
+        if positions is None:
+            positions = positions_from_segments(segment_ids)
+        embed = Embed(c.vocab_size, c.hidden_size, self.param_dtype, name="embed")
+        x = embed(input_ids_bt).astype(self.dtype)
+        if c.traits["embed_scale"]:  # Gemma: sqrt(d) rounded to the activation dtype, as HF
+            x = x * jnp.asarray(c.hidden_size**0.5, dtype=self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
+        cos, sin = rope_cos_sin(c, positions, self.dtype)
+        mask, mask_sliding = attention_masks(c, segment_ids)
+        x0 = x
+        x, outs = self._layers(x, cos, sin, mask, mask_sliding, output_hidden_states)
+        h = Norm(c.traits["norm"], c.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
+        logits = None
+        if return_logits:
+            w_dv, b_v = (embed.embedding.T, None) if c.tie_word_embeddings else Head(
+                c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
+            logits = head_logits(c, h, w_dv, b_v)
+        elif not c.tie_word_embeddings:
+            Head(c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
+        all_h = (x0, *outs) if output_hidden_states else None
+        return DecoderOutput(logits, h, all_h)
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, d]."""
+
+    vocab_size: int
+    hidden_size: int
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        self.embedding = _param(self, "embedding", (self.vocab_size, self.hidden_size),
+                                ("vocab", "embed"), nn.initializers.normal(1.0), self.param_dtype)
+
+    def __call__(self, ids_bt):
+        return jnp.take(self.embedding, ids_bt, axis=0)
+
+
+class Head(nn.Module):
+    """Untied LM head: returns (kernel [d, V], bias [V] or None); no computation here."""
+
+    hidden_size: int
+    vocab_size: int
+    use_bias: bool = False
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self):
+        init = nn.initializers.normal(self.hidden_size**-0.5)
+        w = _param(self, "kernel", (self.hidden_size, self.vocab_size), ("embed", "vocab"), init,
+                   self.param_dtype)
+        b = _param(self, "bias", (self.vocab_size,), ("vocab",), nn.initializers.zeros,
+                   self.param_dtype) if self.use_bias else None
+        return w, b
+
+
+def head_logits(config: ModelConfig, hidden_btd, w_dv, b_v=None):
+    """softcap(hidden @ W + b) in float32: the LM head as `lm_head` describes it."""
+    logits = jnp.einsum("...d,dv->...v", hidden_btd, w_dv.astype(hidden_btd.dtype),
+                        preferred_element_type=jnp.float32)
+    if b_v is not None:
+        logits = logits + b_v.astype(jnp.float32)
+    if config.final_logit_softcap:
+        cap = config.final_logit_softcap
+        logits = jnp.tanh(logits / cap) * cap
+    return nn.with_logical_constraint(logits, ("batch", "seq", "vocab"))
+
+
+def lm_head(config: ModelConfig, params) -> tuple[jax.Array, jax.Array | None]:
+    """The output head's weights: (W [d, V], bias [V] or None).
+
+    logits = softcap(hidden_states @ W + bias) with `config.final_logit_softcap` (see
+    `head_logits`); the fused losses use this instead of materialised logits.
+
+    Args:
+      config: the model's config.
+      params: the model's params (plain or boxed), without the {"params": ...} wrapper.
+    """
+    params = meta.unbox(params)
+    if config.tie_word_embeddings:
+        return params["embed"]["embedding"].T, None
+    head = params["lm_head"]
+    return head["kernel"], head.get("bias")

@@ -1,0 +1,223 @@
+"""`from_pretrained` / `save_pretrained`: HF folders (config.json + safetensors) <-> Flax params.
+
+Reading is lazy: one tensor at a time is read from the safetensors files (memory-mapped),
+converted with the family's hooks (`convert.py`), cast and placed straight onto its device or
+sharding, so a large teacher never needs a second full copy in host memory. With
+`scan_layers`, the per-layer tensors of one parameter are stacked on the host first (one
+parameter's worth of memory, not the model's).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+from flax.traverse_util import flatten_dict, unflatten_dict
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tad_jax.models.config import ModelConfig
+from tad_jax.models.convert import HOOKS, expand_rules
+from tad_jax.models.decoder import Decoder
+
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
+_DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
+    """HF tensor name -> safetensors file, from model.safetensors or the sharded index."""
+    index = path / "model.safetensors.index.json"
+    single = path / "model.safetensors"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = {name: path / fname for name, fname in weight_map.items()}
+        missing = sorted({str(f.name) for f in files.values() if not f.exists()})
+        if missing:
+            raise FileNotFoundError(
+                f"{index} lists shard files that are missing: {missing}. Download the complete "
+                "checkpoint (every model-*.safetensors file) into the same folder.")
+        return files
+    if single.exists():
+        with safe_open(single, framework="numpy") as f:
+            return {name: single for name in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    bins = sorted(p.name for p in path.glob("*.bin"))
+    hint = (f" Found PyTorch .bin files {bins}: re-save them with transformers "
+            "(`model.save_pretrained(path, safe_serialization=True)`)." if bins else "")
+    raise FileNotFoundError(
+        f"No model.safetensors or model.safetensors.index.json in {path}.{hint}")
+
+
+def _flax_shapes(model: Decoder) -> dict[str, tuple[int, ...]]:
+    """'a/b/c' -> shape of every parameter in the unscanned layout."""
+    cfg = model.config.replace(scan_layers=False, remat=False)
+    shapes = jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))
+    flat = flatten_dict(meta.unbox(shapes["params"]), sep="/")
+    return {k: tuple(v.shape) for k, v in flat.items()}
+
+
+def _expected_hf_shape(rule, shapes, config) -> tuple[int, ...]:
+    structs = [jax.ShapeDtypeStruct(shapes[p], jnp.float32) for p in rule.flax]
+    return tuple(jax.eval_shape(lambda ws: HOOKS[rule.hook][1](ws, config), structs).shape)
+
+
+def _check_names(rules, files, config) -> None:
+    wanted = {r.hf for r in rules}
+    missing = sorted(wanted - set(files))
+    if missing:
+        raise ValueError(
+            f"The checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[:5]}: "
+            "a partial download, or config.json describes another model (check num_hidden_layers, "
+            "tie_word_embeddings and the bias flags).")
+    extra = sorted(n for n in set(files) - wanted if not n.endswith(_IGNORED_SUFFIXES)
+                   and not (n.startswith("lm_head.") and config.tie_word_embeddings))
+    if extra:
+        raise ValueError(
+            f"The checkpoint has {len(extra)} tensors the config does not use, e.g. {extra[:5]}: "
+            "config.json and the weights disagree (layer count, biases, model_type).")
+
+
+def _place(x, dtype, sharding):
+    x = np.asarray(x).astype(jnp.dtype(dtype)) if dtype is not None else np.asarray(x)
+    return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
+
+
+def _read_converted(rules, files, config, shapes):
+    """Yields ('a/b', numpy value) for every Flax parameter, one HF tensor at a time."""
+    handles: dict[pathlib.Path, Any] = {}
+    try:
+        for rule in rules:
+            fpath = files[rule.hf]
+            if fpath not in handles:
+                handles[fpath] = safe_open(fpath, framework="numpy").__enter__()
+            tensor = handles[fpath].get_tensor(rule.hf)
+            expected = _expected_hf_shape(rule, shapes, config)
+            if tuple(tensor.shape) != expected:
+                raise ValueError(
+                    f"Tensor {rule.hf} has shape {tuple(tensor.shape)} but config.json implies "
+                    f"{expected}: the weights belong to a different configuration.")
+            for p, v in zip(rule.flax, HOOKS[rule.hook][0](tensor, config), strict=True):
+                yield p, np.asarray(v)
+    finally:
+        for h in handles.values():
+            h.__exit__(None, None, None)
+
+
+def from_pretrained(path, dtype=jnp.float32, shardings=None, **config_overrides):
+    """Loads an HF folder (config.json + safetensors) as a `Decoder` and plain-array params.
+
+    Args:
+      path: folder with config.json and model.safetensors or model.safetensors.index.json.
+      dtype: dtype of the params and of the module's compute (None keeps the stored dtype for the
+        params and computes in float32).
+      shardings: None (default device), one `jax.sharding.Sharding` for every parameter, or a
+        pytree of shardings shaped like the params; each tensor is placed straight into it.
+      **config_overrides: `ModelConfig` fields to change, e.g. `scan_layers=True, remat=True`.
+
+    Returns:
+      (model, params): `model.apply({"params": params}, input_ids)` runs it.
+
+    Raises:
+      FileNotFoundError: no config.json / weights, or shard files missing.
+      ValueError: unsupported model_type, missing or unexpected tensors, shapes that disagree.
+    """
+    path = pathlib.Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"{path / 'config.json'} does not exist: pass an HF model folder.")
+    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()),
+                                 **config_overrides)
+    compute = jnp.float32 if dtype is None else dtype
+    model = Decoder(config, dtype=compute, param_dtype=compute)
+    files = _weight_files(path)
+    rules = expand_rules(config)
+    _check_names(rules, files, config)
+    shapes = _flax_shapes(model)
+    flat_shardings = _flat_shardings(shardings, config)
+    flat = {}
+    for key, value in _read_converted(rules, files, config, shapes):
+        if config.scan_layers and key.startswith("layer_"):
+            flat[key] = value  # stacked below, then placed
+        else:
+            flat[key] = _place(value, dtype, flat_shardings(key))
+    if config.scan_layers:
+        flat = _stack_layers(flat, config, dtype, flat_shardings)
+    return model, unflatten_dict(flat, sep="/")
+
+
+def _flat_shardings(shardings, config):
+    """'a/b' -> the sharding to use (None for the default device)."""
+    if shardings is None or isinstance(shardings, jax.sharding.Sharding):
+        return lambda key: shardings
+    flat = flatten_dict(meta.unbox(shardings), sep="/")
+    return lambda key: flat[key]
+
+
+def _stack_layers(flat, config, dtype, flat_shardings):
+    out = {k: v for k, v in flat.items() if not k.startswith("layer_")}
+    suffixes = {k.split("/", 1)[1] for k in flat if k.startswith("layer_0/")}
+    for suffix in sorted(suffixes):
+        stacked = np.stack([flat.pop(f"layer_{i}/{suffix}") for i in range(config.num_layers)])
+        out[f"layers/{suffix}"] = _place(stacked, dtype, flat_shardings(f"layers/{suffix}"))
+    return out
+
+
+def unscan_params(config: ModelConfig, params) -> dict:
+    """Scanned params (`layers/...` with a leading layer axis) -> per-layer `layer_{i}/...`."""
+    params = meta.unbox(params)
+    if "layers" not in params:
+        return params
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(config.num_layers):
+        out[f"layer_{i}"] = jax.tree_util.tree_map(lambda x, i=i: x[i], params["layers"])
+    return out
+
+
+def _hf_tensors(config: ModelConfig, params) -> dict[str, np.ndarray]:
+    flat = flatten_dict(unscan_params(config, params), sep="/")
+    out = {}
+    for rule in expand_rules(config):
+        values = [jnp.asarray(flat[p]) for p in rule.flax]
+        out[rule.hf] = np.ascontiguousarray(np.asarray(HOOKS[rule.hook][1](values, config)))
+    return out
+
+
+def save_pretrained(model: Decoder, params, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES):
+    """Writes config.json + safetensors that `transformers.AutoModelForCausalLM` loads.
+
+    Args:
+      model: the `Decoder` (its config is written as config.json).
+      params: its params (plain or boxed, scanned or not), without the {"params": ...} wrapper.
+      path: output folder (created).
+      max_shard_bytes: above this, the weights are split into model-0000k-of-0000n.safetensors
+        files with a model.safetensors.index.json, as transformers does.
+    """
+    path = pathlib.Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    config = model.config
+    tensors = _hf_tensors(config, params)
+    dtype_name = str(next(iter(tensors.values())).dtype)
+    hf = config.to_hf() | {"torch_dtype": dtype_name, "dtype": dtype_name}
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
+    shards, current, size = [], {}, 0
+    for name, t in tensors.items():
+        if current and size + t.nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[name], size = t, size + t.nbytes
+    shards.append(current)
+    if len(shards) == 1:
+        save_file(shards[0], os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+        return
+    weight_map = {}
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, os.fspath(path / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.nbytes for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
