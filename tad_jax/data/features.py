@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from typing import Any
 
 import grain
@@ -21,14 +22,17 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# One tokenizer per process and folder: workers load it once, transforms pickle only the path.
-_TOKENIZERS: dict[str, Any] = {}
+# One tokenizer per folder and thread (HF fast tokenizers raise "Already borrowed" when one is
+# shared by threads); workers load their own, transforms pickle only the path.
+_TOKENIZERS: dict[tuple[str, int], Any] = {}
+# grain maps in several threads; importing transformers from two at once breaks its lazy modules.
+_TOKENIZER_LOCK = threading.Lock()
 _MAX_TRUNCATION_WARNINGS = 10
 _truncations = 0
 
 
 def load_tokenizer(path: str):
-    """Loads (once per process) the HF tokenizer saved in the local folder ``path``.
+    """Loads (once per thread) the HF tokenizer saved in the local folder ``path``.
 
     Raises:
         ValueError: ``path`` is unset, or the tokenizer has no EOS token.
@@ -37,18 +41,24 @@ def load_tokenizer(path: str):
     if not path:
         raise ValueError("data.tokenizer is not set: give a local tokenizer folder "
                          "(one written by tokenizer.save_pretrained).")
-    if path not in _TOKENIZERS:
-        if not os.path.isdir(path):
-            raise FileNotFoundError(f"data.tokenizer={path!r} is not a folder; give a local "
-                                    "tokenizer folder (tokenizer.save_pretrained(path)).")
-        from transformers import AutoTokenizer  # Heavy import, only where tokenising.
+    key = (path, threading.get_ident())
+    if key not in _TOKENIZERS:
+        with _TOKENIZER_LOCK:
+            _TOKENIZERS[key] = _load(path)
+    return _TOKENIZERS[key]
 
-        tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        if tok.eos_token_id is None:
-            raise ValueError(f"the tokenizer in {path} has no EOS token; set eos_token in its "
-                             "tokenizer_config.json (documents are separated by EOS).")
-        _TOKENIZERS[path] = tok
-    return _TOKENIZERS[path]
+
+def _load(path: str):
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"data.tokenizer={path!r} is not a folder; give a local "
+                                "tokenizer folder (tokenizer.save_pretrained(path)).")
+    from transformers import AutoTokenizer  # Heavy import, only where tokenising.
+
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    if tok.eos_token_id is None:
+        raise ValueError(f"the tokenizer in {path} has no EOS token; set eos_token in its "
+                         "tokenizer_config.json (documents are separated by EOS).")
+    return tok
 
 
 def pairs_from_ids(ids_n: np.ndarray, response_n: np.ndarray | None = None) -> dict:

@@ -120,9 +120,22 @@ def _pipeline(docs, cfg, *, batch_size: int, seed: int, shard: tuple[int, int],
     ds = _rows(ds, cfg, batch_size, seed)
     ds = ds.batch(batch_size, drop_remainder=False).map(_FinishBatch(batch_size))
     if num_workers > 0:
+        _allow_unparsed_absl_flags()
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=num_workers, per_worker_buffer_size=cfg.worker_buffer_size))
     return ds
+
+
+def _allow_unparsed_absl_flags() -> None:
+    """grain's worker processes read absl flags; outside ``absl.app.run`` they are unparsed.
+
+    Marking them parsed keeps every flag at its default (``app.run`` parses argv again anyway),
+    so that notebooks, pytest and plain-argparse scripts can use worker processes too.
+    """
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_train_iterator(data_cfg, *, seed: int, process_index: int | None = None,

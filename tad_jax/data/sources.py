@@ -106,7 +106,7 @@ def chunk_text(text: str, chunking: str, chunk_chars: int) -> list[str]:
     if chunking == "lines":
         return [line for line in text.splitlines() if line.strip()]
     docs, current, size = [], [], 0
-    for para in re.split(r"\n[ \t\r\f\v]*\n", text):
+    for para in re.split(r"\n(?:[ \t\r\f\v]*\n)+", text):
         if not para.strip():
             continue
         current.append(para)
