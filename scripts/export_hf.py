@@ -1,0 +1,31 @@
+"""Export a trained student as a Hugging Face folder: `python scripts/export_hf.py --workdir DIR
+--out DIR [--overwrite] [--checkpoint STEP]`.
+
+The folder (config.json, model.safetensors, tokenizer files) loads with
+`transformers.AutoModelForCausalLM.from_pretrained(out)`. The run's config is read from the
+checkpoint. A non-empty --out is refused unless --overwrite is given.
+Thin on purpose: everything lives in tad_jax.evaluate.
+"""
+
+from absl import app, flags
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "The run folder (checkpoints).")
+_OUT = flags.DEFINE_string("out", None, "The HF folder to write.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists and is not empty.")
+_CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: newest).")
+flags.mark_flags_as_required(["workdir", "out"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from tad_jax import evaluate
+
+    out = evaluate.export_hf(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value,
+                             overwrite=_OVERWRITE.value)
+    print(f"Exported the student to {out}: "
+          f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
+
+
+if __name__ == "__main__":
+    app.run(main)

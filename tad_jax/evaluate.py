@@ -1,0 +1,231 @@
+"""Evaluation of a trained student: held-out metrics, eval.json, plots, and the HF export.
+
+- `evaluate(config, workdir, step=None)`: restores the student checkpoint, streams the held-out
+  split through teacher and student and `tad_jax.metrics.eval_sums` (one jitted call per batch,
+  only the small sums come back to the host), writes `WORKDIR/eval.json` and the plots under
+  `WORKDIR/plots/`.
+- `export_hf(workdir, out, overwrite=False)`: the student as a Hugging Face folder (weights,
+  config.json, tokenizer) that `transformers.AutoModelForCausalLM` loads.
+- `load_run_config(workdir)`: the run config stored with the newest checkpoint.
+
+Shapes: `_bt` = [batch, T], `_btv` = [batch, T, V].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import time
+from typing import Any
+
+import jax
+import ml_collections
+
+from tad_jax import metrics, plots
+
+EVAL_FILE = "eval.json"
+PLOTS_DIR = "plots"
+
+
+def _checkpointer(workdir):
+    from tad_jax.checkpoint import Checkpointer
+
+    return Checkpointer(workdir, async_save=False)
+
+
+def require_checkpoint(workdir: str | os.PathLike, step: int | None = None) -> int:
+    """The checkpoint step to use in `workdir` (the newest when `step` is None).
+
+    Raises:
+      FileNotFoundError: `workdir` holds no checkpoint, or not the requested step.
+    """
+    ckpt_dir = pathlib.Path(workdir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise FileNotFoundError(
+            f"No checkpoint in {workdir} (no {ckpt_dir}): train first with "
+            f"`python scripts/train.py --config CONFIG --workdir {workdir}`, or pass the workdir "
+            "of a finished run.")
+    ckpt = _checkpointer(workdir)
+    try:
+        steps = ckpt.all_steps()
+    finally:
+        ckpt.close()
+    if not steps:
+        raise FileNotFoundError(
+            f"No checkpoint in {ckpt_dir}: the run did not save one yet; train first with "
+            f"`python scripts/train.py --config CONFIG --workdir {workdir}`.")
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise FileNotFoundError(f"No checkpoint of step {step} in {ckpt_dir}; saved steps: "
+                                f"{steps}. Pass one of them, or omit --checkpoint for the newest.")
+    return step
+
+
+def load_run_config(workdir: str | os.PathLike, step: int | None = None
+                    ) -> ml_collections.ConfigDict:
+    """The run config saved with checkpoint `step` (default: the newest) of `workdir`."""
+    step = require_checkpoint(workdir, step)
+    ckpt = _checkpointer(workdir)
+    try:
+        saved = ckpt.read_meta(step)["config"]
+    finally:
+        ckpt.close()
+    return ml_collections.ConfigDict(saved)
+
+
+def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """The tokenizer the training run used (data.tokenizer defaults to the student's/teacher's)."""
+    config = ml_collections.ConfigDict(config.to_dict())
+    if not config.data.tokenizer:
+        config.data.tokenizer = config.student.path or config.teacher.path
+    return config
+
+
+def make_metrics_step(student_model, teacher_model, vocab_size: int, *, tail_ks, ece_bins):
+    """`step(student_params, teacher_params, batch) -> metrics.eval_sums(...)` (jit it)."""
+
+    def step(student_params, teacher_params, batch):
+        fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+        t_btv = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd).logits
+        s_btv = student_model.apply({"params": student_params}, batch["input_ids"], **fwd).logits
+        return metrics.eval_sums(s_btv[..., :vocab_size], t_btv[..., :vocab_size],
+                                 batch["targets"], batch["loss_mask"],
+                                 tail_ks=tail_ks, ece_bins=ece_bins)
+
+    return step
+
+
+def heldout_metrics(config, student, teacher, *, max_batches: int | None = None,
+                    tail_ks=metrics.DEFAULT_TAIL_KS, ece_bins: int = 10, progress: bool = False
+                    ) -> dict[str, Any]:
+    """Streams the held-out split through both models; returns `metrics.finalize`'s dict.
+
+    Args:
+      config: the (resolved) run config; its `data` section defines the held-out split.
+      student: (model, params).
+      teacher: (model, params).
+      max_batches: evaluation batches (None = `eval.max_batches`, where 0 means the whole split).
+      tail_ks: the K of the tail masses.
+      ece_bins: Full-ECE bins.
+      progress: print one line per batch.
+    """
+    from tad_jax.data import make_eval_iterator
+    from tad_jax.train import shared_vocab_size
+
+    vocab = shared_vocab_size(config, teacher[0].config, student[0].config)
+    step = jax.jit(make_metrics_step(student[0], teacher[0], vocab, tail_ks=tuple(tail_ks),
+                                     ece_bins=ece_bins))
+    if max_batches is None:
+        max_batches = config.eval.max_batches
+    it = make_eval_iterator(config.data, batch_size=config.eval.batch_size,
+                            max_batches=max_batches or None)
+    total, start = None, time.perf_counter()
+    for i, batch in enumerate(it):
+        total = metrics.add_sums(total, jax.device_get(step(student[1], teacher[1], batch)))
+        if progress:
+            print(f"eval batch {i + 1}: {time.perf_counter() - start:.1f} s", flush=True)
+    if total is None:
+        raise ValueError("The held-out split is empty: set data.val_files or raise "
+                         "data.val_fraction.")
+    return metrics.finalize(total)
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+             step: int | None = None, max_batches: int | None = None, write: bool = True,
+             progress: bool = False) -> dict[str, Any]:
+    """Evaluates the student checkpoint of `workdir` on the held-out split.
+
+    Args:
+      config: the run config the student was trained with.
+      workdir: the run folder (checkpoints/, metrics.jsonl).
+      step: checkpoint step (None = the newest).
+      max_batches: evaluation batches (None = `eval.max_batches`; 0 = the whole split).
+      write: write `WORKDIR/eval.json` and the plots under `WORKDIR/plots/`.
+      progress: print one line per batch.
+
+    Returns:
+      The metrics (see `metrics.finalize`) plus ``step``, ``eval_seconds`` and ``plots``.
+
+    Raises:
+      FileNotFoundError: no checkpoint (or not `step`) in `workdir`.
+    """
+    from tad_jax.train import build_teacher, restore_student
+
+    step = require_checkpoint(workdir, step)
+    config = _resolved(config)
+    start = time.perf_counter()
+    teacher = build_teacher(config)
+    student_model, student_params, step = restore_student(config, str(workdir), step)
+    result = heldout_metrics(config, (student_model, student_params), teacher,
+                             max_batches=max_batches, progress=progress)
+    result = {"step": int(step), **result, "eval_seconds": time.perf_counter() - start}
+    if write:
+        result["plots"] = draw_plots(workdir, result, config)
+        path = pathlib.Path(workdir) / EVAL_FILE
+        path.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def draw_plots(workdir, result: dict[str, Any], config) -> list[str]:
+    """Fig. 2 from `result`, and Fig. 1 from metrics.jsonl when the run logged eval_kl."""
+    out = pathlib.Path(workdir) / PLOTS_DIR
+    paths = [plots.plot_tail_and_mismatch({"teacher": result}, out / "tail_mass_mismatch.png")]
+    tokens_per_step = config.data.global_batch_size * config.data.seq_len
+    try:
+        paths.append(plots.plot_heldout_kl({pathlib.Path(workdir).name: workdir},
+                                           out / "heldout_kl.png",
+                                           tokens_per_step=tokens_per_step))
+    except (FileNotFoundError, ValueError) as e:
+        print(f"note: no held-out KL curve ({e})")
+    return [str(p) for p in paths]
+
+
+def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int | None = None,
+              overwrite: bool = False, config: ml_collections.ConfigDict | None = None
+              ) -> pathlib.Path:
+    """Writes the student of `workdir` as an HF folder: weights, config.json, tokenizer.
+
+    The folder is built in a temporary sibling and renamed into place, so a failed export never
+    leaves a half folder (nor destroys the one being overwritten before the new one is complete).
+
+    Args:
+      workdir: the run folder.
+      out: the folder to create.
+      step: checkpoint step (None = the newest).
+      overwrite: replace `out` when it exists and is not empty.
+      config: the run config (default: the one saved with the checkpoint).
+
+    Returns:
+      `out`.
+
+    Raises:
+      FileExistsError: `out` exists, is not empty, and `overwrite` is False.
+      FileNotFoundError: no checkpoint in `workdir`.
+    """
+    from transformers import AutoTokenizer
+
+    from tad_jax.models import save_pretrained
+    from tad_jax.train import restore_student
+
+    out = pathlib.Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose another --out, or pass "
+                              "--overwrite to replace it.")
+    step = require_checkpoint(workdir, step)
+    config = _resolved(config if config is not None else load_run_config(workdir, step))
+    model, params, step = restore_student(config, str(workdir), step)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        save_pretrained(model, jax.device_get(params), staging)
+        AutoTokenizer.from_pretrained(config.data.tokenizer).save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.rename(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
