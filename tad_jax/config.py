@@ -122,6 +122,7 @@ def _mesh_defaults() -> ml_collections.ConfigDict:
     m.data = -1  # data-parallel axis; -1 = all devices the other axes leave.
     m.fsdp = 1  # parameter-sharded data-parallel axis.
     m.tensor = 1  # tensor-parallel axis (heads, MLP, vocabulary).
+    m.num_devices = 0  # use the first this many devices; 0 = all of them.
     m.distributed = "auto"  # jax.distributed.initialize(): "auto" (when multi-host), "on", "off".
     return m
 

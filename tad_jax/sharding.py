@@ -82,8 +82,15 @@ def mesh_shape(mesh_cfg: Mapping[str, int], num_devices: int) -> tuple[int, int,
 
 
 def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None) -> Mesh:
-    """Builds the (data, fsdp, tensor) mesh over all devices (or `devices`)."""
+    """Builds the (data, fsdp, tensor) mesh over all devices (or `devices`).
+
+    `mesh_cfg.num_devices` > 0 (when present) keeps only the first that many devices.
+    """
     devices = list(jax.devices() if devices is None else devices)
+    n = int(mesh_cfg.get("num_devices", 0) or 0)
+    if n > len(devices):
+        raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist; lower it.")
+    devices = devices[:n] if n else devices
     shape = mesh_shape(mesh_cfg, len(devices))
     if devices == list(jax.devices()):
         # jax.make_mesh orders devices so that the inner axes sit on fast interconnect.
@@ -124,6 +131,16 @@ def _environment_is_multihost() -> bool:
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 
+def unbox(tree: Any) -> Any:
+    """Plain values of boxed params, without applying sharding constraints (safe on abstract
+    values and outside jit, where `nn.unbox` would constrain under an active mesh)."""
+    from flax.core import meta
+
+    return jax.tree.map(
+        lambda x: x.unbox(apply_constraint=False) if isinstance(x, meta.AxisMetadata) else x,
+        tree, is_leaf=lambda x: isinstance(x, meta.AxisMetadata))
+
+
 def logical_specs(boxed_tree: Any) -> Any:
     """Logical PartitionSpecs of boxed params (e.g. of `jax.eval_shape(model.init, ...)`)."""
     return nn.get_partition_spec(boxed_tree)
@@ -147,7 +164,7 @@ def param_shardings(
     """
     specs = logical_specs(boxed_tree)
     shardings = nn.logical_to_mesh_sharding(specs, mesh, rules)
-    shapes = jax.tree.map(lambda x: x.shape, nn.unbox(boxed_tree))
+    shapes = jax.tree.map(lambda x: x.shape, unbox(boxed_tree))
     return jax.tree.map(
         lambda s, shape: _drop_indivisible(s, shape, mesh),
         shardings,

@@ -98,7 +98,7 @@ def _init_sharded(model: nn.Module, rng: jax.Array, mesh, seq_len: int = 8):
     init = lambda r: model.init(r, ids)["params"]
     boxed = jax.eval_shape(init, rng)
     shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
-    params = jax.jit(lambda r: nn.unbox(init(r)), out_shardings=shardings)(rng)
+    params = jax.jit(lambda r: sharding.unbox(init(r)), out_shardings=shardings)(rng)
     return params
 
 
@@ -175,9 +175,9 @@ def _student_init_fn(config, teacher_cfg: ModelConfig):
     def init_fn(teacher_params, rng):
         scfg, params, mask = init_student(teacher_cfg, teacher_params, overrides, rng)
         found.update(config=scfg, mask=mask)
-        return jax.tree.map(lambda p: p.astype(pdtype), nn.unbox(params))
+        return jax.tree.map(lambda p: p.astype(pdtype), sharding.unbox(params))
 
-    teacher_abstract = nn.unbox(_abstract_boxed(Decoder(teacher_cfg)))
+    teacher_abstract = sharding.unbox(_abstract_boxed(Decoder(teacher_cfg)))
     jax.eval_shape(init_fn, teacher_abstract, jax.random.key(0))
     return found["config"], init_fn, found["mask"]
 
@@ -749,7 +749,7 @@ def _abstract_teacher(config, mesh):
     model = Decoder(cfg, dtype=dtype, param_dtype=dtype)
     boxed = _abstract_boxed(model)
     shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
-    return model, _with_shardings(nn.unbox(boxed), shardings), cfg
+    return model, _with_shardings(sharding.unbox(boxed), shardings), cfg
 
 
 def _abstract_student(config, teacher_model, teacher_abs, mesh):
@@ -766,7 +766,7 @@ def _abstract_student(config, teacher_model, teacher_abs, mesh):
         model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
         boxed = _abstract_boxed(model)
         shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
-        params = _with_shardings(nn.unbox(boxed), shardings)
+        params = _with_shardings(sharding.unbox(boxed), shardings)
         return model, params, jax.tree.map(lambda _: True, params)
     scfg, init_fn, mask = _student_init_fn(config, teacher_model.config)
     model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
