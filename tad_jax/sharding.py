@@ -21,7 +21,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -92,10 +92,13 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None)
         raise ValueError(f"mesh.num_devices={n} but only {len(devices)} devices exist; lower it.")
     devices = devices[:n] if n else devices
     shape = mesh_shape(mesh_cfg, len(devices))
+    # Auto axes: XLA propagates shardings from the in/out shardings and logical constraints
+    # (Explicit axes, jax.make_mesh's default, would make every constraint an assertion).
+    auto = (AxisType.Auto,) * len(MESH_AXES)
     if devices == list(jax.devices()):
         # jax.make_mesh orders devices so that the inner axes sit on fast interconnect.
-        return jax.make_mesh(shape, MESH_AXES, devices=devices)
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+        return jax.make_mesh(shape, MESH_AXES, devices=devices, axis_types=auto)
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
 def maybe_initialize_distributed(mode: str = "auto") -> bool:
