@@ -1,0 +1,665 @@
+"""Distillation losses fused with the output heads, in token chunks: no [N, V] tensor ever exists.
+
+`fused_tad_loss`, `fused_kl_loss`, `fused_causal_lm_loss` and `fused_distillation_loss` take the
+final hidden states and the output heads instead of logits. They equal `tad_divergence(h_s @ W_s + b_s,
+h_t @ W_t + b_t, ...)`, `kl_divergence(...)`, `causal_lm_loss(...)` and `distillation_loss(...)` of
+`tad_jax.losses` (see /work/shared/TAD_SPEC.md for the TAD definition), in value and in gradient.
+
+How (shape suffixes: r = rows (the flattened leading axes), t = positions of a row, c = positions of
+a row inside one chunk, n = chunks, d = hidden size, v = vocabulary, k = top-K):
+- The rows keep their own axis and the *time* axis is cut into chunks: every `lax.scan` step takes
+  `c = max(1, chunk_size // r)` positions of every row, so a step holds about `chunk_size` tokens
+  and a batch sharded over its rows stays sharded (each device scans its own rows).
+- The gradient w.r.t. the student logits is analytic (Eq. 6 of the paper) and is pushed through the
+  head inside the forward pass: each step adds `h_rcd^T g_rcv` to a [d, V] float32 accumulator and
+  writes `g_rcv W^T` for its tokens. With reduction "mean"/"sum" the backward pass only scales these
+  by the incoming cotangent; with "none" (a per-token cotangent) the backward pass runs the scan
+  again.
+- Exact per-row β(X): ᾱ(X) needs the teacher tail mass of every position of the row before any
+  gradient can be weighted. The gradient is a combination of two dense directions whose mixing
+  weight is β(X), so deferring β would double the dh and dW matmuls (+2·d_s·V FLOPs per token). Instead a
+  teacher pre-pass (one more teacher head matmul, +d_t·V FLOPs per token, and the only top_k) stores
+  the top-K indices [N, K], the teacher log-partition and log α_T [N]; the main pass reuses them, so
+  top_k runs once. When one chunk covers every position (c >= T) the pre-pass is skipped and β(X) is
+  computed inside the single pass. `scripts/bench_fused.py` measures the pre-pass's share.
+- Teacher inputs get zero cotangents (the teacher is a constant of the loss, as in
+  `tad_divergence`).
+- Float32 inside whatever the input dtype (bf16 heads: the head matmuls accumulate in float32);
+  cotangents are returned in the dtype of their input.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+from tad_jax import losses
+
+_F32 = jnp.float32
+_REDUCTIONS = ("none", "sum", "mean")
+_DIVERGENCES = ("tad", "kl")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    """Static settings of one fused loss (hashable: a `custom_vjp` non-differentiable argument)."""
+
+    divergence: str | None  # "tad", "kl" or None (CLM only)
+    clm: bool
+    top_k: int
+    beta: float
+    temperature: float
+    eps_alpha: float
+    chunk_size: int
+    softcap: float | None
+    reduction: str
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+
+def _check_scalars(cfg: _Config, vocab: int) -> _Config:
+    """Checks the static settings (the same checks as `tad_divergence`); returns them as floats."""
+    if (
+        isinstance(cfg.chunk_size, bool)
+        or not isinstance(cfg.chunk_size, int)
+        or cfg.chunk_size < 1
+    ):
+        raise ValueError(
+            f"chunk_size must be an integer >= 1 (tokens per step), got {cfg.chunk_size!r}"
+        )
+    losses._check_reduction(cfg.reduction)
+    cap = cfg.softcap
+    if cap is not None:
+        cap = losses._check_positive("final_logit_softcap (None for no cap)", cap)
+    cfg = dataclasses.replace(cfg, softcap=cap)
+    if cfg.divergence is None:
+        return cfg
+    if cfg.divergence not in _DIVERGENCES:
+        raise ValueError(
+            f"divergence must be one of {_DIVERGENCES} when fused, got {cfg.divergence!r}"
+        )
+    tau = losses._check_positive("temperature", cfg.temperature)
+    if cfg.divergence == "kl":
+        return dataclasses.replace(cfg, temperature=tau)
+    losses._check_top_k(cfg.top_k, vocab)
+    beta = losses._check_positive("beta", cfg.beta)
+    eps = losses._check_positive("eps_alpha", cfg.eps_alpha)
+    return dataclasses.replace(cfg, temperature=tau, beta=beta, eps_alpha=eps)
+
+
+def _check_head(who: str, hidden, head, bias) -> int:
+    """Checks one (hidden [..., T, d], head [d, V], bias [V]) triple; returns V."""
+    if hidden.ndim < 2:
+        raise ValueError(f"{who}_hidden must be [..., T, d], got shape {hidden.shape}")
+    if head.ndim != 2:
+        raise ValueError(f"{who}_head must be a 2-D [d, V] matrix, got shape {head.shape}")
+    if head.shape[0] != hidden.shape[-1]:
+        transposed = head.shape[1] == hidden.shape[-1]
+        hint = " (transpose it: an embedding table is [V, d])" if transposed else ""
+        raise ValueError(
+            f"{who}_head is {head.shape} but {who}_hidden has hidden size {hidden.shape[-1]}: "
+            f"the head must be [d, V] = [{hidden.shape[-1]}, V]{hint}"
+        )
+    if bias is not None and bias.shape != (head.shape[1],):
+        raise ValueError(f"{who}_bias must have shape [V] = ({head.shape[1]},), got {bias.shape}")
+    return head.shape[1]
+
+
+def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets) -> _Config:
+    vocab = _check_head("student", hs, ws, bs)
+    if ht is not None:
+        if _check_head("teacher", ht, wt, bt) != vocab:
+            raise ValueError(
+                f"the heads disagree on the vocabulary: student {ws.shape} vs teacher {wt.shape}; "
+                "pad the smaller head's columns (with -inf bias) to a shared vocabulary"
+            )
+        if ht.shape[:-1] != hs.shape[:-1]:
+            raise ValueError(
+                f"teacher_hidden {ht.shape} and student_hidden {hs.shape} must share [..., T]"
+            )
+    if mask is not None and mask.shape != hs.shape[:-1]:
+        raise ValueError(f"mask must have shape [..., T] = {hs.shape[:-1]}, got {mask.shape}")
+    if targets is not None:
+        if targets.shape != hs.shape[:-1]:
+            raise ValueError(
+                f"targets must have shape [..., T] = {hs.shape[:-1]}, got {targets.shape}"
+            )
+        if not jnp.issubdtype(targets.dtype, jnp.integer):
+            raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+    return _check_scalars(cfg, vocab)
+
+
+# ----------------------------------------------------------------------------- layout
+
+
+def _mask_rt(mask, rows: int, t: int):
+    """The validity mask as float32 0/1 [R, T]; any non-zero entry counts (as in `losses`)."""
+    if mask is None:
+        return jnp.ones((rows, t), _F32)
+    return (mask.reshape(rows, t) != 0).astype(_F32)
+
+
+def _chunk_len(rows: int, t: int, chunk_size: int) -> int:
+    return min(t, max(1, chunk_size // rows))
+
+
+def _to_chunks(x_rt, c: int):
+    """[R, T, ...] -> [n, R, c, ...], padding T with zeros (masked positions) to a multiple of c."""
+    r, t = x_rt.shape[:2]
+    n = -(-t // c)
+    pad = [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_rt.ndim - 2)
+    x = jnp.pad(x_rt, pad).reshape((r, n, c) + x_rt.shape[2:])
+    return jnp.moveaxis(x, 1, 0)
+
+
+def _from_chunks(x_nrc, t: int):
+    """[n, R, c, ...] -> [R, T, ...] (drops the padding)."""
+    n, r, c = x_nrc.shape[:3]
+    x = jnp.moveaxis(x_nrc, 0, 1).reshape((r, n * c) + x_nrc.shape[3:])
+    return x[:, :t]
+
+
+# ----------------------------------------------------------------------------- per-chunk math
+
+
+def _logits(h_rcd, w_dv, b_v, softcap):
+    """Soft-capped logits [R, c, V] in float32 and the soft-cap's derivative (None without cap)."""
+    dt = jnp.result_type(h_rcd.dtype, w_dv.dtype)
+    z = jnp.einsum("rcd,dv->rcv", h_rcd.astype(dt), w_dv.astype(dt), preferred_element_type=_F32)
+    if b_v is not None:
+        z = z + b_v.astype(_F32)
+    if softcap is None:
+        return z, None
+    tz = jnp.tanh(z / softcap)
+    return softcap * tz, 1.0 - tz * tz
+
+
+def _top_mask(idx_rck, vocab: int):
+    """Boolean membership of the top-K set, [R, c, V], by scattering the indices (see the spec)."""
+    if idx_rck.shape[-1] == 0:  # K = 0: nothing is in the top set
+        return jnp.zeros(idx_rck.shape[:-1] + (vocab,), bool)
+    flat = idx_rck.reshape(-1, idx_rck.shape[-1])
+    rows = jnp.arange(flat.shape[0])[:, None]
+    member = jnp.zeros((flat.shape[0], vocab), bool).at[rows, flat].set(True)
+    return member.reshape(idx_rck.shape[:-1] + (vocab,))
+
+
+def _teacher_stats(lt_rcv, top_k: int):
+    """Top-K indices, log-partition and log tail mass of tempered teacher logits."""
+    if top_k == 0:  # the tail is the whole vocabulary: α_T = 1
+        idx = jnp.zeros(lt_rcv.shape[:-1] + (0,), jnp.int32)
+    else:
+        _, idx = jax.lax.top_k(lt_rcv, top_k)
+    lse = jax.nn.logsumexp(lt_rcv, axis=-1)
+    tail = ~_top_mask(idx, lt_rcv.shape[-1])
+    # log α_T from the log-sum-exp of the tail, never as log(1 - top mass) (cancellation).
+    log_at = jax.nn.logsumexp(jnp.where(tail, lt_rcv, -jnp.inf), axis=-1) - lse
+    return idx, lse, log_at
+
+
+def _gamma(log_at_rt, mask_rt, cfg: _Config):
+    """β(X) − 1 per row, [R]: β / max(ᾱ(X), eps) − 1 with ᾱ over the row's valid positions."""
+    count = mask_rt.sum(-1)
+    mean_alpha = (jnp.exp(log_at_rt) * mask_rt).sum(-1) / jnp.maximum(count, 1.0)
+    return cfg.beta / jnp.maximum(mean_alpha, cfg.eps_alpha) - 1.0
+
+
+def _div_terms(ls_rcv, lt_rcv, lse_t_rc, tail_rcv, log_at_rc):
+    """KL, α_T·D_KL2 per token and their gradients w.r.t. the tempered student logits.
+
+    Returns (kl_rc, tail_rc, g_kl_rcv, g_tail_rcv); the tail pieces are None for plain KL.
+    """
+    logp_s = jax.nn.log_softmax(ls_rcv, axis=-1)
+    logp_t = lt_rcv - lse_t_rc[..., None]
+    p_s, p_t = jnp.exp(logp_s), jnp.exp(logp_t)
+    # 0 · log 0 = 0: positions where the teacher puts no mass (e.g. -inf padded vocabulary).
+    terms = jnp.where(p_t > 0, p_t * (logp_t - logp_s), 0.0)
+    kl = terms.sum(-1)
+    if tail_rcv is None:
+        return kl, None, p_s - p_t, None
+    log_as = jax.nn.logsumexp(jnp.where(tail_rcv, logp_s, -jnp.inf), axis=-1)
+    has_tail = log_at_rc > -jnp.inf  # α_T = 0: the tail term is 0, not NaN
+    log_ratio = jnp.where(has_tail, log_at_rc - log_as, 0.0)
+    tail_kl = jnp.where(tail_rcv, terms, 0.0).sum(-1)
+    tail = jnp.where(has_tail, tail_kl - jnp.exp(log_at_rc) * log_ratio, 0.0)
+    # ∂(α_T D_KL2)/∂z_i = p_S,i α_T/α_S − p_T,i on the tail, 0 on the top-K.
+    q = jnp.exp(logp_s + log_ratio[..., None])
+    g_tail = jnp.where(tail_rcv & has_tail[..., None], q - p_t, 0.0)
+    return kl, tail, p_s - p_t, g_tail
+
+
+def _clm_terms(zs_rcv, y_rc):
+    """Cross-entropy per token and its gradient w.r.t. the (untempered) student logits."""
+    logp = jax.nn.log_softmax(zs_rcv, axis=-1)
+    nll = -jnp.take_along_axis(logp, y_rc[..., None], axis=-1)[..., 0]
+    onehot = jnp.arange(zs_rcv.shape[-1]) == y_rc[..., None]
+    return nll, jnp.exp(logp) - onehot
+
+
+def _chunk(cfg: _Config, params, xs, want_grad: bool):
+    """One scan step: per-token losses and, if wanted, dz of the student's raw logits [R, c, V]."""
+    ws, bs, wt, bt = params
+    zs, dcap = _logits(xs["hs"], ws, bs, cfg.softcap)
+    out, dz = {}, jnp.zeros_like(zs)
+    if cfg.divergence is not None:
+        tau = cfg.temperature
+        lt, _ = _logits(xs["ht"], wt, bt, cfg.softcap)
+        lt = lt / tau
+        if cfg.divergence == "tad" and "idx" not in xs:  # single chunk: no pre-pass
+            idx, lse_t, log_at = _teacher_stats(lt, cfg.top_k)
+            xs = dict(xs, idx=idx, lse_t=lse_t, log_at=log_at)
+            xs["gamma"] = _gamma(xs["log_at"], xs["mask"], cfg)[:, None]
+        lse_t = xs["lse_t"] if "lse_t" in xs else jax.nn.logsumexp(lt, axis=-1)
+        tail_m = ~_top_mask(xs["idx"], lt.shape[-1]) if cfg.divergence == "tad" else None
+        kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, tail_m, xs.get("log_at"))
+        # τ² · (KL + (β(X) − 1) α_T D_KL2) = τ² · (D_KL1 + β(X) α_T D_KL2).
+        out["div"] = tau * tau * (kl if tail is None else kl + xs["gamma"] * tail)
+        if want_grad:
+            g = g_kl if g_tail is None else g_kl + xs["gamma"][..., None] * g_tail
+            dz = dz + (tau * xs["w_div"])[..., None] * g  # τ² · ∂/∂(z/τ) · 1/τ
+    if cfg.clm:
+        out["clm"], g_clm = _clm_terms(zs, xs["targets"])
+        if want_grad:
+            dz = dz + xs["w_clm"][..., None] * g_clm
+    if want_grad and dcap is not None:
+        dz = dz * dcap
+    return out, dz
+
+
+# ----------------------------------------------------------------------------- scans
+
+
+def _prepare(cfg: _Config, hs, ht, mask, targets):
+    """Reshapes the inputs to chunks [n, R, c, ...]; returns them and the mask [R, T]."""
+    t = hs.shape[-2]
+    rows = math.prod(hs.shape[:-2])
+    c = _chunk_len(rows, t, cfg.chunk_size)
+    mask_rt = _mask_rt(mask, rows, t)
+    xs = {"hs": _to_chunks(hs.reshape(rows, t, -1), c), "mask": _to_chunks(mask_rt, c)}
+    if ht is not None:
+        xs["ht"] = _to_chunks(ht.reshape(rows, t, -1), c)
+    if targets is not None:
+        xs["targets"] = _to_chunks(targets.reshape(rows, t).astype(jnp.int32), c)
+    return xs, mask_rt
+
+
+def _pre_pass(cfg: _Config, wt, bt, xs, mask_rt):
+    """Teacher statistics of every chunk (top-K indices, log-partition, log α_T) and β(X) − 1."""
+
+    def body(_, ht_rcd):
+        lt, _ = _logits(ht_rcd, wt, bt, cfg.softcap)
+        idx, lse, log_at = _teacher_stats(lt / cfg.temperature, cfg.top_k)
+        return None, {"idx": idx, "lse_t": lse, "log_at": log_at}
+
+    _, stats = jax.lax.scan(body, None, xs["ht"])
+    gamma_r = _gamma(_from_chunks(stats["log_at"], mask_rt.shape[1]), mask_rt, cfg)
+    return stats, gamma_r
+
+
+def _main_pass(cfg: _Config, params, xs, gamma_r, want_grad: bool):
+    """Scans the chunks: per-token losses [n, R, c] and, if wanted, dh [n, R, c, d], dW, db."""
+    ws = params[0]
+    consts = {} if gamma_r is None else {"gamma": gamma_r[:, None]}
+    carry0 = (jnp.zeros(ws.shape, _F32), jnp.zeros(ws.shape[1], _F32)) if want_grad else ()
+
+    def body(carry, xs_c):
+        out, dz = _chunk(cfg, params, dict(xs_c, **consts), want_grad)
+        if not want_grad:
+            return carry, out
+        dw, db = carry
+        hs = xs_c["hs"].astype(_F32)
+        dw = dw + jnp.einsum("rcd,rcv->dv", hs, dz, preferred_element_type=_F32)
+        db = db + dz.sum((0, 1))
+        out["dh"] = jnp.einsum("rcv,dv->rcd", dz, ws.astype(_F32), preferred_element_type=_F32)
+        return (dw, db), out
+
+    return jax.lax.scan(body, carry0, xs)
+
+
+def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: bool):
+    """Pre-pass (TAD over several chunks) + main pass; per-token losses [R, T] and gradients."""
+    xs, mask_rt = _prepare(cfg, hs, ht, mask, targets)
+    gamma_r = None
+    if cfg.divergence == "tad" and xs["hs"].shape[0] > 1:
+        stats, gamma_r = _pre_pass(cfg, params[2], params[3], xs, mask_rt)
+        xs.update(stats)
+    if want_grad:
+        w_nrc = _to_chunks(weights_rt, xs["hs"].shape[2])
+        xs["w_div"], xs["w_clm"] = w_nrc, w_nrc
+    grads, out = _main_pass(cfg, params, xs, gamma_r, want_grad)
+    t = hs.shape[-2]
+    # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
+    per_tok = {
+        k: jnp.where(mask_rt > 0, _from_chunks(out[k], t), 0.0) for k in ("clm", "div") if k in out
+    }
+    if want_grad:
+        grads = (_from_chunks(out["dh"], t).reshape(hs.shape[:-1] + (-1,)),) + grads
+    return per_tok, mask_rt, grads
+
+
+# ----------------------------------------------------------------------------- custom_vjp
+
+
+def _reduce(cfg: _Config, loss_rt, mask_rt, lead_shape):
+    if cfg.reduction == "none":
+        return loss_rt.reshape(lead_shape)
+    total = loss_rt.sum()
+    return total / jnp.maximum(mask_rt.sum(), 1.0) if cfg.reduction == "mean" else total
+
+
+def _outputs(cfg: _Config, per_tok, mask_rt, lead_shape):
+    parts = {k: _reduce(cfg, v, mask_rt, lead_shape) for k, v in per_tok.items()}
+    return sum(parts.values()), parts
+
+
+def _weights(cfg: _Config, mask, hs):
+    """Per-token gradient weights for "sum"/"mean": the mask over the global valid count."""
+    rows, t = math.prod(hs.shape[:-2]), hs.shape[-2]
+    m = _mask_rt(mask, rows, t)
+    return m / jnp.maximum(m.sum(), 1.0) if cfg.reduction == "mean" else m
+
+
+def _dtypes_like(*arrays):
+    """Shape/dtype stand-ins of arrays (residuals must be jax types, so zero-size arrays)."""
+    return tuple(None if a is None else jnp.zeros((0,) * a.ndim, a.dtype) for a in arrays)
+
+
+def _cast_grads(grads, hs, ws, bs):
+    dh, dw, db = grads
+    return (
+        dh.astype(hs.dtype),
+        dw.astype(ws.dtype),
+        None if bs is None else db.astype(bs.dtype),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _fused(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
+    per_tok, mask_rt, _ = _run(cfg, (ws, bs, wt, bt), hs, ht, mask, targets, None, False)
+    return _outputs(cfg, per_tok, mask_rt, hs.shape[:-1])
+
+
+def _fused_fwd(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
+    params = (ws, bs, wt, bt)
+    if cfg.reduction == "none":  # per-token cotangent: the backward pass runs the scan again
+        per_tok, mask_rt, _ = _run(cfg, params, hs, ht, mask, targets, None, False)
+        res = (params, hs, ht, mask, targets)
+    else:  # scalar cotangent: the gradient is computed now and only scaled later
+        w_rt = _weights(cfg, mask, hs)
+        per_tok, mask_rt, grads = _run(cfg, params, hs, ht, mask, targets, w_rt, True)
+        # float32 residuals, cast once after scaling: casting twice would round bf16 cotangents twice.
+        res = (grads, _dtypes_like(hs, ws, bs))
+    return _outputs(cfg, per_tok, mask_rt, hs.shape[:-1]), res
+
+
+def _fused_bwd(cfg: _Config, res, cts):
+    # Only the total carries a gradient: the public functions stop the gradient of the parts.
+    ct = cts[0]
+    if cfg.reduction == "none":
+        params, hs, ht, mask, targets = res
+        rows = math.prod(hs.shape[:-2])
+        w_rt = ct.reshape(rows, hs.shape[-2]).astype(_F32)
+        w_rt = w_rt * _mask_rt(mask, *w_rt.shape)
+        _, _, grads = _run(cfg, params, hs, ht, mask, targets, w_rt, True)
+        dh, dw, db = _cast_grads(grads, hs, params[0], params[1])
+    else:
+        (dh, dw, db), like = res
+        dh, dw, db = _cast_grads((ct * dh, ct * dw, ct * db), *like)
+    # Zero cotangents for the teacher (a constant of the loss), the mask and the targets.
+    return dh, dw, db, None, None, None, None, None
+
+
+_fused.defvjp(_fused_fwd, _fused_bwd)
+
+
+def _call(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
+    cfg = _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets)
+    total, parts = _fused(cfg, hs, ws, bs, ht, wt, bt, mask, targets)
+    return total, jax.lax.stop_gradient(parts)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def fused_tad_loss(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask=None,
+    *,
+    top_k: int = 10,
+    beta: float = 2.0,
+    temperature: float = 1.0,
+    eps_alpha: float = 1e-6,
+    chunk_size: int = 1024,
+    student_bias=None,
+    teacher_bias=None,
+    final_logit_softcap: float | None = None,
+    reduction: str = "mean",
+):
+    """TAD divergence of the heads' logits, computed in token chunks (no [N, V] tensor).
+
+    Equals `tad_divergence(softcap(h_s @ W_s + b_s), softcap(h_t @ W_t + b_t), mask, ...)` in value
+    and in its gradients w.r.t. the student's hidden states, head and bias, with the exact per-row
+    β(X) of TAD_SPEC.md even when a row spans several chunks (teacher pre-pass, see the module doc).
+
+    Args:
+        student_hidden: final student hidden states [..., T, d_s] (after the last norm).
+        student_head: student output head [d_s, V] (a tied embedding table transposed).
+        teacher_hidden: final teacher hidden states [..., T, d_t]; a constant (zero cotangent).
+        teacher_head: teacher output head [d_t, V]; a constant (zero cotangent).
+        mask: [..., T], 1 where the position counts; None means all positions count.
+        top_k: K, the size of the teacher's top set, 0 <= K < V.
+        beta: β > 0 of Eq. 3.
+        temperature: τ > 0; the divergence is multiplied by τ².
+        eps_alpha: floor of the mean teacher tail mass ᾱ(X) in β(X) = β / max(ᾱ(X), eps_alpha).
+        chunk_size: tokens per scan step (summed over the rows; each step takes
+            max(1, chunk_size // rows) positions of every row). Peak memory ~ chunk_size × V floats.
+        student_bias: optional [V] bias of the student head.
+        teacher_bias: optional [V] bias of the teacher head.
+        final_logit_softcap: Gemma2's soft-cap c (logits = c·tanh(logits / c), before τ), or None.
+        reduction: "none" ([..., T], 0 at masked positions), "sum", or "mean" (over the valid
+            positions of the whole batch).
+
+    Returns:
+        The loss: a float32 scalar, or [..., T] for reduction="none".
+
+    Raises:
+        ValueError: on mismatched shapes or vocabularies, chunk_size < 1, or an invalid top_k, beta,
+            temperature, eps_alpha, soft-cap or reduction.
+    """
+    cfg = _Config(
+        "tad",
+        False,
+        top_k,
+        beta,
+        temperature,
+        eps_alpha,
+        chunk_size,
+        final_logit_softcap,
+        reduction,
+    )
+    return _call(
+        cfg,
+        student_hidden,
+        student_head,
+        student_bias,
+        teacher_hidden,
+        teacher_head,
+        teacher_bias,
+        mask,
+        None,
+    )[0]
+
+
+def fused_kl_loss(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    mask=None,
+    *,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+    student_bias=None,
+    teacher_bias=None,
+    final_logit_softcap: float | None = None,
+    reduction: str = "mean",
+):
+    """Vanilla KD, τ² · KL(p_T || p_S), of the heads' logits computed in token chunks.
+
+    Equals `kl_divergence(softcap(h_s @ W_s + b_s), softcap(h_t @ W_t + b_t), mask, ...)` in value
+    and in its gradients w.r.t. the student's hidden states, head and bias. One pass, no top_k.
+
+    Args:
+        student_hidden: final student hidden states [..., T, d_s].
+        student_head: student output head [d_s, V].
+        teacher_hidden: final teacher hidden states [..., T, d_t]; a constant (zero cotangent).
+        teacher_head: teacher output head [d_t, V]; a constant (zero cotangent).
+        mask: [..., T], 1 where the position counts; None means all positions count.
+        temperature: τ > 0; the divergence is multiplied by τ².
+        chunk_size: tokens per scan step (see `fused_tad_loss`).
+        student_bias: optional [V] bias of the student head.
+        teacher_bias: optional [V] bias of the teacher head.
+        final_logit_softcap: Gemma2's soft-cap (before τ), or None.
+        reduction: "none", "sum" or "mean" (as in `fused_tad_loss`).
+
+    Returns:
+        The loss: a float32 scalar, or [..., T] for reduction="none".
+
+    Raises:
+        ValueError: on mismatched shapes or vocabularies, chunk_size < 1, or an invalid temperature,
+            soft-cap or reduction.
+    """
+    cfg = _Config("kl", False, 0, 1.0, temperature, 1.0, chunk_size, final_logit_softcap, reduction)
+    return _call(
+        cfg,
+        student_hidden,
+        student_head,
+        student_bias,
+        teacher_hidden,
+        teacher_head,
+        teacher_bias,
+        mask,
+        None,
+    )[0]
+
+
+def fused_causal_lm_loss(
+    student_hidden,
+    student_head,
+    targets,
+    mask=None,
+    *,
+    chunk_size: int = 1024,
+    student_bias=None,
+    final_logit_softcap: float | None = None,
+    reduction: str = "mean",
+):
+    """Cross-entropy of the next tokens under the head's logits, computed in token chunks.
+
+    Equals `causal_lm_loss(softcap(h @ W + b), targets, mask, ...)`: `targets` are already the next
+    tokens, aligned with `student_hidden` (no shift here). No temperature.
+
+    Args:
+        student_hidden: final hidden states [..., T, d].
+        student_head: output head [d, V].
+        targets: int token ids [..., T] in [0, V).
+        mask: [..., T], 1 where the position counts; None means all positions count.
+        chunk_size: tokens per scan step (see `fused_tad_loss`).
+        student_bias: optional [V] bias of the head.
+        final_logit_softcap: Gemma2's soft-cap, or None.
+        reduction: "none", "sum" or "mean" (as in `fused_tad_loss`).
+
+    Returns:
+        The loss: a float32 scalar, or [..., T] for reduction="none".
+
+    Raises:
+        ValueError: on mismatched shapes, non-integer targets, chunk_size < 1, an invalid soft-cap
+            or reduction.
+    """
+    cfg = _Config(None, True, 0, 1.0, 1.0, 1.0, chunk_size, final_logit_softcap, reduction)
+    return _call(cfg, student_hidden, student_head, student_bias, None, None, None, mask, targets)[
+        0
+    ]
+
+
+def fused_distillation_loss(
+    student_hidden,
+    student_head,
+    teacher_hidden,
+    teacher_head,
+    targets,
+    mask=None,
+    *,
+    divergence: str = "tad",
+    top_k: int = 10,
+    beta: float = 2.0,
+    temperature: float = 1.0,
+    eps_alpha: float = 1e-6,
+    chunk_size: int = 1024,
+    student_bias=None,
+    teacher_bias=None,
+    final_logit_softcap: float | None = None,
+    reduction: str = "mean",
+):
+    """Eq. 4, L_CLM + L_DIV, in one chunked pass: each chunk's student logits serve both terms.
+
+    Equals `distillation_loss(student_logits, teacher_logits, targets, mask, divergence=...)` of
+    `tad_jax.losses` without the cosine term (add `cosine_hidden_loss` separately if wanted).
+
+    Args:
+        student_hidden: final student hidden states [..., T, d_s].
+        student_head: student output head [d_s, V].
+        teacher_hidden: final teacher hidden states [..., T, d_t]; a constant (zero cotangent).
+        teacher_head: teacher output head [d_t, V]; a constant (zero cotangent).
+        targets: int next-token ids [..., T].
+        mask: [..., T], 1 where the position counts; None means all positions count.
+        divergence: "tad" or "kl" (vanilla KD).
+        top_k: K of TAD.
+        beta: β of TAD.
+        temperature: τ of the divergence (the CLM term is at τ = 1).
+        eps_alpha: floor of ᾱ(X) in TAD.
+        chunk_size: tokens per scan step (see `fused_tad_loss`).
+        student_bias: optional [V] bias of the student head.
+        teacher_bias: optional [V] bias of the teacher head.
+        final_logit_softcap: Gemma2's soft-cap (before τ), or None.
+        reduction: "none", "sum" or "mean".
+
+    Returns:
+        (total, {"clm": ..., "div": ...}); only `total` carries a gradient (the parts are
+        reported under `stop_gradient`, so differentiate the total).
+
+    Raises:
+        ValueError: on any invalid argument, as the single-term functions.
+    """
+    if divergence not in _DIVERGENCES:
+        raise ValueError(f"divergence must be one of {_DIVERGENCES} when fused, got {divergence!r}")
+    cfg = _Config(
+        divergence,
+        True,
+        top_k,
+        beta,
+        temperature,
+        eps_alpha,
+        chunk_size,
+        final_logit_softcap,
+        reduction,
+    )
+    return _call(
+        cfg,
+        student_hidden,
+        student_head,
+        student_bias,
+        teacher_hidden,
+        teacher_head,
+        teacher_bias,
+        mask,
+        targets,
+    )

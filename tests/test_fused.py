@@ -1,0 +1,288 @@
+"""Tests of tad_jax/fused.py: the chunked losses equal the unfused ones of tad_jax.losses.
+
+References: `tad_divergence` / `kl_divergence` / `causal_lm_loss` / `distillation_loss` applied to
+materialised logits `softcap(h @ W + b)` (their own tests check them against plain jnp), with
+gradients from `jax.grad` through the matmul. Shapes are tiny; float32 comparisons at 1e-5.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tad_jax import fused, losses
+
+V, DS, DT, K = 37, 8, 12, 4
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def _inputs(seed=0, shape=(3, 7), vocab=V, dtype=jnp.float32, masked_row=True):
+    """Random hidden states, heads, biases, targets and a mask with one all-masked row."""
+    ks = jax.random.split(jax.random.key(seed), 8)
+    hs = jax.random.normal(ks[0], shape + (DS,))
+    ht = jax.random.normal(ks[1], shape + (DT,))
+    # Logits of order 3: a peaked but not degenerate teacher, so the tail matters.
+    ws = (3.0 / np.sqrt(DS)) * jax.random.normal(ks[2], (DS, vocab))
+    wt = (4.0 / np.sqrt(DT)) * jax.random.normal(ks[3], (DT, vocab))
+    bs = 0.5 * jax.random.normal(ks[4], (vocab,))
+    bt = 0.5 * jax.random.normal(ks[5], (vocab,))
+    mask = jax.random.bernoulli(ks[6], 0.8, shape)
+    if masked_row:
+        mask = mask.at[1].set(False)
+    targets = jax.random.randint(ks[7], shape, 0, vocab)
+    cast = lambda x: x.astype(dtype)
+    return dict(
+        hs=hs, ws=cast(ws), bs=cast(bs), ht=ht, wt=cast(wt), bt=cast(bt), mask=mask, targets=targets
+    )
+
+
+def _logits(h, w, b, cap):
+    z = jnp.matmul(h.astype(jnp.float32), w.astype(jnp.float32)) + b.astype(jnp.float32)
+    return z if cap is None else cap * jnp.tanh(z / cap)
+
+
+def _unfused(name, x, cap, **kw):
+    """The reference loss as a function of (hs, ws, bs), teacher logits materialised too."""
+    zt = lambda: _logits(x["ht"], x["wt"], x["bt"], cap)
+
+    def f(hs, ws, bs):
+        zs = _logits(hs, ws, bs, cap)
+        if name == "tad":
+            return losses.tad_divergence(zs, zt(), x["mask"], **kw)
+        if name == "kl":
+            return losses.kl_divergence(zs, zt(), x["mask"], **kw)
+        if name == "clm":
+            return losses.causal_lm_loss(zs, x["targets"], x["mask"], **kw)
+        total, parts = losses.distillation_loss(zs, zt(), x["targets"], x["mask"], **kw)
+        return total, {"clm": parts["clm"], "div": parts["div"]}
+
+    return f
+
+
+def _fused(name, x, cap, chunk_size, **kw):
+    common = dict(chunk_size=chunk_size, student_bias=None, final_logit_softcap=cap, **kw)
+
+    def f(hs, ws, bs):
+        common["student_bias"] = bs
+        if name == "clm":
+            return fused.fused_causal_lm_loss(hs, ws, x["targets"], x["mask"], **common)
+        args = (hs, ws, x["ht"], x["wt"])
+        common["teacher_bias"] = x["bt"]
+        if name == "tad":
+            return fused.fused_tad_loss(*args, x["mask"], **common)
+        if name == "kl":
+            return fused.fused_kl_loss(*args, x["mask"], **common)
+        return fused.fused_distillation_loss(*args, x["targets"], x["mask"], **common)
+
+    return f
+
+
+def _value_and_grads(f, x, ct_seed=1):
+    """Value and the VJP of (hs, ws, bs) for a random cotangent (also per token for "none")."""
+    out, vjp = jax.vjp(f, x["hs"], x["ws"], x["bs"])
+    total = out[0] if isinstance(out, tuple) else out
+    ct = jax.random.uniform(jax.random.key(ct_seed), total.shape, minval=0.5, maxval=1.5)
+    ct_out = (ct, jax.tree.map(jnp.zeros_like, out[1])) if isinstance(out, tuple) else ct
+    return out, vjp(ct_out)
+
+
+def _assert_match(name, x, chunk_size, cap=None, tol=TOL, **kw):
+    ref_out, ref_g = _value_and_grads(jax.jit(_unfused(name, x, cap, **kw)), x)
+    out, g = _value_and_grads(jax.jit(_fused(name, x, cap, chunk_size, **kw)), x)
+    np.testing.assert_allclose(
+        np.asarray(out[0] if isinstance(out, tuple) else out, np.float32),
+        np.asarray(ref_out[0] if isinstance(out, tuple) else ref_out),
+        **tol,
+    )
+    if isinstance(out, tuple):
+        for k in ("clm", "div"):
+            np.testing.assert_allclose(out[1][k], ref_out[1][k], **tol, err_msg=k)
+    for what, a, b in zip(
+        ("d student_hidden", "d student_head", "d student_bias"), g, ref_g, strict=True
+    ):
+        assert a.dtype == b.dtype, what
+        np.testing.assert_allclose(
+            np.asarray(a, np.float32), np.asarray(b, np.float32), **tol, err_msg=what
+        )
+
+
+# Rows of T = 7 positions, 3 rows: chunk_size 6 -> 2 positions per row per step (4 steps, the last
+# padded), 9 -> 3 (3 steps, padded), 12 -> 4, 3 -> 1 (7 steps), 21 -> the whole row (one step, no
+# teacher pre-pass), 1024 -> clipped to the whole row.
+CHUNKS = [3, 6, 9, 12, 21, 1024]
+
+
+@pytest.mark.parametrize("chunk_size", CHUNKS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_tad_matches_unfused(chunk_size, reduction):
+    x = _inputs()
+    _assert_match("tad", x, chunk_size, top_k=K, beta=2.0, reduction=reduction)
+
+
+@pytest.mark.parametrize("chunk_size", [6, 21])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_kl_and_clm_match_unfused(chunk_size, reduction):
+    x = _inputs(seed=1)
+    _assert_match("kl", x, chunk_size, temperature=1.5, reduction=reduction)
+    _assert_match("clm", x, chunk_size, reduction=reduction)
+
+
+@pytest.mark.parametrize("divergence", ["tad", "kl"])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_matches_unfused(divergence, temperature):
+    x = _inputs(seed=2)
+    _assert_match(
+        "distill", x, 9, divergence=divergence, top_k=K, beta=3.0, temperature=temperature
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [6, 21])
+def test_softcap_matches_unfused(chunk_size):
+    x = _inputs(seed=3)
+    # cap 2 << the logits' spread of ~3-4: the tanh is far from linear, its derivative matters.
+    _assert_match("tad", x, chunk_size, cap=2.0, top_k=K, temperature=1.3)
+    _assert_match("distill", x, chunk_size, cap=2.0, divergence="tad", top_k=K)
+
+
+def test_leading_dims_and_edge_settings():
+    """No batch axis, two batch axes, K = 0, an eps_alpha floor that binds, a float mask."""
+    x = _inputs(seed=4, shape=(7,), masked_row=False)
+    _assert_match("tad", x, 3, top_k=K)
+    x = _inputs(seed=5, shape=(2, 2, 5))
+    _assert_match("tad", x, 4, top_k=0)
+    _assert_match("tad", x, 4, top_k=K, eps_alpha=0.9)
+    x["mask"] = x["mask"].astype(jnp.float32)
+    _assert_match("distill", x, 4, top_k=K)
+
+
+def test_peaked_teacher_and_padded_vocabulary():
+    """α_T ≈ 0 rows and -inf (padded) vocabulary entries: finite, still equal to the reference."""
+    x = _inputs(seed=6)
+    x["wt"] = 20.0 * x["wt"]  # teacher logits of order 100: the tail mass underflows for many rows
+    pad = jnp.zeros((V,)).at[-5:].set(-jnp.inf)
+    x["bt"], x["bs"] = x["bt"] + pad, x["bs"] + pad
+    _assert_match("tad", x, 6, top_k=K)
+    g = jax.grad(_fused("tad", x, None, 6, top_k=K), argnums=(0, 1, 2))(x["hs"], x["ws"], x["bs"])
+    assert all(bool(jnp.isfinite(a).all()) for a in g)
+
+
+def test_teacher_gets_zero_cotangent():
+    x = _inputs(seed=7)
+
+    def f(ht, wt, bt):
+        return fused.fused_tad_loss(
+            x["hs"],
+            x["ws"],
+            ht,
+            wt,
+            x["mask"],
+            top_k=K,
+            chunk_size=6,
+            student_bias=x["bs"],
+            teacher_bias=bt,
+        )
+
+    for g in jax.jit(jax.grad(f, argnums=(0, 1, 2)))(x["ht"], x["wt"], x["bt"]):
+        assert not np.any(np.asarray(g))
+
+
+def test_bf16_heads():
+    """bf16 heads and hidden states: the fused loss is the float32 loss of the bf16 values.
+
+    The head matmuls accumulate in float32, so values match the float32 reference of the same
+    (bf16-representable) numbers to float32 accuracy; the cotangents come back in bf16, so they match
+    to bf16 rounding: half an ulp, 2^-8 relative, plus float32 noise.
+    """
+    x = _inputs(seed=8, dtype=jnp.bfloat16)
+    x["hs"], x["ht"] = x["hs"].astype(jnp.bfloat16), x["ht"].astype(jnp.bfloat16)
+    f = jax.jit(_fused("tad", x, None, 6, top_k=K))
+    out, g = _value_and_grads(f, x)
+    assert [a.dtype for a in g] == [jnp.bfloat16] * 3
+    up = {k: (v.astype(jnp.float32) if v.dtype == jnp.bfloat16 else v) for k, v in x.items()}
+    ref_out, ref_g = _value_and_grads(jax.jit(_unfused("tad", up, None, top_k=K)), up)
+    np.testing.assert_allclose(out, ref_out, **TOL)
+    for a, b in zip(g, ref_g, strict=True):
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2.0**-8, atol=1e-5)
+
+
+def test_sharded_inputs_match_unsharded():
+    """Rows sharded over the 8 CPU devices give the unsharded result (and stay sharded)."""
+    x = _inputs(seed=9, shape=(8, 6))
+    mesh = Mesh(np.array(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    xs = dict(
+        x,
+        hs=jax.device_put(x["hs"], rows),
+        ht=jax.device_put(x["ht"], rows),
+        mask=jax.device_put(x["mask"], rows),
+        targets=jax.device_put(x["targets"], rows),
+    )
+    f = _fused("distill", x, None, 16, top_k=K)
+    (ref, _), ref_g = _value_and_grads(jax.jit(f), x)
+    (out, _), g = _value_and_grads(jax.jit(_fused("distill", xs, None, 16, top_k=K)), xs)
+    np.testing.assert_allclose(out, ref, **TOL)
+    for a, b in zip(g, ref_g, strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+    assert g[0].sharding.is_equivalent_to(rows, g[0].ndim)
+
+
+def test_no_n_by_v_temporary():
+    """XLA's temporary bytes stay below one [N, V] float32 array (and flat as N grows 4x)."""
+    v, d, c = 4096, 16, 64
+
+    def temp_bytes(n):
+        h = jax.ShapeDtypeStruct((1, n, d), jnp.float32)
+        w = jax.ShapeDtypeStruct((d, v), jnp.float32)
+        m = jax.ShapeDtypeStruct((1, n), jnp.float32)
+        f = jax.grad(
+            lambda hs, ws, ht, wt, m: fused.fused_tad_loss(hs, ws, ht, wt, m, chunk_size=c), (0, 1)
+        )
+        return jax.jit(f).lower(h, w, h, w, m).compile().memory_analysis().temp_size_in_bytes
+
+    small, big = temp_bytes(1024), temp_bytes(4096)
+    assert big < 4096 * v * 4 / 4, big
+    assert big < 1.5 * small, (small, big)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (dict(ws=jnp.zeros((DS + 1, V))), "student_head"),
+        (dict(ws=jnp.zeros((V, DS))), "transpose"),
+        (dict(wt=jnp.zeros((DT, V + 1))), "vocabulary"),
+        (dict(ht=jnp.zeros((3, 6, DT))), "teacher_hidden"),
+        (dict(mask=jnp.ones((3, 6))), "mask"),
+        (dict(bs=jnp.zeros((V + 1,))), "student_bias"),
+        (dict(chunk_size=0), "chunk_size"),
+        (dict(top_k=V), "top_k"),
+        (dict(top_k=-1), "top_k"),
+        (dict(beta=0.0), "beta"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(eps_alpha=0.0), "eps_alpha"),
+        (dict(reduction="avg"), "reduction"),
+        (dict(final_logit_softcap=0.0), "softcap"),
+    ],
+)
+def test_bad_input_raises(change, match):
+    x = _inputs()
+    kw = dict(top_k=K, chunk_size=6)
+    kw.update({k: change.pop(k) for k in list(change) if k not in x})
+    x.update(change)
+    with pytest.raises(ValueError, match=match):
+        fused.fused_tad_loss(
+            x["hs"], x["ws"], x["ht"], x["wt"], x["mask"], student_bias=x["bs"], **kw
+        )
+
+
+def test_bad_targets_and_divergence_raise():
+    x = _inputs()
+    with pytest.raises(ValueError, match="integer"):
+        fused.fused_causal_lm_loss(x["hs"], x["ws"], x["targets"].astype(jnp.float32))
+    with pytest.raises(ValueError, match="targets"):
+        fused.fused_causal_lm_loss(x["hs"], x["ws"], x["targets"][:, :-1])
+    with pytest.raises(ValueError, match="divergence"):
+        fused.fused_distillation_loss(
+            x["hs"], x["ws"], x["ht"], x["wt"], x["targets"], divergence="jsd"
+        )
