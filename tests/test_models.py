@@ -40,7 +40,7 @@ VARIANTS = {
     "phi": ("PhiConfig", dict(_COMMON, partial_rotary_factor=0.4)),
     "phi3_longrope": ("Phi3Config", dict(
         _COMMON, num_key_value_heads=2, max_position_embeddings=64,
-        original_max_position_embeddings=8, rope_scaling=_LONGROPE)),
+        original_max_position_embeddings=8, rope_scaling=_LONGROPE, pad_token_id=0)),
 }
 
 
@@ -86,8 +86,11 @@ def test_forward_matches_transformers(pair):
     ours = np.asarray(out.logits)
     assert out.logits.dtype == jnp.float32 and ours.shape == (3, T, V)
     np.testing.assert_allclose(ours[0], _torch_logits(hf, ids[:1])[0], atol=ATOL, rtol=0)
+    # Padding positions restart at 0 like a new segment (Phi-3's LongRoPE picks its factors from
+    # the longest position, so pass the same positions to transformers).
     mask = (seg[1:2] > 0).astype(np.int64)
-    ref_pad = _torch_logits(hf, ids[1:2], attention_mask=mask)[0]
+    pos = np.concatenate([np.arange(n_valid), np.arange(T - n_valid)])[None]
+    ref_pad = _torch_logits(hf, ids[1:2], attention_mask=mask, position_ids=pos)[0]
     np.testing.assert_allclose(ours[1, :n_valid], ref_pad[:n_valid], atol=ATOL, rtol=0)
     for lo, hi in ((0, split), (split, T)):
         ref_doc = _torch_logits(hf, ids[2:3, lo:hi])[0]

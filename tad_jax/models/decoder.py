@@ -156,7 +156,7 @@ class Decoder(nn.Module):
         if c.traits["embed_scale"]:  # Gemma: sqrt(d) rounded to the activation dtype, as HF
             x = x * jnp.asarray(c.hidden_size**0.5, dtype=self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
-        cos, sin = rope_cos_sin(c, positions, self.dtype)
+        cos, sin = rope_cos_sin(c, positions, self.dtype, segment_ids)
         mask, mask_sliding = attention_masks(c, segment_ids)
         x0 = x
         x, outs = self._layers(x, cos, sin, mask, mask_sliding, output_hidden_states)

@@ -110,13 +110,27 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None, int, f
     return inv, None, 0, 1.0
 
 
-def rope_cos_sin(cfg: ModelConfig, positions_bt, dtype):
-    """cos, sin [B, T, rope_dim] for the given positions (float32 inside, like HF)."""
+def _segment_max(values_bt, segment_ids_bt):
+    """Per token: the max of `values` over the tokens of its own segment (same row)."""
+    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+    return jnp.max(jnp.where(same, values_bt[:, None, :], jnp.iinfo(jnp.int32).min), axis=-1)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions_bt, dtype, segment_ids_bt=None):
+    """cos, sin [B, T, rope_dim] for the given positions (float32 inside, like HF).
+
+    LongRoPE switches to its long factors when a sequence reaches past the pretraining length.
+    HF decides once per batch (max position + 1 of the whole batch); we decide per packed
+    segment, so a document's logits do not depend on what else is in the batch or on padding.
+    For one unpadded sequence per batch the two agree.
+    """
     inv, long_inv, switch_len, attn_factor = rope_tables(cfg)
     inv_e = jnp.asarray(inv)
     if long_inv is not None:
-        use_long = jnp.max(positions_bt) + 1 > switch_len
-        inv_e = jnp.where(use_long, jnp.asarray(long_inv), inv_e)
+        if segment_ids_bt is None:
+            segment_ids_bt = jnp.zeros_like(positions_bt)
+        seq_len_bt = _segment_max(positions_bt.astype(jnp.int32), segment_ids_bt) + 1
+        inv_e = jnp.where((seq_len_bt > switch_len)[..., None], jnp.asarray(long_inv), inv_e)
     freqs = positions_bt[..., None].astype(jnp.float32) * inv_e
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * attn_factor).astype(dtype), (jnp.sin(emb) * attn_factor).astype(dtype)
