@@ -316,6 +316,17 @@ def test_val_files_are_the_validation_split(tmp_path, tok_dir, jsonl_docs):
         tok, ["held out paragraph one", "held out paragraph two"])
 
 
+def test_edited_file_is_read_again(tmp_path, tok_dir):
+    path, tok = tok_dir
+    data = tmp_path / "d.jsonl"
+    for texts in (["first version"], ["second, longer version", "and a new document"]):
+        data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        docs = _reconstruct(_all(make_train_iterator(_cfg(str(data), path), seed=0,
+                                                     process_index=0, process_count=1)),
+                            tok.eos_token_id)[0]
+        assert collections.Counter(docs) == _expected_docs(tok, texts)
+
+
 def test_chunk_text_paragraphs_merge_to_the_target_size():
     text = "aaaa\nbbbb\n\n  \n\ncccc\n\ndddddddddd\n\n\nee\n"
     assert chunk_text(text, "paragraphs", 12) == ["aaaa\nbbbb\n\ncccc", "dddddddddd", "ee\n"]

@@ -12,27 +12,30 @@ when it has one), each piece tokenised on its own, and only targets inside respo
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import queue
 import threading
-from typing import Any
 
 import grain
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-# One tokenizer per folder and thread (HF fast tokenizers raise "Already borrowed" when one is
-# shared by threads); workers load their own, transforms pickle only the path.
-_TOKENIZERS: dict[tuple[str, int], Any] = {}
-# grain maps in several threads; importing transformers from two at once breaks its lazy modules.
-_TOKENIZER_LOCK = threading.Lock()
+# A pool of loaded tokenizers per folder: an HF fast tokenizer used by two threads at once raises
+# "Already borrowed", so each thread borrows its own; the pool grows to the number of threads
+# that map at the same time and is reused by later iterators. Transforms pickle only the path.
+_POOLS: dict[str, queue.SimpleQueue] = {}
+# Loading imports transformers; two threads importing it at once break its lazy modules.
+_LOAD_LOCK = threading.Lock()
 _MAX_TRUNCATION_WARNINGS = 10
 _truncations = 0
 
 
-def load_tokenizer(path: str):
-    """Loads (once per thread) the HF tokenizer saved in the local folder ``path``.
+@contextlib.contextmanager
+def borrow_tokenizer(path: str):
+    """Lends this thread, for the ``with`` block, an HF tokenizer of the local folder ``path``.
 
     Raises:
         ValueError: ``path`` is unset, or the tokenizer has no EOS token.
@@ -41,11 +44,23 @@ def load_tokenizer(path: str):
     if not path:
         raise ValueError("data.tokenizer is not set: give a local tokenizer folder "
                          "(one written by tokenizer.save_pretrained).")
-    key = (path, threading.get_ident())
-    if key not in _TOKENIZERS:
-        with _TOKENIZER_LOCK:
-            _TOKENIZERS[key] = _load(path)
-    return _TOKENIZERS[key]
+    with _LOAD_LOCK:
+        pool = _POOLS.setdefault(path, queue.SimpleQueue())
+    try:
+        tok = pool.get_nowait()
+    except queue.Empty:
+        with _LOAD_LOCK:
+            tok = _load(path)
+    try:
+        yield tok
+    finally:
+        pool.put(tok)
+
+
+def check_tokenizer(path: str) -> None:
+    """Raises the errors of ``borrow_tokenizer`` now (in the main process, not in a worker)."""
+    with borrow_tokenizer(path):
+        pass
 
 
 def _load(path: str):
@@ -158,7 +173,7 @@ def _truncate(ids_n: np.ndarray, flags_n: np.ndarray, seq_len: int):
 class TokenizeDocument(grain.transforms.Map):
     """grain transform: a document → ``{"input_ids", "targets", "loss_mask"}`` 1-D arrays.
 
-    Pickles as its settings only; the tokenizer is loaded in whichever process maps.
+    Pickles as its settings only; the tokenizer is borrowed in whichever process and thread maps.
     """
 
     def __init__(self, tokenizer: str, mode: str, seq_len: int, use_chat_template: bool = True):
@@ -166,10 +181,10 @@ class TokenizeDocument(grain.transforms.Map):
         self.seq_len, self.use_chat_template = seq_len, use_chat_template
 
     def map(self, doc):
-        tok = load_tokenizer(self.tokenizer)
-        if self.mode == "pretrain":
-            return pairs_from_ids(pretrain_ids(tok, doc))
-        ids_n, flags_n = sft_ids(tok, doc, self.use_chat_template)
+        with borrow_tokenizer(self.tokenizer) as tok:
+            if self.mode == "pretrain":
+                return pairs_from_ids(pretrain_ids(tok, doc))
+            ids_n, flags_n = sft_ids(tok, doc, self.use_chat_template)
         return pairs_from_ids(*_truncate(ids_n, flags_n, self.seq_len))
 
 

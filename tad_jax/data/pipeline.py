@@ -22,7 +22,7 @@ import grain
 import ml_collections
 import numpy as np
 
-from tad_jax.data.features import PadToRow, TokenizeDocument, load_tokenizer
+from tad_jax.data.features import PadToRow, TokenizeDocument, check_tokenizer
 from tad_jax.data.sources import load_split
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -66,7 +66,7 @@ def _check(cfg, process_count: int) -> None:
     if cfg.global_batch_size % process_count:
         raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is not divisible by "
                          f"the {process_count} processes; make it a multiple.")
-    load_tokenizer(cfg.tokenizer)  # Fail here, in the main process, not inside a worker.
+    check_tokenizer(cfg.tokenizer)
 
 
 def _rows(ds: grain.IterDataset, cfg, batch_size: int, seed: int) -> grain.IterDataset:

@@ -225,7 +225,35 @@ def is_validation(doc: Document, val_fraction: float) -> bool:
     return int.from_bytes(digest, "little") / 2.0**64 < val_fraction
 
 
+# Fields of the data config that decide which documents a split holds.
+_SPLIT_FIELDS = ("mode", "train_files", "val_files", "val_fraction", "format", "text_field",
+                 "prompt_field", "response_field", "messages_field", "text_chunking",
+                 "text_chunk_chars", "strict_jsonl")
+_CACHE: dict[tuple, list[Document]] = {}
+_CACHE_SIZE = 4
+
+
 def load_split(cfg, split: str) -> list[Document]:
+    """``read_split``, cached in this process (the eval iterator is rebuilt at every evaluation).
+
+    The cache key holds the split's config fields and the size and mtime of every file, so an
+    edited file is read again.
+    """
+    globs = [cfg.train_files, cfg.val_files]
+    stats = []
+    for pattern in globs:
+        for path in expand_files(pattern) if pattern else []:
+            st = os.stat(path)
+            stats.append((path, st.st_size, st.st_mtime_ns))
+    key = (split, tuple(str(cfg[f]) for f in _SPLIT_FIELDS), tuple(stats))
+    if key not in _CACHE:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[key] = read_split(cfg, split)
+    return _CACHE[key]
+
+
+def read_split(cfg, split: str) -> list[Document]:
     """The documents of ``split`` ("train" or "validation") as the config defines it.
 
     With ``cfg.val_files`` the validation split is those files and training is all of
