@@ -34,16 +34,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.seed = 0  # PRNG seed of the student init and of the data order.
     c.steps = 1000  # optimizer steps to run (ignored when train_tokens > 0).
     c.train_tokens = 0  # if > 0: steps = ceil(train_tokens / (global_batch_size * seq_len)).
-    c.teacher = _teacher_defaults()
-    c.student = _student_defaults()
-    c.loss = _loss_defaults()
-    c.opt = _opt_defaults()
-    c.data = data_defaults()
-    c.ckpt = _ckpt_defaults()
-    c.mesh = _mesh_defaults()
-    c.eval = _eval_defaults()
-    c.log = _log_defaults()
-    c.dry_run = _dry_run_defaults()
+    c.teacher = _teacher_defaults()  # the model distilled from.
+    c.student = _student_defaults()  # the model trained.
+    c.loss = _loss_defaults()  # Eq. 4: CLM + divergence (+ cosine).
+    c.opt = _opt_defaults()  # AdamW, schedule, clipping, accumulation.
+    c.data = data_defaults()  # tad_jax.data's pipeline fields.
+    c.ckpt = _ckpt_defaults()  # orbax checkpoints in WORKDIR/checkpoints.
+    c.mesh = _mesh_defaults()  # device mesh (data, fsdp, tensor).
+    c.eval = _eval_defaults()  # held-out evaluation during training.
+    c.log = _log_defaults()  # metrics.jsonl, TensorBoard, progress bar.
+    c.dry_run = _dry_run_defaults()  # --dry_run settings.
     return c
 
 
