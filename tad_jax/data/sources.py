@@ -178,8 +178,8 @@ def _iter_parquet(path: str, cfg) -> Iterator[Document]:
         yield _record_to_document(record, cfg, f"{path} row {row}")
 
 
-def read_documents(files: Sequence[str], cfg) -> list[Document]:
-    """Reads every document of ``files`` in order; blank documents are counted and skipped.
+def iter_documents(files: Sequence[str], cfg) -> Iterator[Document]:
+    """Yields every document of ``files`` in order; blank documents are counted and skipped.
 
     Args:
         files: paths, e.g. from ``expand_files``.
@@ -188,7 +188,6 @@ def read_documents(files: Sequence[str], cfg) -> list[Document]:
     Raises:
         ValueError: a record lacks the configured field(s), or (strict_jsonl) a malformed line.
     """
-    docs: list[Document] = []
     blank = 0
     for path in files:
         fmt = detect_format(path, cfg.format)
@@ -197,16 +196,15 @@ def read_documents(files: Sequence[str], cfg) -> list[Document]:
                 raise ValueError(f"{path}: plain text has no prompt/response; supervised mode "
                                  "(data.mode='sft') reads JSONL or Parquet.")
             with open_text(path) as f:
-                docs.extend(chunk_text(f.read(), cfg.text_chunking, cfg.text_chunk_chars))
+                yield from chunk_text(f.read(), cfg.text_chunking, cfg.text_chunk_chars)
             continue
         for doc in (_iter_jsonl if fmt == "jsonl" else _iter_parquet)(path, cfg):
             if isinstance(doc, str) and not doc.strip():
                 blank += 1
             else:
-                docs.append(doc)
+                yield doc
     if blank:
         logger.warning("skipped %d blank document(s) (empty text field)", blank)
-    return docs
 
 
 def document_key(doc: Document) -> str:
@@ -253,8 +251,8 @@ def load_split(cfg, split: str) -> list[Document]:
     return _CACHE[key]
 
 
-def read_split(cfg, split: str) -> list[Document]:
-    """The documents of ``split`` ("train" or "validation") as the config defines it.
+def iter_split(cfg, split: str) -> Iterator[Document]:
+    """Streams the documents of ``split`` ("train" or "validation") as the config defines it.
 
     With ``cfg.val_files`` the validation split is those files and training is all of
     ``cfg.train_files``; otherwise both come from ``cfg.train_files``, split by
@@ -262,22 +260,38 @@ def read_split(cfg, split: str) -> list[Document]:
 
     Raises:
         FileNotFoundError: a glob matches nothing.
-        ValueError: the split is empty or the fraction is out of range.
+        ValueError: the fraction is out of range, or bad records (see ``iter_documents``).
     """
+    if split not in ("train", "validation"):
+        raise ValueError(f"split={split!r}; use 'train' or 'validation'.")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={cfg.val_fraction}; use a fraction in [0, 1).")
     if cfg.val_files:
         what = "data.val_files" if split == "validation" else "data.train_files"
-        files = expand_files(cfg.val_files if split == "validation" else cfg.train_files,
-                             what=what)
-        docs = read_documents(files, cfg)
-    else:
-        files = expand_files(cfg.train_files)
-        want_val = split == "validation"
-        docs = [d for d in read_documents(files, cfg)
-                if is_validation(d, cfg.val_fraction) == want_val]
+        yield from iter_documents(expand_files(
+            cfg.val_files if split == "validation" else cfg.train_files, what=what), cfg)
+        return
+    want_val = split == "validation"
+    for doc in iter_documents(expand_files(cfg.train_files), cfg):
+        if is_validation(doc, cfg.val_fraction) == want_val:
+            yield doc
+
+
+def empty_split_error(cfg, split: str) -> ValueError:
+    """The error for a split without documents, naming the fix."""
+    fix = ("set data.val_fraction > 0 or data.val_files" if split == "validation"
+           else "check data.format, data.text_field and that the files are not empty")
+    files = cfg.val_files if split == "validation" and cfg.val_files else cfg.train_files
+    return ValueError(f"the {split} split of {files!r} is empty; {fix}.")
+
+
+def read_split(cfg, split: str) -> list[Document]:
+    """All documents of ``split`` (see ``iter_split``) in a list.
+
+    Raises:
+        ValueError: the split is empty (and the errors of ``iter_split``).
+    """
+    docs = list(iter_split(cfg, split))
     if not docs:
-        fix = ("set data.val_fraction > 0 or data.val_files" if split == "validation"
-               else "check data.format and the text field")
-        raise ValueError(f"the {split} split is empty (files: {files[:3]}...); {fix}.")
+        raise empty_split_error(cfg, split)
     return docs
