@@ -31,5 +31,20 @@ def main(argv):
     train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
+def _check_overrides(argv):
+    """Unknown --config.a.b fields: a clear error before absl's own (an AttributeError)."""
+    paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    paths += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
+    if paths:
+        from ml_collections.config_flags import config_flags as cf
+
+        from tad_jax.config import check_overrides
+
+        check_overrides(cf.ConfigFileFlagParser("config").parse(paths[-1]), argv)
+
+
 if __name__ == "__main__":
+    import sys
+
+    _check_overrides(sys.argv)
     app.run(main)

@@ -262,3 +262,30 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: list[str], name: str = "config"):
+    """Raises a ValueError naming the field when an `--config.a.b=v` override names no field.
+
+    Args:
+      config: the config as loaded from its file, before overrides.
+      argv: the command line.
+      name: the config flag's name.
+
+    Raises:
+      ValueError: an override of a field the config does not have (with the valid names).
+    """
+    prefix = f"--{name}."
+    for arg in argv:
+        if not arg.startswith(prefix):
+            continue
+        dotted = arg[len(prefix):].split("=", 1)[0]
+        node, parts = config, dotted.split(".")
+        for i, part in enumerate(parts):
+            fields = list(node.keys()) if isinstance(node, ml_collections.ConfigDict | dict) else []
+            if part not in fields:
+                where = ".".join(parts[:i]) or "the config"
+                raise ValueError(
+                    f"Unknown config field {dotted!r} in {arg!r}: {where} has no field {part!r}. "
+                    f"Its fields: {sorted(fields)}.")
+            node = node[part]

@@ -124,3 +124,12 @@ def test_config_differences_ignore_what_does_not_change_the_math():
     assert tc.config_differences(a, b) == []
     c = tc.config_to_dict(_load(_path("tiny"), "--config.opt.lr=0.5"))
     assert tc.config_differences(a, c) == ["opt.lr"]
+
+
+def test_check_overrides_names_the_field_and_the_valid_ones():
+    cfg = _load(_path("tiny"))
+    tc.check_overrides(cfg, ["x", "--config.loss.beta=3", "--config.steps=2"])
+    with pytest.raises(ValueError, match=r"loss has no field 'betta'.*'beta'"):
+        tc.check_overrides(cfg, ["x", "--config.loss.betta=3"])
+    with pytest.raises(ValueError, match="the config has no field 'lost'"):
+        tc.check_overrides(cfg, ["x", "--config.lost.beta=3"])
