@@ -416,6 +416,54 @@ def test_empty_corpus_is_an_error(tmp_path, tok_dir):
                             process_index=0, process_count=1)
 
 
+# ---------------------------------------------------------------- pre-tokenised folders
+
+
+def _assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        for key in BATCH_KEYS:
+            np.testing.assert_array_equal(x[key], y[key])
+
+
+def test_prepared_folder_gives_the_same_batches_as_tokenising_on_the_fly(
+        tmp_path, tok_dir, jsonl_docs):
+    from tad_jax.data.prepared import prepare
+
+    cfg = _cfg(jsonl_docs[0], tok_dir[0], val_fraction=0.3)
+    meta = prepare(cfg, str(tmp_path / "prep"))
+    assert meta["splits"]["train"]["documents"] + meta["splits"]["validation"]["documents"] == 30
+    prepared = _cfg("/nonexistent/ignored", "", val_fraction=0.3,
+                    prepared_dir=str(tmp_path / "prep"))
+    for process_index in (0, 1):
+        _assert_same_batches(
+            _all(make_train_iterator(cfg, seed=4, process_index=process_index, process_count=2)),
+            _all(make_train_iterator(prepared, seed=4, process_index=process_index,
+                                     process_count=2)))
+    _assert_same_batches(_all(make_eval_iterator(cfg, batch_size=2)),
+                         _all(make_eval_iterator(prepared, batch_size=2)))
+
+
+def test_prepared_sft_chat_and_bad_folders(tmp_path, chat_tok_dir):
+    from tad_jax.data.prepared import prepare
+
+    rng = np.random.default_rng(5)
+    with open(tmp_path / "sft.jsonl", "w") as f:
+        f.writelines(json.dumps(e) + "\n" for e in _sft_examples(rng, 12))
+    cfg = _cfg(str(tmp_path / "sft.jsonl"), chat_tok_dir[0], mode="sft", seq_len=24)
+    prepare(cfg, str(tmp_path / "prep"), splits=("train",))
+    prepared = _cfg("", "", mode="sft", seq_len=24, prepared_dir=str(tmp_path / "prep"))
+    _assert_same_batches(_all(make_train_iterator(cfg, seed=0, process_index=0, process_count=1)),
+                         _all(make_train_iterator(prepared, seed=0, process_index=0,
+                                                  process_count=1)))
+    prepared.mode = "pretrain"
+    with pytest.raises(ValueError, match="prepared for mode 'sft'"):
+        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+    prepared.prepared_dir = str(tmp_path)
+    with pytest.raises(FileNotFoundError, match="prepare_data.py"):
+        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+
+
 # ---------------------------------------------------------------- workers, checkpoints, jax
 
 

@@ -157,7 +157,7 @@ def sft_ids(tok, doc: dict, use_chat_template: bool) -> tuple[np.ndarray, np.nda
     return np.asarray(ids, np.int32), np.asarray(flags, bool)
 
 
-def _truncate(ids_n: np.ndarray, flags_n: np.ndarray, seq_len: int):
+def truncate_example(ids_n: np.ndarray, flags_n: np.ndarray, seq_len: int):
     """Cuts an example to seq_len + 1 tokens (seq_len pairs), with a warning: never silent."""
     global _truncations
     if len(ids_n) <= seq_len + 1:
@@ -185,7 +185,7 @@ class TokenizeDocument(grain.transforms.Map):
             if self.mode == "pretrain":
                 return pairs_from_ids(pretrain_ids(tok, doc))
             ids_n, flags_n = sft_ids(tok, doc, self.use_chat_template)
-        return pairs_from_ids(*_truncate(ids_n, flags_n, self.seq_len))
+        return pairs_from_ids(*truncate_example(ids_n, flags_n, self.seq_len))
 
 
 class PadToRow(grain.transforms.Map):

@@ -23,6 +23,7 @@ import ml_collections
 import numpy as np
 
 from tad_jax.data.features import PadToRow, TokenizeDocument, check_tokenizer
+from tad_jax.data.prepared import PreparedToPairs, prepared_source
 from tad_jax.data.sources import load_split
 
 BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
@@ -46,6 +47,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.text_chunk_chars = 4000  # "paragraphs": merge blank-line paragraphs up to this many chars
     c.strict_jsonl = False  # a malformed JSONL line raises instead of being counted and skipped
     c.tokenizer = ""  # local HF tokenizer folder (the student's)
+    c.prepared_dir = ""  # folder of scripts/prepare_data.py; if set, read instead of the files
     c.seq_len = 512  # tokens per row (input/target pairs)
     c.global_batch_size = 8  # rows per step over all processes
     c.pack = True  # sft: pack several examples per row (True) or one padded example per row
@@ -66,7 +68,16 @@ def _check(cfg, process_count: int) -> None:
     if cfg.global_batch_size % process_count:
         raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is not divisible by "
                          f"the {process_count} processes; make it a multiple.")
-    check_tokenizer(cfg.tokenizer)
+    if not cfg.prepared_dir:
+        check_tokenizer(cfg.tokenizer)
+
+
+def _source(cfg, split: str):
+    """(random-access documents, the transform to pairs) of a split: prepared or raw files."""
+    if cfg.prepared_dir:
+        return prepared_source(cfg, split), PreparedToPairs(cfg.mode, cfg.seq_len)
+    return load_split(cfg, split), TokenizeDocument(cfg.tokenizer, cfg.mode, cfg.seq_len,
+                                                    cfg.use_chat_template)
 
 
 def _rows(ds: grain.IterDataset, cfg, batch_size: int, seed: int) -> grain.IterDataset:
@@ -106,15 +117,16 @@ class _FinishBatch(grain.transforms.Map):
         return out
 
 
-def _pipeline(docs, cfg, *, batch_size: int, seed: int, shard: tuple[int, int],
+def _pipeline(split: str, cfg, *, batch_size: int, seed: int, shard: tuple[int, int],
               shuffle: bool, num_epochs, num_workers: int) -> grain.IterDataset:
     index, count = shard
+    docs, to_pairs = _source(cfg, split)
     ds = grain.MapDataset.source(docs)[index::count]
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
         ds = ds.repeat(num_epochs)
-    ds = ds.map(TokenizeDocument(cfg.tokenizer, cfg.mode, cfg.seq_len, cfg.use_chat_template))
+    ds = ds.map(to_pairs)
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=cfg.read_threads,
                                               prefetch_buffer_size=4 * batch_size))
     ds = _rows(ds, cfg, batch_size, seed)
@@ -163,8 +175,7 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int | None = None
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     _check(data_cfg, process_count)
-    docs = load_split(data_cfg, "train")
-    ds = _pipeline(docs, data_cfg, batch_size=data_cfg.global_batch_size // process_count,
+    ds = _pipeline("train", data_cfg, batch_size=data_cfg.global_batch_size // process_count,
                    seed=seed, shard=(process_index, process_count), shuffle=data_cfg.shuffle,
                    num_epochs=data_cfg.num_epochs, num_workers=data_cfg.num_workers)
     return iter(ds)
@@ -185,9 +196,8 @@ def make_eval_iterator(data_cfg, *, batch_size: int, max_batches: int | None = N
         An iterator of the same dicts as ``make_train_iterator``; the last batch is padded.
     """
     _check(data_cfg, 1)
-    docs = load_split(data_cfg, "validation")
     # In-process: eval batches must not depend on the worker count, and the split is small.
-    ds = _pipeline(docs, data_cfg, batch_size=batch_size, seed=0,
+    ds = _pipeline("validation", data_cfg, batch_size=batch_size, seed=0,
                    shard=(process_index, process_count), shuffle=False, num_epochs=1,
                    num_workers=0)
     if max_batches is not None:
