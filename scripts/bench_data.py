@@ -27,6 +27,7 @@ def _args():
     p.add_argument("--batches", type=int, default=200, help="batches timed per worker count")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--read_threads", type=int, default=2)
+    p.add_argument("--prepared_dir", default="", help="read a scripts/prepare_data.py folder")
     return p.parse_args()
 
 
@@ -52,14 +53,14 @@ def main():
     cfg = default_data_config()
     cfg.update(dict(mode=args.mode, train_files=args.files, tokenizer=args.tokenizer,
                     seq_len=args.seq_len, global_batch_size=args.batch_size,
-                    read_threads=args.read_threads))
+                    read_threads=args.read_threads, prepared_dir=args.prepared_dir))
     results = []
     for workers in args.workers:
         cfg.num_workers = workers
         results.append(bench(cfg, args.batches))
-    print(json.dumps({"files": args.files, "tokenizer": args.tokenizer, "seq_len": args.seq_len,
-                      "batch_size": args.batch_size, "cpus": os.cpu_count(),
-                      "results": results}, indent=1))
+    print(json.dumps({"files": args.prepared_dir or args.files, "tokenizer": args.tokenizer,
+                      "seq_len": args.seq_len, "batch_size": args.batch_size,
+                      "cpus": os.cpu_count(), "results": results}, indent=1))
 
 
 if __name__ == "__main__":

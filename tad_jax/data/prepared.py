@@ -14,6 +14,7 @@ a run reading the prepared folder yields the same batches as one tokenising on t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
@@ -45,12 +46,17 @@ def _encode(tok, docs: list, cfg) -> list[tuple[np.ndarray, np.ndarray | None]]:
 
 def _write_split(cfg, split: str, out_dir: str, tok) -> dict:
     offsets, batch = [0], []
-    with open(os.path.join(out_dir, f"{split}.ids.bin"), "wb") as ids_f, \
-            open(os.path.join(out_dir, f"{split}.flags.bin"), "wb") as flags_f:
+    with contextlib.ExitStack() as files:
+        ids_f = files.enter_context(open(os.path.join(out_dir, f"{split}.ids.bin"), "wb"))
+        flags_path = os.path.join(out_dir, f"{split}.flags.bin")
+        if cfg.mode == "pretrain" and os.path.exists(flags_path):
+            os.remove(flags_path)  # Left by an earlier sft preparation.
+        flags_f = None if cfg.mode == "pretrain" else files.enter_context(open(flags_path, "wb"))
+
         def flush():
             for ids_n, flags_n in _encode(tok, batch, cfg):
                 ids_n.tofile(ids_f)
-                if flags_n is not None:
+                if flags_f is not None:
                     flags_n.astype(np.uint8).tofile(flags_f)
                 offsets.append(offsets[-1] + len(ids_n))
             batch.clear()
