@@ -7,6 +7,7 @@ Public API (docs/ARCHITECTURE.md): `ModelConfig`, `Decoder`, `DecoderOutput`, `l
 from tad_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from tad_jax.models.decoder import Decoder, DecoderOutput, head_logits, lm_head
 from tad_jax.models.hf_io import from_pretrained, save_pretrained, unscan_params
+from tad_jax.models.student import init_student
 
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
@@ -15,6 +16,7 @@ __all__ = [
     "ModelConfig",
     "from_pretrained",
     "head_logits",
+    "init_student",
     "lm_head",
     "save_pretrained",
     "unscan_params",
