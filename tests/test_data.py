@@ -276,6 +276,25 @@ def test_sft_chat_template_masks_exactly_the_assistant_turns(tmp_path, chat_tok_
     assert got == want
 
 
+def test_sft_messages_without_a_chat_template(tmp_path, tok_dir):
+    path, tok = tok_dir
+    conv = [{"role": "user", "content": "list the value"},
+            {"role": "assistant", "content": "a list value"},
+            {"role": "user", "content": "and the dict"},
+            {"role": "assistant", "content": "one dict"}]
+    with open(tmp_path / "m.jsonl", "w") as f:
+        f.write(json.dumps({"messages": conv}) + "\n")
+    cfg = _cfg(str(tmp_path / "m.jsonl"), path, mode="sft", seq_len=64, global_batch_size=1)
+    (seg,) = _segments(_all(make_train_iterator(cfg, seed=0, process_index=0, process_count=1)))
+    enc = lambda text, special=False: tok(text, add_special_tokens=special)["input_ids"]
+    eos = [tok.eos_token_id]
+    answers = enc("a list value") + eos + enc("one dict") + eos
+    tokens = (enc("user: list the value\n", True) + enc("assistant: ") + enc("a list value") + eos
+              + enc("\n") + enc("user: and the dict\n") + enc("assistant: ") + enc("one dict")
+              + eos + enc("\n"))
+    assert _example_view(*seg) == (tuple(tokens), tuple(answers))
+
+
 def test_sft_example_longer_than_a_row_is_truncated_with_a_warning(tmp_path, tok_dir, caplog):
     path, tok = tok_dir
     with open(tmp_path / "long.jsonl", "w") as f:
@@ -401,12 +420,17 @@ def test_malformed_jsonl_line_is_counted_and_skipped_or_raises(tmp_path, tok_dir
     ({"mode": "sft"}, ValueError, "data.prompt_field"),
     ({"format": "csv"}, ValueError, "data.format"),
     ({"val_fraction": 1.0}, ValueError, "val_fraction"),
+    ({"process_index": 2}, ValueError, "process_index=2"),
+    ({"process_index": 31, "process_count": 32, "global_batch_size": 64}, ValueError,
+     "gets none of the 30"),
 ])
 def test_bad_input_errors_name_the_fix(tok_dir, jsonl_docs, change, error, match):
+    shard = {"process_index": change.pop("process_index", 0),
+             "process_count": change.pop("process_count", 2)}
     cfg = _cfg(jsonl_docs[0], tok_dir[0])
     cfg.update(change)
     with pytest.raises(error, match=match):
-        make_train_iterator(cfg, seed=0, process_index=0, process_count=2)
+        make_train_iterator(cfg, seed=0, **shard)
 
 
 def test_empty_corpus_is_an_error(tmp_path, tok_dir):

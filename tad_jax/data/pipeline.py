@@ -122,6 +122,9 @@ def _pipeline(split: str, cfg, *, batch_size: int, seed: int, shard: tuple[int, 
     index, count = shard
     docs, to_pairs = _source(cfg, split)
     ds = grain.MapDataset.source(docs)[index::count]
+    if len(ds) == 0:  # Repeating an empty shard would spin forever.
+        raise ValueError(f"process {index} of {count} gets none of the {len(docs)} {split} "
+                         "documents; use fewer processes or more (or smaller) documents.")
     if shuffle:
         ds = ds.shuffle(seed=seed)
     if num_epochs != 1:
@@ -174,6 +177,9 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int | None = None
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}); pass "
+                         "this host's jax.process_index() and jax.process_count().")
     _check(data_cfg, process_count)
     ds = _pipeline("train", data_cfg, batch_size=data_cfg.global_batch_size // process_count,
                    seed=seed, shard=(process_index, process_count), shuffle=data_cfg.shuffle,
