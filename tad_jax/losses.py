@@ -126,6 +126,20 @@ def _lse(x_btv):
     return jnp.log(jnp.sum(jnp.exp(x_btv - m_bt[..., None]), axis=-1)) + m_bt
 
 
+def _whole_vocab(x_btv):
+    """x with its vocabulary axis unsharded, for ops that need every entry of a row at once.
+
+    Under explicit sharding (the default axis type of `jax.make_mesh`) `top_k` and gathers along a
+    sharded axis are type errors; auto-sharded arrays are left to the partitioner.
+    """
+    sharding = jax.typeof(x_btv).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None or len(spec) != x_btv.ndim or spec[-1] is None:
+        return x_btv
+    whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-1], None))
+    return jax.sharding.reshard(x_btv, whole)
+
+
 def _topk_member(idx_btk, vocab):
     """Boolean [..., T, V] top-K membership mask from the top-K indices.
 
@@ -138,6 +152,12 @@ def _topk_member(idx_btk, vocab):
     for k in range(idx_btk.shape[-1]):
         member = member | (idx_btk[..., k : k + 1] == iota_v)
     return member
+
+
+def _masked(x_bt, mask_bt):
+    """x where the mask is set, else 0: a select, so an inf/NaN at a masked position (e.g. a
+    target on a -inf padding entry) cannot leak, and the mask's float32 never demotes float64."""
+    return jnp.where(mask_bt > 0, x_bt, jnp.zeros((), x_bt.dtype))
 
 
 def _reduce(loss_bt, mask_bt, reduction):
@@ -179,12 +199,12 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
         lse_tail_s, lse_tail_t = lse_s, lse_t
         top_part = jnp.zeros_like(lse_s)
     else:
-        top_t_btk, idx_btk = jax.lax.top_k(t_btv, top_k)
+        top_t_btk, idx_btk = jax.lax.top_k(_whole_vocab(t_btv), top_k)
         in_top = _topk_member(idx_btk, vocab)
         lse_tail_s = _lse(jnp.where(in_top, -jnp.inf, s_btv))
         lse_tail_t = _lse(jnp.where(in_top, -jnp.inf, t_btv))
         # The K head terms from gathered values: [.., K] work instead of another [.., V] pass.
-        top_s_btk = jnp.take_along_axis(s_btv, idx_btk, axis=-1)
+        top_s_btk = jnp.take_along_axis(_whole_vocab(s_btv), idx_btk, axis=-1)
         lpt_btk = top_t_btk - lse_t[..., None]
         lps_btk = top_s_btk - lse_s[..., None]
         pt_btk = jnp.exp(lpt_btk)
@@ -217,7 +237,8 @@ def _beta_x(log_alpha_t_bt, mask_bt, beta, eps_alpha):
     which multiplies only zeros.
     """
     count_b = jnp.sum(mask_bt, axis=-1)
-    mean_alpha_b = jnp.sum(mask_bt * jnp.exp(log_alpha_t_bt), axis=-1) / jnp.maximum(count_b, 1.0)
+    alpha_sum_b = jnp.sum(_masked(jnp.exp(log_alpha_t_bt), mask_bt), axis=-1)
+    mean_alpha_b = alpha_sum_b / jnp.maximum(count_b, 1.0)
     return beta / jnp.maximum(mean_alpha_b, eps_alpha)
 
 
@@ -232,7 +253,7 @@ def _tad_fwd(student_btv, teacher_btv, mask_bt, top_k, beta, temperature, eps_al
     st = _tad_stats(student_btv, teacher_btv, top_k, temperature)
     beta_x_b = _beta_x(st["log_alpha_t"], mask_bt, beta, eps_alpha)
     tail_bt = jnp.exp(st["log_alpha_t"]) * st["kl2"]
-    loss_bt = temperature**2 * mask_bt * (st["kl1"] + beta_x_b[..., None] * tail_bt)
+    loss_bt = _masked(temperature**2 * (st["kl1"] + beta_x_b[..., None] * tail_bt), mask_bt)
     # Residuals: the inputs (alive anyway), [.., K] indices and [.., T] statistics; the softmaxes
     # are recomputed in the backward pass instead of keeping [.., V] float32 probabilities.
     res = (student_btv, teacher_btv, mask_bt, st["idx_btk"], st["lse_s"], st["lse_t"],
@@ -255,8 +276,8 @@ def _tad_bwd(top_k, beta, temperature, eps_alpha, res, g_bt):
     tail_btv = (beta_x_b[..., None, None] - 1.0) * (ps_tail_btv - pt_btv)
     if top_k > 0:
         tail_btv = jnp.where(_topk_member(idx_btk, s_btv.shape[-1]), 0.0, tail_btv)
-    scale_bt = temperature * g_bt * mask_bt
-    grad_btv = (scale_bt[..., None] * (ps_btv - pt_btv + tail_btv)).astype(student_btv.dtype)
+    grad_btv = _masked((temperature * g_bt)[..., None] * (ps_btv - pt_btv + tail_btv),
+                       mask_bt[..., None]).astype(student_btv.dtype)
     return grad_btv, jnp.zeros_like(teacher_btv), jnp.zeros_like(mask_bt)
 
 
@@ -328,7 +349,7 @@ def tad_components(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
     alpha_t, alpha_s = jnp.exp(st["log_alpha_t"]), jnp.exp(st["log_alpha_s"])
     out = dict(kl1=st["kl1"], kl2=st["kl2"], alpha_t=alpha_t, alpha_s=alpha_s,
                kl=st["kl1"] + alpha_t * st["kl2"])
-    out = {k: mask_bt * v for k, v in out.items()}
+    out = {k: _masked(v, mask_bt) for k, v in out.items()}
     out["beta_x"] = _beta_x(st["log_alpha_t"], mask_bt, beta, eps_alpha)
     return out
 
@@ -345,7 +366,8 @@ def _log_softmax(x_btv):
 
 def _xlogy_diff(p_btv, logp_btv, logq_btv):
     """Σ p·(log p − log q) with 0·(anything) = 0, so -inf padding entries give 0, not NaN."""
-    return jnp.sum(jnp.where(p_btv > 0, p_btv * (logp_btv - logq_btv), 0.0), axis=-1)
+    # The where sits inside the product so that autodiff never multiplies 0 by a NaN partial.
+    return jnp.sum(p_btv * jnp.where(p_btv > 0, logp_btv - logq_btv, 0.0), axis=-1)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -358,7 +380,7 @@ def _kl_fwd(student_btv, teacher_btv, mask_bt, temperature):
     lps_btv, lse_s = _log_softmax(_scaled(student_btv, temperature))
     lpt_btv, lse_t = _log_softmax(_scaled(teacher_btv, temperature))
     kl_bt = _xlogy_diff(jnp.exp(lpt_btv), lpt_btv, lps_btv)
-    loss_bt = temperature**2 * mask_bt * kl_bt
+    loss_bt = _masked(temperature**2 * kl_bt, mask_bt)
     return loss_bt, (student_btv, teacher_btv, mask_bt, lse_s, lse_t)
 
 
@@ -367,8 +389,8 @@ def _kl_bwd(temperature, res, g_bt):
     student_btv, teacher_btv, mask_bt, lse_s, lse_t = res
     ps_btv = jnp.exp(_scaled(student_btv, temperature) - lse_s[..., None])
     pt_btv = jnp.exp(_scaled(teacher_btv, temperature) - lse_t[..., None])
-    scale_bt = temperature * g_bt * mask_bt
-    grad_btv = (scale_bt[..., None] * (ps_btv - pt_btv)).astype(student_btv.dtype)
+    grad_btv = _masked((temperature * g_bt)[..., None] * (ps_btv - pt_btv),
+                       mask_bt[..., None]).astype(student_btv.dtype)
     return grad_btv, jnp.zeros_like(teacher_btv), jnp.zeros_like(mask_bt)
 
 
@@ -404,15 +426,36 @@ def kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
     return _reduce(loss_bt, mask_bt, reduction)
 
 
+def _autodiff_log_probs(student_btv, teacher_btv, mask_bt, temperature):
+    """log p_S, log p_T (teacher constant) for the losses differentiated by plain autodiff.
+
+    Masked positions are replaced by zeros first: a padded position may hold all -inf logits,
+    whose logsumexp has a NaN partial that autodiff would multiply by the zero cotangent.
+    """
+    keep = mask_bt[..., None] > 0
+    s_btv = jnp.where(keep, _scaled(student_btv, temperature), 0.0)
+    t_btv = jnp.where(keep, _scaled(jax.lax.stop_gradient(teacher_btv), temperature), 0.0)
+    return _log_softmax(s_btv)[0], _log_softmax(t_btv)[0]
+
+
 def reverse_kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
                           reduction="mean"):
     """Reverse KL(p_S || p_T) (mode seeking). Arguments, returns and errors as `kl_divergence`."""
     mask_bt, temperature = _common_args(student_logits, teacher_logits, mask, temperature,
                                         reduction)
-    lps_btv, _ = _log_softmax(_scaled(student_logits, temperature))
-    lpt_btv, _ = _log_softmax(_scaled(jax.lax.stop_gradient(teacher_logits), temperature))
-    loss_bt = temperature**2 * mask_bt * _xlogy_diff(jnp.exp(lps_btv), lps_btv, lpt_btv)
+    lps_btv, lpt_btv = _autodiff_log_probs(student_logits, teacher_logits, mask_bt, temperature)
+    loss_bt = _masked(temperature**2 * _xlogy_diff(jnp.exp(lps_btv), lps_btv, lpt_btv), mask_bt)
     return _reduce(loss_bt, mask_bt, reduction)
+
+
+def _log_mixture(lpt_btv, lps_btv, w):
+    """log(w·p_T + (1 − w)·p_S) by logaddexp: exact where one probability underflows."""
+    # Entries where both are -inf (padding) go through logaddexp as 0s: its partials at (-inf,
+    # -inf) are NaN, which would leak into the gradient even behind a where.
+    both_inf = jnp.isneginf(lpt_btv) & jnp.isneginf(lps_btv)
+    a_btv = jnp.where(both_inf, 0.0, math.log(w) + lpt_btv)
+    b_btv = jnp.where(both_inf, 0.0, math.log1p(-w) + lps_btv)
+    return jnp.where(both_inf, -jnp.inf, jnp.logaddexp(a_btv, b_btv))
 
 
 def js_divergence(student_logits, teacher_logits, mask=None, *, weight=0.5, temperature=1.0,
@@ -436,13 +479,11 @@ def js_divergence(student_logits, teacher_logits, mask=None, *, weight=0.5, temp
     w = _static_number("weight", weight)
     if not 0.0 < w < 1.0:
         raise ValueError(f"weight (the JSD mixing weight) must be in (0, 1), got {w}.")
-    lps_btv, _ = _log_softmax(_scaled(student_logits, temperature))
-    lpt_btv, _ = _log_softmax(_scaled(jax.lax.stop_gradient(teacher_logits), temperature))
-    # log M by logaddexp: stays finite and exact where one of the two probabilities underflows.
-    lm_btv = jnp.logaddexp(math.log(w) + lpt_btv, math.log1p(-w) + lps_btv)
+    lps_btv, lpt_btv = _autodiff_log_probs(student_logits, teacher_logits, mask_bt, temperature)
+    lm_btv = _log_mixture(lpt_btv, lps_btv, w)
     jsd_bt = (w * _xlogy_diff(jnp.exp(lpt_btv), lpt_btv, lm_btv)
               + (1.0 - w) * _xlogy_diff(jnp.exp(lps_btv), lps_btv, lm_btv))
-    return _reduce(temperature**2 * mask_bt * jsd_bt, mask_bt, reduction)
+    return _reduce(_masked(temperature**2 * jsd_bt, mask_bt), mask_bt, reduction)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -477,8 +518,7 @@ def causal_lm_loss(logits, targets, mask=None, reduction="mean"):
     mask_bt = _mask_bt(mask, jnp.shape(targets))
     lp_btv, _ = _log_softmax(_scaled(logits, 1.0))
     tgt_lp_bt = jnp.take_along_axis(lp_btv, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    # where, not multiply: a masked position whose target is a -inf (padding) entry stays 0.
-    loss_bt = jnp.where(mask_bt > 0, -tgt_lp_bt, 0.0)
+    loss_bt = _masked(-tgt_lp_bt, mask_bt)
     return _reduce(loss_bt, mask_bt, reduction)
 
 
@@ -517,7 +557,7 @@ def cosine_hidden_loss(student_hidden, teacher_hidden, mask=None, reduction="mea
     # eps inside the norms keeps an all-zero (padding) vector finite with a finite gradient.
     dot_bt = jnp.sum(hs_btd * ht_btd, axis=-1)
     norms_bt = jnp.sqrt(jnp.sum(hs_btd**2, -1) + 1e-12) * jnp.sqrt(jnp.sum(ht_btd**2, -1) + 1e-12)
-    loss_bt = mask_bt * (1.0 - dot_bt / norms_bt)
+    loss_bt = _masked(1.0 - dot_bt / norms_bt, mask_bt)
     return _reduce(loss_bt, mask_bt, reduction)
 
 
