@@ -421,6 +421,7 @@ def test_malformed_jsonl_line_is_counted_and_skipped_or_raises(tmp_path, tok_dir
     ({"format": "csv"}, ValueError, "data.format"),
     ({"val_fraction": 1.0}, ValueError, "val_fraction"),
     ({"process_index": 2}, ValueError, "process_index=2"),
+    ({"num_epochs": 0}, ValueError, "num_epochs=0"),
     ({"process_index": 31, "process_count": 32, "global_batch_size": 64}, ValueError,
      "gets none of the 30"),
 ])

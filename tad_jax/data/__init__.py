@@ -1,7 +1,8 @@
 """Data pipelines (grain): sources → tokenise → pack / mask → per-host and global batches.
 
 The contract (docs/ARCHITECTURE.md) lives here; the pieces are in ``sources`` (files → documents,
-held-out split), ``features`` (tokenisation, masks) and ``pipeline`` (grain datasets, batches).
+held-out split), ``features`` (tokenisation, masks), ``prepared`` (optional pre-tokenised folders)
+and ``pipeline`` (grain datasets, batches).
 """
 
 from tad_jax.data.pipeline import (
@@ -13,6 +14,7 @@ from tad_jax.data.pipeline import (
     restore_iterator_state,
     to_global_batch,
 )
+from tad_jax.data.prepared import prepare
 
 __all__ = [
     "BATCH_KEYS",
@@ -20,6 +22,7 @@ __all__ = [
     "iterator_state_to_json",
     "make_eval_iterator",
     "make_train_iterator",
+    "prepare",
     "restore_iterator_state",
     "to_global_batch",
 ]

@@ -60,7 +60,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _check(cfg, process_count: int) -> None:
+def _check(cfg, process_index: int, process_count: int) -> None:
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index={process_index} is not in [0, {process_count}); pass "
+                         "this host's jax.process_index() and jax.process_count().")
+    if cfg.num_epochs is not None and cfg.num_epochs < 1:
+        raise ValueError(f"data.num_epochs={cfg.num_epochs}; use None (repeat) or at least 1.")
     if cfg.seq_len < 2:
         raise ValueError(f"data.seq_len={cfg.seq_len}; use at least 2.")
     if cfg.mode not in ("pretrain", "sft"):
@@ -177,10 +182,7 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int | None = None
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if not 0 <= process_index < process_count:
-        raise ValueError(f"process_index={process_index} is not in [0, {process_count}); pass "
-                         "this host's jax.process_index() and jax.process_count().")
-    _check(data_cfg, process_count)
+    _check(data_cfg, process_index, process_count)
     ds = _pipeline("train", data_cfg, batch_size=data_cfg.global_batch_size // process_count,
                    seed=seed, shard=(process_index, process_count), shuffle=data_cfg.shuffle,
                    num_epochs=data_cfg.num_epochs, num_workers=data_cfg.num_workers)
@@ -201,7 +203,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int, max_batches: int | None = N
     Returns:
         An iterator of the same dicts as ``make_train_iterator``; the last batch is padded.
     """
-    _check(data_cfg, 1)
+    _check(data_cfg, process_index, process_count)
     # In-process: eval batches must not depend on the worker count, and the split is small.
     ds = _pipeline("validation", data_cfg, batch_size=batch_size, seed=0,
                    shard=(process_index, process_count), shuffle=False, num_epochs=1,
