@@ -7,9 +7,12 @@ Public API (docs/ARCHITECTURE.md): `ModelConfig`, `Decoder`, `DecoderOutput`, `l
 from tad_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
 from tad_jax.models.decoder import Decoder, DecoderOutput, head_logits, lm_head
 from tad_jax.models.hf_io import from_pretrained, save_pretrained, unscan_params
+from tad_jax.models.presets import PRESETS, STUDENT_OVERRIDES, student_preset
 from tad_jax.models.student import init_student
 
 __all__ = [
+    "PRESETS",
+    "STUDENT_OVERRIDES",
     "SUPPORTED_MODEL_TYPES",
     "Decoder",
     "DecoderOutput",
@@ -19,5 +22,6 @@ __all__ = [
     "init_student",
     "lm_head",
     "save_pretrained",
+    "student_preset",
     "unscan_params",
 ]

@@ -117,6 +117,13 @@ def _copy_layer(s_layer: dict, t_layer: dict, teacher, student, copy_norms: bool
     return layer
 
 
+def student_config(teacher_config: ModelConfig, student_overrides: dict) -> ModelConfig:
+    """The student's `ModelConfig` alone (what `init_student` would build), for sizing."""
+    overrides = {k: v for k, v in student_overrides.items() if k not in _STUDENT_ONLY}
+    indices = _layer_indices(teacher_config, student_overrides)
+    return _student_config(teacher_config, overrides, indices)
+
+
 def _mask(params: dict, freeze_embeddings: bool, freeze_lm_head: bool) -> dict:
     mask = jax.tree_util.tree_map(lambda _: True, params)
     mask["embed"] = jax.tree_util.tree_map(lambda _: not freeze_embeddings, params["embed"])
@@ -152,13 +159,15 @@ def init_student(teacher_config: ModelConfig, teacher_params, student_overrides:
       ValueError: overrides that cannot be derived from the teacher (more layers, larger sizes,
         head sizes that do not divide, bad layer_indices).
     """
-    overrides = dict(student_overrides)
-    freeze_emb = overrides.pop("freeze_embeddings", True)
-    freeze_head = overrides.pop("freeze_lm_head", freeze_emb)
-    copy_norms = overrides.pop("copy_norms", True)
-    indices = _layer_indices(teacher_config, overrides)
-    overrides.pop("layer_indices", None)
-    student = _student_config(teacher_config, overrides, indices)
+    freeze_emb = student_overrides.get("freeze_embeddings", True)
+    freeze_head = student_overrides.get("freeze_lm_head", freeze_emb)
+    copy_norms = student_overrides.get("copy_norms", True)
+    unknown = set(student_overrides) - set(_STUDENT_ONLY) - set(ModelConfig.__dataclass_fields__)
+    if unknown:
+        raise ValueError(f"Unknown student overrides {sorted(unknown)}: use ModelConfig fields or "
+                         f"{list(_STUDENT_ONLY)}.")
+    indices = _layer_indices(teacher_config, student_overrides)
+    student = student_config(teacher_config, student_overrides)
     plain = student.replace(scan_layers=False, remat=False)
     s_params = meta.unbox(Decoder(plain).init(rng, jnp.ones((1, 1), jnp.int32))["params"])
     t_params = unscan_params(teacher_config, teacher_params)
