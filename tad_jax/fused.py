@@ -11,8 +11,8 @@ a row inside one chunk, n = chunks, d = hidden size, v = vocabulary, k = top-K):
   `c = max(1, chunk_size // r)` positions of every row, so a step holds about `chunk_size` tokens
   and a batch sharded over its rows stays sharded (each device scans its own rows).
 - The gradient w.r.t. the student logits is analytic (Eq. 6 of the paper) and is pushed through the
-  head inside the forward pass: each step adds `h_rcd^T g_rcv` to a [d, V] float32 accumulator and
-  writes `g_rcv W^T` for its tokens. With reduction "mean"/"sum" the backward pass only scales these
+  head inside the forward pass: each step adds `h_md^T g_mv` to a [d, V] float32 accumulator and
+  writes `g_mv W^T` for its tokens. With reduction "mean"/"sum" the backward pass only scales these
   by the incoming cotangent; with "none" (a per-token cotangent) the backward pass runs the scan
   again.
 - Exact per-row β(X): ᾱ(X) needs the teacher tail mass of every position of the row before any
@@ -149,28 +149,32 @@ def _chunk_len(rows: int, t: int, chunk_size: int) -> int:
 
 
 def _to_chunks(x_rt, c: int):
-    """[R, T, ...] -> [n, R, c, ...], padding T with zeros (masked positions) to a multiple of c."""
+    """[R, T, ...] -> [n, m = R·c, ...], padding T with zeros (masked positions) to n·c.
+
+    Step i holds positions [i·c, (i+1)·c) of every row, rows major: a batch sharded over its rows
+    stays sharded along m.
+    """
     r, t = x_rt.shape[:2]
     n = -(-t // c)
     pad = [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_rt.ndim - 2)
-    x = jnp.pad(x_rt, pad).reshape((r, n, c) + x_rt.shape[2:])
-    return jnp.moveaxis(x, 1, 0)
+    x = jnp.moveaxis(jnp.pad(x_rt, pad).reshape((r, n, c) + x_rt.shape[2:]), 1, 0)
+    return x.reshape((n, r * c) + x_rt.shape[2:])
 
 
-def _from_chunks(x_nrc, t: int):
-    """[n, R, c, ...] -> [R, T, ...] (drops the padding)."""
-    n, r, c = x_nrc.shape[:3]
-    x = jnp.moveaxis(x_nrc, 0, 1).reshape((r, n * c) + x_nrc.shape[3:])
-    return x[:, :t]
+def _from_chunks(x_nm, rows: int, t: int):
+    """[n, m = R·c, ...] -> [R, T, ...] (drops the padding)."""
+    n, m = x_nm.shape[:2]
+    x = jnp.moveaxis(x_nm.reshape((n, rows, m // rows) + x_nm.shape[2:]), 0, 1)
+    return x.reshape((rows, n * (m // rows)) + x_nm.shape[2:])[:, :t]
 
 
 # ----------------------------------------------------------------------------- per-chunk math
 
 
-def _logits(h_rcd, w_dv, b_v, softcap):
-    """Soft-capped logits [R, c, V] in float32 and the soft-cap's derivative (None without cap)."""
-    dt = jnp.result_type(h_rcd.dtype, w_dv.dtype)
-    z = jnp.einsum("rcd,dv->rcv", h_rcd.astype(dt), w_dv.astype(dt), preferred_element_type=_F32)
+def _logits(h_md, w_dv, b_v, softcap):
+    """Soft-capped logits [m, V] in float32 and the soft-cap's derivative (None without cap)."""
+    dt = jnp.result_type(h_md.dtype, w_dv.dtype)
+    z = jnp.einsum("md,dv->mv", h_md.astype(dt), w_dv.astype(dt), preferred_element_type=_F32)
     if b_v is not None:
         z = z + b_v.astype(_F32)
     if softcap is None:
@@ -179,70 +183,69 @@ def _logits(h_rcd, w_dv, b_v, softcap):
     return softcap * tz, 1.0 - tz * tz
 
 
-def _top_mask(idx_rck, vocab: int):
-    """Boolean membership of the top-K set, [R, c, V], by scattering the indices (see the spec)."""
-    if idx_rck.shape[-1] == 0:  # K = 0: nothing is in the top set
-        return jnp.zeros(idx_rck.shape[:-1] + (vocab,), bool)
-    flat = idx_rck.reshape(-1, idx_rck.shape[-1])
-    rows = jnp.arange(flat.shape[0])[:, None]
-    member = jnp.zeros((flat.shape[0], vocab), bool).at[rows, flat].set(True)
-    return member.reshape(idx_rck.shape[:-1] + (vocab,))
+def _top_mask(idx_mk, vocab: int):
+    """Boolean membership of the top-K set, [m, V], by scattering the indices (see the spec)."""
+    member = jnp.zeros((idx_mk.shape[0], vocab), bool)
+    if idx_mk.shape[-1] == 0:  # K = 0: nothing is in the top set
+        return member
+    return member.at[jnp.arange(idx_mk.shape[0])[:, None], idx_mk].set(True)
 
 
-def _teacher_stats(lt_rcv, top_k: int):
+def _teacher_stats(lt_mv, top_k: int):
     """Top-K indices, log-partition and log tail mass of tempered teacher logits."""
     if top_k == 0:  # the tail is the whole vocabulary: α_T = 1
-        idx = jnp.zeros(lt_rcv.shape[:-1] + (0,), jnp.int32)
+        idx = jnp.zeros(lt_mv.shape[:-1] + (0,), jnp.int32)
     else:
-        _, idx = jax.lax.top_k(lt_rcv, top_k)
-    lse = jax.nn.logsumexp(lt_rcv, axis=-1)
-    tail = ~_top_mask(idx, lt_rcv.shape[-1])
+        _, idx = jax.lax.top_k(lt_mv, top_k)
+    lse = jax.nn.logsumexp(lt_mv, axis=-1)
+    tail = ~_top_mask(idx, lt_mv.shape[-1])
     # log α_T from the log-sum-exp of the tail, never as log(1 - top mass) (cancellation).
-    log_at = jax.nn.logsumexp(jnp.where(tail, lt_rcv, -jnp.inf), axis=-1) - lse
+    log_at = jax.nn.logsumexp(jnp.where(tail, lt_mv, -jnp.inf), axis=-1) - lse
     return idx, lse, log_at
 
 
 def _gamma(log_at_rt, mask_rt, cfg: _Config):
-    """β(X) − 1 per row, [R]: β / max(ᾱ(X), eps) − 1 with ᾱ over the row's valid positions."""
-    count = mask_rt.sum(-1)
-    mean_alpha = (jnp.exp(log_at_rt) * mask_rt).sum(-1) / jnp.maximum(count, 1.0)
-    return cfg.beta / jnp.maximum(mean_alpha, cfg.eps_alpha) - 1.0
+    """β(X) − 1 per position [R, T]: β / max(ᾱ(X), eps) − 1, ᾱ over the row's valid positions."""
+    count = mask_rt.sum(-1, keepdims=True)
+    mean_alpha = (jnp.exp(log_at_rt) * mask_rt).sum(-1, keepdims=True) / jnp.maximum(count, 1.0)
+    gamma = cfg.beta / jnp.maximum(mean_alpha, cfg.eps_alpha) - 1.0
+    return jnp.broadcast_to(gamma, mask_rt.shape)
 
 
-def _div_terms(ls_rcv, lt_rcv, lse_t_rc, tail_rcv, log_at_rc):
+def _div_terms(ls_mv, lt_mv, lse_t_m, tail_mv, log_at_m):
     """KL, α_T·D_KL2 per token and their gradients w.r.t. the tempered student logits.
 
-    Returns (kl_rc, tail_rc, g_kl_rcv, g_tail_rcv); the tail pieces are None for plain KL.
+    Returns (kl_m, tail_m, g_kl_mv, g_tail_mv); the tail pieces are None for plain KL.
     """
-    logp_s = jax.nn.log_softmax(ls_rcv, axis=-1)
-    logp_t = lt_rcv - lse_t_rc[..., None]
+    logp_s = jax.nn.log_softmax(ls_mv, axis=-1)
+    logp_t = lt_mv - lse_t_m[..., None]
     p_s, p_t = jnp.exp(logp_s), jnp.exp(logp_t)
     # 0 · log 0 = 0: positions where the teacher puts no mass (e.g. -inf padded vocabulary).
     terms = jnp.where(p_t > 0, p_t * (logp_t - logp_s), 0.0)
     kl = terms.sum(-1)
-    if tail_rcv is None:
+    if tail_mv is None:
         return kl, None, p_s - p_t, None
-    log_as = jax.nn.logsumexp(jnp.where(tail_rcv, logp_s, -jnp.inf), axis=-1)
-    has_tail = log_at_rc > -jnp.inf  # α_T = 0: the tail term is 0, not NaN
-    log_ratio = jnp.where(has_tail, log_at_rc - log_as, 0.0)
-    tail_kl = jnp.where(tail_rcv, terms, 0.0).sum(-1)
-    tail = jnp.where(has_tail, tail_kl - jnp.exp(log_at_rc) * log_ratio, 0.0)
+    log_as = jax.nn.logsumexp(jnp.where(tail_mv, logp_s, -jnp.inf), axis=-1)
+    has_tail = log_at_m > -jnp.inf  # α_T = 0: the tail term is 0, not NaN
+    log_ratio = jnp.where(has_tail, log_at_m - log_as, 0.0)
+    tail_kl = jnp.where(tail_mv, terms, 0.0).sum(-1)
+    tail = jnp.where(has_tail, tail_kl - jnp.exp(log_at_m) * log_ratio, 0.0)
     # ∂(α_T D_KL2)/∂z_i = p_S,i α_T/α_S − p_T,i on the tail, 0 on the top-K.
     q = jnp.exp(logp_s + log_ratio[..., None])
-    g_tail = jnp.where(tail_rcv & has_tail[..., None], q - p_t, 0.0)
+    g_tail = jnp.where(tail_mv & has_tail[..., None], q - p_t, 0.0)
     return kl, tail, p_s - p_t, g_tail
 
 
-def _clm_terms(zs_rcv, y_rc):
+def _clm_terms(zs_mv, y_m):
     """Cross-entropy per token and its gradient w.r.t. the (untempered) student logits."""
-    logp = jax.nn.log_softmax(zs_rcv, axis=-1)
-    nll = -jnp.take_along_axis(logp, y_rc[..., None], axis=-1)[..., 0]
-    onehot = jnp.arange(zs_rcv.shape[-1]) == y_rc[..., None]
+    logp = jax.nn.log_softmax(zs_mv, axis=-1)
+    nll = -jnp.take_along_axis(logp, y_m[..., None], axis=-1)[..., 0]
+    onehot = jnp.arange(zs_mv.shape[-1]) == y_m[..., None]
     return nll, jnp.exp(logp) - onehot
 
 
-def _chunk(cfg: _Config, params, xs, want_grad: bool):
-    """One scan step: per-token losses and, if wanted, dz of the student's raw logits [R, c, V]."""
+def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
+    """One scan step on m tokens: per-token losses [m] and, if wanted, dz of the raw logits [m, V]."""
     ws, bs, wt, bt = params
     zs, dcap = _logits(xs["hs"], ws, bs, cfg.softcap)
     out, dz = {}, jnp.zeros_like(zs)
@@ -250,22 +253,22 @@ def _chunk(cfg: _Config, params, xs, want_grad: bool):
         tau = cfg.temperature
         lt, _ = _logits(xs["ht"], wt, bt, cfg.softcap)
         lt = lt / tau
-        if cfg.divergence == "tad" and "idx" not in xs:  # single chunk: no pre-pass
+        if cfg.divergence == "tad" and "idx" not in xs:  # one chunk holds whole rows: no pre-pass
             idx, lse_t, log_at = _teacher_stats(lt, cfg.top_k)
-            xs = dict(xs, idx=idx, lse_t=lse_t, log_at=log_at)
-            xs["gamma"] = _gamma(xs["log_at"], xs["mask"], cfg)[:, None]
+            gamma = _gamma(log_at.reshape(rows, -1), xs["mask"].reshape(rows, -1), cfg)
+            xs = dict(xs, idx=idx, lse_t=lse_t, log_at=log_at, gamma=gamma.reshape(-1))
         lse_t = xs["lse_t"] if "lse_t" in xs else jax.nn.logsumexp(lt, axis=-1)
-        tail_m = ~_top_mask(xs["idx"], lt.shape[-1]) if cfg.divergence == "tad" else None
-        kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, tail_m, xs.get("log_at"))
+        tail_mv = ~_top_mask(xs["idx"], lt.shape[-1]) if cfg.divergence == "tad" else None
+        kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, tail_mv, xs.get("log_at"))
         # τ² · (KL + (β(X) − 1) α_T D_KL2) = τ² · (D_KL1 + β(X) α_T D_KL2).
         out["div"] = tau * tau * (kl if tail is None else kl + xs["gamma"] * tail)
         if want_grad:
-            g = g_kl if g_tail is None else g_kl + xs["gamma"][..., None] * g_tail
-            dz = dz + (tau * xs["w_div"])[..., None] * g  # τ² · ∂/∂(z/τ) · 1/τ
+            g = g_kl if g_tail is None else g_kl + xs["gamma"][:, None] * g_tail
+            dz = dz + (tau * xs["w"])[:, None] * g  # τ² · ∂/∂(z/τ) · 1/τ
     if cfg.clm:
         out["clm"], g_clm = _clm_terms(zs, xs["targets"])
         if want_grad:
-            dz = dz + xs["w_clm"][..., None] * g_clm
+            dz = dz + xs["w"][:, None] * g_clm
     if want_grad and dcap is not None:
         dz = dz * dcap
     return out, dz
@@ -275,7 +278,7 @@ def _chunk(cfg: _Config, params, xs, want_grad: bool):
 
 
 def _prepare(cfg: _Config, hs, ht, mask, targets):
-    """Reshapes the inputs to chunks [n, R, c, ...]; returns them and the mask [R, T]."""
+    """Reshapes the inputs to chunks [n, m, ...]; returns them, the mask [R, T] and c."""
     t = hs.shape[-2]
     rows = math.prod(hs.shape[:-2])
     c = _chunk_len(rows, t, cfg.chunk_size)
@@ -285,37 +288,38 @@ def _prepare(cfg: _Config, hs, ht, mask, targets):
         xs["ht"] = _to_chunks(ht.reshape(rows, t, -1), c)
     if targets is not None:
         xs["targets"] = _to_chunks(targets.reshape(rows, t).astype(jnp.int32), c)
-    return xs, mask_rt
+    return xs, mask_rt, c
 
 
-def _pre_pass(cfg: _Config, wt, bt, xs, mask_rt):
+def _pre_pass(cfg: _Config, wt, bt, xs, mask_rt, c: int):
     """Teacher statistics of every chunk (top-K indices, log-partition, log α_T) and β(X) − 1."""
 
-    def body(_, ht_rcd):
-        lt, _ = _logits(ht_rcd, wt, bt, cfg.softcap)
+    def body(_, ht_md):
+        lt, _ = _logits(ht_md, wt, bt, cfg.softcap)
         idx, lse, log_at = _teacher_stats(lt / cfg.temperature, cfg.top_k)
         return None, {"idx": idx, "lse_t": lse, "log_at": log_at}
 
     _, stats = jax.lax.scan(body, None, xs["ht"])
-    gamma_r = _gamma(_from_chunks(stats["log_at"], mask_rt.shape[1]), mask_rt, cfg)
-    return stats, gamma_r
+    rows, t = mask_rt.shape
+    gamma_rt = _gamma(_from_chunks(stats["log_at"], rows, t), mask_rt, cfg)
+    stats["gamma"] = _to_chunks(gamma_rt, c)
+    return stats
 
 
-def _main_pass(cfg: _Config, params, xs, gamma_r, want_grad: bool):
-    """Scans the chunks: per-token losses [n, R, c] and, if wanted, dh [n, R, c, d], dW, db."""
+def _main_pass(cfg: _Config, params, xs, rows: int, want_grad: bool):
+    """Scans the chunks: per-token losses [n, m] and, if wanted, dh [n, m, d], dW, db."""
     ws = params[0]
-    consts = {} if gamma_r is None else {"gamma": gamma_r[:, None]}
     carry0 = (jnp.zeros(ws.shape, _F32), jnp.zeros(ws.shape[1], _F32)) if want_grad else ()
 
     def body(carry, xs_c):
-        out, dz = _chunk(cfg, params, dict(xs_c, **consts), want_grad)
+        out, dz = _chunk(cfg, params, xs_c, rows, want_grad)
         if not want_grad:
             return carry, out
         dw, db = carry
         hs = xs_c["hs"].astype(_F32)
-        dw = dw + jnp.einsum("rcd,rcv->dv", hs, dz, preferred_element_type=_F32)
-        db = db + dz.sum((0, 1))
-        out["dh"] = jnp.einsum("rcv,dv->rcd", dz, ws.astype(_F32), preferred_element_type=_F32)
+        dw = dw + jnp.einsum("md,mv->dv", hs, dz, preferred_element_type=_F32)
+        db = db + dz.sum(0)
+        out["dh"] = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
         return (dw, db), out
 
     return jax.lax.scan(body, carry0, xs)
@@ -323,22 +327,21 @@ def _main_pass(cfg: _Config, params, xs, gamma_r, want_grad: bool):
 
 def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: bool):
     """Pre-pass (TAD over several chunks) + main pass; per-token losses [R, T] and gradients."""
-    xs, mask_rt = _prepare(cfg, hs, ht, mask, targets)
-    gamma_r = None
+    xs, mask_rt, c = _prepare(cfg, hs, ht, mask, targets)
+    rows, t = mask_rt.shape
     if cfg.divergence == "tad" and xs["hs"].shape[0] > 1:
-        stats, gamma_r = _pre_pass(cfg, params[2], params[3], xs, mask_rt)
-        xs.update(stats)
+        xs.update(_pre_pass(cfg, params[2], params[3], xs, mask_rt, c))
     if want_grad:
-        w_nrc = _to_chunks(weights_rt, xs["hs"].shape[2])
-        xs["w_div"], xs["w_clm"] = w_nrc, w_nrc
-    grads, out = _main_pass(cfg, params, xs, gamma_r, want_grad)
-    t = hs.shape[-2]
+        xs["w"] = _to_chunks(weights_rt, c)
+    grads, out = _main_pass(cfg, params, xs, rows, want_grad)
     # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
     per_tok = {
-        k: jnp.where(mask_rt > 0, _from_chunks(out[k], t), 0.0) for k in ("clm", "div") if k in out
+        k: jnp.where(mask_rt > 0, _from_chunks(out[k], rows, t), 0.0)
+        for k in ("clm", "div")
+        if k in out
     }
     if want_grad:
-        grads = (_from_chunks(out["dh"], t).reshape(hs.shape[:-1] + (-1,)),) + grads
+        grads = (_from_chunks(out["dh"], rows, t).reshape(hs.shape[:-1] + (-1,)),) + grads
     return per_tok, mask_rt, grads
 
 

@@ -114,8 +114,10 @@ def _assert_match(name, x, chunk_size, cap=None, tol=TOL, **kw):
 CHUNKS = [3, 6, 9, 12, 21, 1024]
 
 
-@pytest.mark.parametrize("chunk_size", CHUNKS)
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "chunk_size, reduction",
+    [(c, "mean") for c in CHUNKS] + [(c, r) for c in (6, 21) for r in ("sum", "none")],
+)
 def test_tad_matches_unfused(chunk_size, reduction):
     x = _inputs()
     _assert_match("tad", x, chunk_size, top_k=K, beta=2.0, reduction=reduction)
@@ -192,8 +194,8 @@ def test_bf16_heads():
     """bf16 heads and hidden states: the fused loss is the float32 loss of the bf16 values.
 
     The head matmuls accumulate in float32, so values match the float32 reference of the same
-    (bf16-representable) numbers to float32 accuracy; the cotangents come back in bf16, so they match
-    to bf16 rounding: half an ulp, 2^-8 relative, plus float32 noise.
+    (bf16-representable) numbers to float32 accuracy. The cotangents come back in bf16, so they
+    match to one rounding to bf16 (7 stored mantissa bits: at most 2^-8 relative) plus float32 noise.
     """
     x = _inputs(seed=8, dtype=jnp.bfloat16)
     x["hs"], x["ht"] = x["hs"].astype(jnp.bfloat16), x["ht"].astype(jnp.bfloat16)

@@ -1,0 +1,138 @@
+"""Benchmark of tad_jax.fused: XLA temporary memory (compile only) and fwd+bwd time, JSON lines.
+
+    python scripts/bench_fused.py                      # everything (a few minutes on 2 CPU cores)
+    python scripts/bench_fused.py --skip_time          # memory only
+    python scripts/bench_fused.py --skip_memory --time_tokens 512
+
+Memory: `jax.jit(grad).lower(ShapeDtypeStruct...).compile().memory_analysis()` of the loss's
+gradient w.r.t. the student hidden states and head, head matmuls included, at Gemma2 sizes
+(V = 256000, d = 2304 student / 3584 teacher); nothing is allocated. Time: the same gradient run
+at CPU-feasible sizes, the best of a few runs after a warm-up.
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from tad_jax import fused, losses
+
+
+def _unfused_grad(div, **kw):
+    def loss(hs, ws, ht, wt, mask):
+        zs, zt = hs @ ws, ht @ wt
+        if div == "tad":
+            return losses.tad_divergence(zs, zt, mask, **kw)
+        return losses.kl_divergence(zs, zt, mask)
+
+    return jax.grad(loss, argnums=(0, 1))
+
+
+def _fused_grad(div, chunk_size, **kw):
+    def loss(hs, ws, ht, wt, mask):
+        if div == "tad":
+            return fused.fused_tad_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size, **kw)
+        return fused.fused_kl_loss(hs, ws, ht, wt, mask, chunk_size=chunk_size)
+
+    return jax.grad(loss, argnums=(0, 1))
+
+
+def _pre_pass_only(chunk_size, top_k):
+    """The teacher pre-pass of fused TAD alone (its share of the fused TAD time)."""
+
+    def run(hs, ws, ht, wt, mask):
+        cfg = fused._Config("tad", False, top_k, 2.0, 1.0, 1e-6, chunk_size, None, "mean")
+        xs, mask_rt = fused._prepare(cfg, hs, ht, mask, None)
+        return fused._pre_pass(cfg, wt, None, xs, mask_rt)
+
+    return run
+
+
+def _shapes(rows, t, ds, dt, vocab, dtype):
+    sds = jax.ShapeDtypeStruct
+    return (sds((rows, t, ds), dtype), sds((ds, vocab), dtype), sds((rows, t, dt), dtype),
+            sds((dt, vocab), dtype), sds((rows, t), jnp.float32))
+
+
+def bench_memory(args):
+    """Temporary bytes of fused vs unfused TAD (fwd+bwd) for each N; one JSON line per N."""
+    for n in args.mem_tokens:
+        rows = max(1, n // args.seq_len)
+        shapes = _shapes(rows, n // rows, args.d_student, args.d_teacher, args.vocab, jnp.float32)
+        rec = dict(bench="memory", tokens=n, rows=rows, vocab=args.vocab, d_student=args.d_student,
+                   d_teacher=args.d_teacher, chunk_size=args.chunk_size, top_k=args.top_k)
+        for name, fn in (("fused_tad", _fused_grad("tad", args.chunk_size, top_k=args.top_k)),
+                         ("unfused_tad", _unfused_grad("tad", top_k=args.top_k))):
+            mem = jax.jit(fn).lower(*shapes).compile().memory_analysis()
+            rec[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes)
+            rec[f"{name}_output_bytes"] = int(mem.output_size_in_bytes)
+        rec["fused_over_unfused"] = rec["fused_tad_temp_bytes"] / rec["unfused_tad_temp_bytes"]
+        print(json.dumps(rec), flush=True)
+
+
+def _time(fn, inputs, repeats):
+    f = jax.jit(fn)
+    jax.block_until_ready(f(*inputs))  # compile + warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*inputs))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def bench_time(args):
+    """Fwd+bwd seconds of fused TAD vs unfused TAD and vs fused KL; one JSON line."""
+    n, c = args.time_tokens, args.time_chunk_size
+    rows = max(1, n // args.time_seq_len)
+    ds, dt, v = args.time_d_student, args.time_d_teacher, args.time_vocab
+    ks = jax.random.split(jax.random.key(0), 4)
+    inputs = (jax.random.normal(ks[0], (rows, n // rows, ds)),
+              jax.random.normal(ks[1], (ds, v)) / ds**0.5 * 3,
+              jax.random.normal(ks[2], (rows, n // rows, dt)),
+              jax.random.normal(ks[3], (dt, v)) / dt**0.5 * 4,
+              jnp.ones((rows, n // rows)))
+    rec = dict(bench="time", tokens=n, rows=rows, vocab=v, d_student=ds, d_teacher=dt,
+               chunk_size=c, top_k=args.top_k, backend=jax.default_backend())
+    runs = {"fused_tad_s": _fused_grad("tad", c, top_k=args.top_k),
+            "fused_kl_s": _fused_grad("kl", c),
+            "unfused_tad_s": _unfused_grad("tad", top_k=args.top_k),
+            "unfused_kl_s": _unfused_grad("kl"),
+            "fused_tad_pre_pass_s": _pre_pass_only(c, args.top_k)}
+    for name, fn in runs.items():
+        rec[name] = _time(fn, inputs, args.repeats)
+    rec["fused_tad_over_unfused_tad"] = rec["fused_tad_s"] / rec["unfused_tad_s"]
+    rec["fused_tad_over_fused_kl"] = rec["fused_tad_s"] / rec["fused_kl_s"]
+    rec["pre_pass_share_of_fused_tad"] = rec["fused_tad_pre_pass_s"] / rec["fused_tad_s"]
+    print(json.dumps(rec), flush=True)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--mem_tokens", type=int, nargs="+", default=[4096, 16384, 65536])
+    p.add_argument("--seq_len", type=int, default=4096, help="positions per row (memory bench)")
+    p.add_argument("--vocab", type=int, default=256000)
+    p.add_argument("--d_student", type=int, default=2304)
+    p.add_argument("--d_teacher", type=int, default=3584)
+    p.add_argument("--chunk_size", type=int, default=256, help="tokens per step (memory bench)")
+    p.add_argument("--top_k", type=int, default=10)
+    p.add_argument("--time_tokens", type=int, default=2048)
+    p.add_argument("--time_seq_len", type=int, default=1024)
+    p.add_argument("--time_vocab", type=int, default=32000)
+    p.add_argument("--time_d_student", type=int, default=256)
+    p.add_argument("--time_d_teacher", type=int, default=384)
+    p.add_argument("--time_chunk_size", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--skip_memory", action="store_true")
+    p.add_argument("--skip_time", action="store_true")
+    args = p.parse_args()
+    if not args.skip_memory:
+        bench_memory(args)
+    if not args.skip_time:
+        bench_time(args)
+
+
+if __name__ == "__main__":
+    main()
