@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax.core import meta
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -153,3 +155,65 @@ def test_init_is_boxed_with_logical_axes():
         jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32))["params"]
     names = scanned["layers"]["attn"]["q"]["kernel"].names
     assert names == ("layers", "embed", "heads", "head_dim")
+
+
+def _tiny_gemma_config(**kw):
+    return ModelConfig(model_type="gemma2", vocab_size=V, hidden_size=32, intermediate_size=48,
+                       num_layers=3, num_heads=4, num_kv_heads=2, head_dim=8, sliding_window=3,
+                       layer_types=("sliding_attention", "full_attention", "sliding_attention"),
+                       final_logit_softcap=5.0, attn_logit_softcap=4.0, query_pre_attn_scalar=8,
+                       **kw)
+
+
+def _stack_layers(params, n):
+    layers = [params[f"layer_{i}"] for i in range(n)]
+    rest = {k: v for k, v in params.items() if not k.startswith("layer_")}
+    return rest | {"layers": jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+@pytest.mark.parametrize("switches", [dict(remat=True), dict(scan_layers=True),
+                                      dict(scan_layers=True, remat=True)])
+def test_remat_and_scan_match_the_plain_path(switches):
+    """Same logits, hidden states and gradients; sliding/global alternation survives the scan."""
+    cfg = _tiny_gemma_config()
+    plain = meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))
+    plain = plain["params"]
+    other_cfg = cfg.replace(**switches)
+    other = _stack_layers(plain, cfg.num_layers) if other_cfg.scan_layers else plain
+    ids = jnp.asarray(np.random.RandomState(4).randint(0, V, (2, 9)))
+    seg = jnp.asarray([[1] * 9, [1] * 4 + [2] * 5])
+
+    def loss(model, p):
+        out = model.apply({"params": p}, ids, seg, output_hidden_states=True)
+        return jnp.sum(jnp.sin(out.logits)), out
+
+    (l0, o0), g0 = jax.value_and_grad(lambda p: loss(Decoder(cfg), p), has_aux=True)(plain)
+    (l1, o1), g1 = jax.value_and_grad(lambda p: loss(Decoder(other_cfg), p), has_aux=True)(other)
+    np.testing.assert_allclose(o1.logits, o0.logits, atol=1e-5, rtol=0)
+    for a, b in zip(o1.all_hidden_states, o0.all_hidden_states, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5, rtol=0)
+    g0 = _stack_layers(g0, cfg.num_layers) if other_cfg.scan_layers else g0
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5),
+                           g1, g0)
+
+
+def test_scanned_load_and_sharded_placement(tmp_path):
+    """from_pretrained(scan_layers=True) and into NamedShardings: the same logits."""
+    path = tmp_path
+    _hf_model("llama_untied_llama3rope", path / "hf")
+    model, params = from_pretrained(path / "hf")
+    ids = jnp.asarray(np.random.RandomState(5).randint(0, V, (2, T)))
+    ref = model.apply({"params": params}, ids).logits
+    scan_model, scan_params = from_pretrained(path / "hf", scan_layers=True, remat=True)
+    assert scan_params["layers"]["attn"]["q"]["kernel"].shape[0] == model.config.num_layers
+    np.testing.assert_allclose(scan_model.apply({"params": scan_params}, ids).logits, ref,
+                               atol=1e-5, rtol=0)
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    shardings = jax.tree_util.tree_map(
+        lambda x: NamedSharding(mesh, PartitionSpec(*([None] * (x.ndim - 1)), "model"))
+        if x.shape[-1] % 4 == 0 else NamedSharding(mesh, PartitionSpec()), params)
+    _, sharded = from_pretrained(path / "hf", shardings=shardings)
+    kernel = sharded["layer_0"]["mlp"]["up"]["kernel"]
+    assert kernel.sharding == shardings["layer_0"]["mlp"]["up"]["kernel"]
+    np.testing.assert_allclose(model.apply({"params": sharded}, ids).logits, ref, atol=1e-5,
+                               rtol=0)
