@@ -20,8 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tad_jax import losses
-
 DEFAULT_TAIL_KS = (1, 2, 5, 10, 20, 50)
 
 
@@ -68,16 +66,26 @@ def _tail_mass_sums(lpt_btv, mask_bt, tail_ks):
 def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
     """Per-bin hit counts and probability sums of every student probability (Liu et al. 2024).
 
-    One masked reduction per bin rather than a scatter-add of N·V entries: XLA fuses the compares
-    into the reductions, and the bin count is small.
+    At most M probabilities of one position can reach the bins m ≥ 1 (each is ≥ 1/M and they sum
+    to 1), so those bins are filled from the student's top-M entries alone; bin 0 takes the rest
+    of the position's total mass. That is ~6x faster on XLA CPU than M masked passes over [N, V].
     """
-    p_btv = jnp.exp(lps_btv)
-    bins_btv = jnp.clip(jnp.floor(p_btv * ece_bins).astype(jnp.int32), 0, ece_bins - 1)
-    tgt_bin_bt = jnp.take_along_axis(bins_btv, targets_bt[..., None], axis=-1)[..., 0]
-    weighted_btv = p_btv * mask_bt[..., None]
-    conf = [jnp.sum(jnp.where(bins_btv == m, weighted_btv, 0.0)) for m in range(ece_bins)]
+    vocab = lps_btv.shape[-1]
+    top_p_btk = jnp.exp(jax.lax.top_k(lps_btv, min(ece_bins, vocab))[0])
+    top_bin_btk = _bin_of(top_p_btk, ece_bins)
+    total_bt = jnp.sum(jnp.exp(lps_btv), axis=-1)  # ≈ 1; summed rather than assumed
+    weighted_btk = top_p_btk * mask_bt[..., None]
+    conf = [jnp.sum(jnp.where(top_bin_btk == m, weighted_btk, 0.0)) for m in range(1, ece_bins)]
+    conf0 = jnp.sum(mask_bt * total_bt) - sum(conf, jnp.float32(0.0))
+    tgt_p_bt = jnp.exp(jnp.take_along_axis(lps_btv, targets_bt[..., None], axis=-1)[..., 0])
+    tgt_bin_bt = _bin_of(tgt_p_bt, ece_bins)
     hits = [jnp.sum(jnp.where(tgt_bin_bt == m, mask_bt, 0.0)) for m in range(ece_bins)]
-    return {"ece_conf_m": jnp.stack(conf), "ece_hits_m": jnp.stack(hits)}
+    return {"ece_conf_m": jnp.stack([conf0, *conf]), "ece_hits_m": jnp.stack(hits)}
+
+
+def _bin_of(p, ece_bins):
+    """Equal-width bin [m/M, (m+1)/M) of each probability; p = 1 goes to the last bin."""
+    return jnp.clip(jnp.floor(p * ece_bins).astype(jnp.int32), 0, ece_bins - 1)
 
 
 def _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins):
@@ -122,19 +130,30 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
     targets_bt = jnp.asarray(targets).astype(jnp.int32)
     lps_btv = _log_softmax(student_logits)
     lpt_btv = _log_softmax(teacher_logits)
-    s_top_bt = jnp.argmax(lps_btv, axis=-1)
-    t_top_bt = jnp.argmax(lpt_btv, axis=-1)
+    # jnp.argmax, not top_k's first index: using top_k's indices made XLA CPU ~50x slower here.
+    s_top_bt, t_top_bt = jnp.argmax(lps_btv, -1), jnp.argmax(lpt_btv, -1)
+    tail = _tail_mass_sums(lpt_btv, mask_bt, tuple(tail_ks))
+    ece = _full_ece_sums(lps_btv, targets_bt, mask_bt, int(ece_bins))
+    # Same formula as losses.kl_divergence (0·log 0 = 0 for -inf padded entries), on the
+    # log-softmaxes already at hand rather than recomputing them.
+    kl_bt = jnp.sum(jnp.where(lpt_btv > -jnp.inf, jnp.exp(lpt_btv) * (lpt_btv - lps_btv), 0.0), -1)
     sums = {
         "count": jnp.sum(mask_bt),
-        "kl": losses.kl_divergence(student_logits, teacher_logits, mask_bt, reduction="sum"),
-        "student_nll": losses.causal_lm_loss(student_logits, targets_bt, mask_bt, reduction="sum"),
-        "teacher_nll": losses.causal_lm_loss(teacher_logits, targets_bt, mask_bt, reduction="sum"),
+        "kl": jnp.sum(mask_bt * kl_bt),
+        "student_nll": -jnp.sum(mask_bt * _at(lps_btv, targets_bt)),
+        "teacher_nll": -jnp.sum(mask_bt * _at(lpt_btv, targets_bt)),
         "mismatch": jnp.sum(mask_bt * (t_top_bt != targets_bt)),
         "top1_agree": jnp.sum(mask_bt * (s_top_bt == t_top_bt)),
+        **tail,
+        **ece,
     }
-    sums.update(_tail_mass_sums(lpt_btv, mask_bt, tuple(tail_ks)))
-    sums.update(_full_ece_sums(lps_btv, targets_bt, mask_bt, int(ece_bins)))
     return {k: jnp.asarray(v, jnp.float32) for k, v in sums.items()}
+
+
+def _at(lp_btv, targets_bt):
+    """lp[..., t, y_t]; a masked position's -inf is made finite so that 0·it stays 0."""
+    out_bt = jnp.take_along_axis(lp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    return jnp.maximum(out_bt, jnp.finfo(jnp.float32).min)
 
 
 def add_sums(total: Mapping | None, sums: Mapping) -> dict:
