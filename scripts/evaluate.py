@@ -10,6 +10,7 @@ Thin on purpose: everything lives in tad_jax.evaluate.
 """
 
 import json
+import sys
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -27,8 +28,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from tad_jax import evaluate
 
-    result = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, step=_CHECKPOINT.value,
-                               max_batches=_MAX_BATCHES.value, progress=True)
+    try:
+        result = evaluate.evaluate(_CONFIG.value, _WORKDIR.value, step=_CHECKPOINT.value,
+                                   max_batches=_MAX_BATCHES.value, progress=True)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"error: {e}")  # bad input: the message names the fix, no traceback needed
     print(json.dumps(result, indent=2))
 
 

@@ -7,6 +7,8 @@ checkpoint. A non-empty --out is refused unless --overwrite is given.
 Thin on purpose: everything lives in tad_jax.evaluate.
 """
 
+import sys
+
 from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run folder (checkpoints).")
@@ -21,8 +23,11 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     from tad_jax import evaluate
 
-    out = evaluate.export_hf(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value,
-                             overwrite=_OVERWRITE.value)
+    try:
+        out = evaluate.export_hf(_WORKDIR.value, _OUT.value, step=_CHECKPOINT.value,
+                                 overwrite=_OVERWRITE.value)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        sys.exit(f"error: {e}")  # bad input: the message names the fix, no traceback needed
     print(f"Exported the student to {out}: "
           f"transformers.AutoModelForCausalLM.from_pretrained({str(out)!r})")
 

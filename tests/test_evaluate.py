@@ -73,3 +73,112 @@ def test_export_refuses_non_empty_target(tmp_path):
     with pytest.raises(FileExistsError, match="--overwrite"):
         evaluate.export_hf(tmp_path / "run", out)
     assert (out / "keep.txt").read_text() == "precious"
+
+
+# ---------------------------------------------------------------------------------------------
+# The tiny run end to end: train a few steps, evaluate, export; checked against PyTorch.
+
+
+def _load_config(name):
+    import importlib.util
+
+    path = pathlib.Path(__file__).parent.parent / "configs" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from tad_jax import train
+
+    config = _load_config("tiny")
+    config.steps = 6  # optimizer steps.
+    config.eval.every_steps = 3  # two points on the held-out KL curve.
+    config.log.progress = False
+    config.log.tensorboard = False
+    workdir = tmp_path_factory.mktemp("tiny") / "run"
+    train.train_and_evaluate(config, str(workdir))
+    return config, workdir
+
+
+def _torch_logits(hf_dir, batch):
+    """[B, T, V] logits of an HF folder, each packed segment run as its own sequence."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    ids_bt, seg_bt = batch["input_ids"], batch["segment_ids"]
+    out = np.zeros(ids_bt.shape + (model.config.vocab_size,), np.float32)
+    with torch.no_grad():
+        for b in range(ids_bt.shape[0]):
+            for s in np.unique(seg_bt[b][seg_bt[b] > 0]):
+                cols = np.nonzero(seg_bt[b] == s)[0]
+                ids = torch.as_tensor(ids_bt[b, cols][None].astype(np.int64))
+                out[b, cols] = model(ids).logits[0].numpy()
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_matches_pytorch_reference(tiny_run, tmp_path):
+    """evaluate() against transformers' forward of the exported student and teacher + numpy."""
+    import numpy as np
+    from test_metrics import reference_metrics
+
+    from tad_jax import train
+    from tad_jax.data import make_eval_iterator
+    from tad_jax.models import save_pretrained
+
+    config, workdir = tiny_run
+    result = evaluate.evaluate(config, workdir)
+    saved = json.loads((workdir / evaluate.EVAL_FILE).read_text())
+    assert saved["step"] == 6 and saved["kl"] == result["kl"]
+    assert all(_is_png(p) for p in result["plots"]) and len(result["plots"]) == 2
+    last = [r for r in train.read_metrics(str(workdir)) if "eval_kl" in r][-1]
+    np.testing.assert_allclose(result["kl"], last["eval_kl"], rtol=1e-5)  # train's own eval step
+
+    student_dir = evaluate.export_hf(workdir, tmp_path / "student")
+    teacher_dir = tmp_path / "teacher"
+    save_pretrained(*train.build_teacher(evaluate._resolved(config)), teacher_dir)
+    batches = list(make_eval_iterator(evaluate._resolved(config).data,
+                                      batch_size=config.eval.batch_size,
+                                      max_batches=config.eval.max_batches))
+    cat = lambda f: np.concatenate([f(b) for b in batches])
+    want = reference_metrics(cat(lambda b: _torch_logits(student_dir, b)),
+                             cat(lambda b: _torch_logits(teacher_dir, b)),
+                             cat(lambda b: b["targets"]), cat(lambda b: b["loss_mask"]),
+                             sorted(result["tail_mass"]), 10)
+    for key in ("tokens", "kl", "student_ce", "teacher_ce", "mismatch_rate", "top1_agreement",
+                "full_ece"):
+        np.testing.assert_allclose(result[key], want[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    for k, v in want["tail_mass"].items():
+        np.testing.assert_allclose(result["tail_mass"][k], v, rtol=1e-4, err_msg=f"tail K={k}")
+
+
+@pytest.mark.slow
+def test_export_loads_in_transformers_and_matches(tiny_run, tmp_path):
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tad_jax import train
+
+    config, workdir = tiny_run
+    out = evaluate.export_hf(workdir, tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("The Python tutorial", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        got = model(ids).logits.numpy()
+        gen = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert gen.shape == (1, ids.shape[1] + 4)
+    student, params, _ = train.restore_student(config, str(workdir))
+    want = student.apply({"params": params}, ids.numpy().astype(np.int32)).logits
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-4, atol=1e-4)
+    with pytest.raises(FileExistsError):
+        evaluate.export_hf(workdir, out)
+    assert evaluate.export_hf(workdir, out, overwrite=True) == out
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(tmp_path.glob(".hf.tmp-*"))  # the staging folder is gone

@@ -13,7 +13,7 @@ def _np_log_softmax(x):
     return x - mx - np.log(np.exp(x - mx).sum(-1, keepdims=True))
 
 
-def _ref_metrics(s_ntv, t_ntv, y_nt, m_nt, ks, bins):
+def reference_metrics(s_ntv, t_ntv, y_nt, m_nt, ks, bins):
     """Plain numpy (float64), the whole [N, V] histogram at once: the definition, not the stream."""
     s = s_ntv.reshape(-1, s_ntv.shape[-1]).astype(np.float64)
     t = t_ntv.reshape(-1, t_ntv.shape[-1]).astype(np.float64)
@@ -99,7 +99,7 @@ def test_matches_numpy_reference_and_jits():
     ks = (1, 2, 5, 10, 20, 50)
     fn = jax.jit(lambda *a: metrics.eval_sums(*a, tail_ks=ks, ece_bins=7))
     got = metrics.finalize(fn(s, t, y, m))
-    _assert_close(got, _ref_metrics(s, t, y, m, ks, 7))
+    _assert_close(got, reference_metrics(s, t, y, m, ks, 7))
     np.testing.assert_allclose(got["student_ppl"], np.exp(got["student_ce"]), rtol=1e-6)
     assert 0.0 <= got["full_ece"] <= 2.0
 
@@ -112,7 +112,7 @@ def test_summed_over_batches_equals_whole():
     whole = [np.concatenate([p[i] for p in parts]) for i in range(4)]
     want = metrics.finalize(metrics.eval_sums(*whole))
     _assert_close(metrics.finalize(total), want, tol=1e-6)
-    _assert_close(metrics.finalize(total), _ref_metrics(*whole, metrics.DEFAULT_TAIL_KS, 10))
+    _assert_close(metrics.finalize(total), reference_metrics(*whole, metrics.DEFAULT_TAIL_KS, 10))
 
 
 def test_padded_vocabulary_and_huge_logits_stay_finite():
@@ -124,7 +124,7 @@ def test_padded_vocabulary_and_huge_logits_stay_finite():
     got = metrics.finalize(metrics.eval_sums(s, t, y, m, tail_ks=(1, 50)))
     flat = [v for k, v in got.items() if k != "tail_mass"] + list(got["tail_mass"].values())
     assert np.all(np.isfinite(flat))
-    want = _ref_metrics(np.where(np.isinf(s), -1e30, s), np.where(np.isinf(t), -1e30, t), y, m,
+    want = reference_metrics(np.where(np.isinf(s), -1e30, s), np.where(np.isinf(t), -1e30, t), y, m,
                         (1, 50), 10)
     _assert_close(got, want, tol=1e-4)
 
