@@ -22,9 +22,10 @@ DTYPES = ("float32", "bfloat16", "float16")
 # Fields that may differ between the run that wrote a checkpoint and the run that resumes it:
 # they change how the run is watched or stored, never what is computed.
 RESUMABLE_FIELDS = (
-    "steps", "train_tokens", "ckpt.every_steps", "ckpt.keep", "ckpt.async_save",
+    "max_steps_per_run", "ckpt.every_steps", "ckpt.keep", "ckpt.async_save",
     "ckpt.allow_config_change", "log", "eval.every_steps", "eval.max_batches", "dry_run",
     "teacher.path", "student.path", "data.train_files", "data.val_files", "data.tokenizer",
+    "mesh", "data.num_workers", "data.read_threads", "data.worker_buffer_size",
 )
 
 
@@ -33,6 +34,9 @@ def base_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0  # PRNG seed of the student init and of the data order.
     c.steps = 1000  # optimizer steps to run (ignored when train_tokens > 0).
+    # > 0: this invocation stops (with a checkpoint) after this many steps; rerun to go on
+    # (time-limited jobs, tests). 0 = run to the end.
+    c.max_steps_per_run = 0
     c.train_tokens = 0  # if > 0: steps = ceil(train_tokens / (global_batch_size * seq_len)).
     c.teacher = _teacher_defaults()  # the model distilled from.
     c.student = _student_defaults()  # the model trained.

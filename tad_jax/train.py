@@ -204,12 +204,15 @@ def check_tokenizers(folders: dict[str, str], vocab_size: int) -> None:
     """
     from transformers import AutoTokenizer
 
+    has_tok = lambda d: d and any(os.path.exists(os.path.join(d, f))
+                                  for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    found = {r: d for r, d in folders.items() if has_tok(d)}
+    if len({os.path.realpath(d) for d in found.values()}) < 2:
+        return  # nothing to compare (loading a tokenizer costs seconds)
     vocabs = {}
-    for role, folder in folders.items():
-        if folder and any(os.path.exists(os.path.join(folder, f))
-                          for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-            tok = AutoTokenizer.from_pretrained(folder)
-            vocabs[role] = {i: t for t, i in tok.get_vocab().items() if i < vocab_size}
+    for role, folder in found.items():
+        tok = AutoTokenizer.from_pretrained(folder)
+        vocabs[role] = {i: t for t, i in tok.get_vocab().items() if i < vocab_size}
     roles = list(vocabs)
     for other in roles[1:]:
         a, b = vocabs[roles[0]], vocabs[other]
@@ -345,7 +348,7 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
         train_p = optax.apply_updates(train_p, updates)
         means = sums / n_valid
         metrics = dict(loss=means[0], clm_loss=means[1], div_loss=means[2], cosine_loss=means[3],
-                       grad_norm=optax.global_norm(grads), lr=schedule(state["step"]),
+                       grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
                        valid_tokens=n_valid)
         new_state = {"step": state["step"] + 1, "params": merge_trainable(train_p, frozen_p),
                      "opt_state": opt_state}
@@ -617,13 +620,16 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
                desc="distilling", unit="step", dynamic_ncols=True)
     clock = _Throughput(cfg.data.global_batch_size * cfg.data.seq_len)
     pending, last = None, {}
-    for step in range(run.start_step + 1, run.total_steps + 1):
+    stop_at = run.total_steps
+    if cfg.max_steps_per_run > 0:
+        stop_at = min(stop_at, run.start_step + cfg.max_steps_per_run)
+    for step in range(run.start_step + 1, stop_at + 1):
         batch = to_global_batch(next(run.data_iter), run.batch_sh)
         run.state, metrics = run.step_fn(run.state, batch, teacher_params)
         if pending is not None:  # the previous step's metrics: one step late, dispatch stays async
             last = _finish_step(run, writer, clock, bar, *pending) or last
         pending = (step, metrics)
-        boundary = step == run.total_steps or stop.requested
+        boundary = step == stop_at or stop.requested
         do_eval = step % cfg.eval.every_steps == 0 or step == run.total_steps
         do_save = step % cfg.ckpt.every_steps == 0 or boundary
         if do_eval or do_save:
