@@ -1,8 +1,8 @@
 """Gemma2-9B -> a student with a third of its layers (paper Sec. 3.2.2, Table 4).
 
-Same widths as the teacher except a smaller MLP, embeddings copied from the teacher and frozen,
-cosine loss on the final hidden states, TAD with K=10 and beta=2, Adam lr 1e-4, weight decay 0.1,
-batch 128 x 2048 tokens, tau=1, 2B tokens. Set the paths:
+Same widths as the teacher except a smaller MLP (~1.1B non-embedding parameters), embeddings
+copied from the teacher and frozen, cosine loss on the final hidden states, TAD with K=10 and
+beta=2, Adam lr 1e-4, weight decay 0.1, batch 128 x 2048 tokens, tau=1, 2B tokens. Set the paths:
 
   python scripts/train.py --config configs/gemma2_9b.py --workdir runs/gemma2_9b \
       --config.teacher.path=/ckpt/gemma-2-9b --config.data.train_files='/data/regmix/*.jsonl'
@@ -11,6 +11,7 @@ Vanilla KD / reverse KL: add --config.loss.divergence=kl (or rkl).
 """
 
 from tad_jax.config import base_config
+from tad_jax.models import STUDENT_OVERRIDES
 
 
 def get_config():
@@ -18,11 +19,10 @@ def get_config():
     c = base_config()
     c.train_tokens = 2_000_000_000  # the paper's 2B-token budget.
     c.teacher.path = ""  # HF folder of google/gemma-2-9b (the pretrained, not instruction-tuned).
-    c.teacher.preset = "gemma2_9b"  # architecture used by --dry_run when no path is given.
+    c.teacher.preset = "gemma2-9b"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # the 9B teacher in bf16 (inference only); logits stay float32.
-    # A third of the 42 layers; intermediate 14336 -> 3584 gives ~1.1B non-embedding parameters
-    # (the paper's "2B student with 1.1B active").
-    c.student.overrides = dict(num_layers=14, intermediate_size=3584)
+    # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
+    c.student.overrides = dict(STUDENT_OVERRIDES["gemma2-9b-student"][1])
     c.loss.divergence = "tad"  # TAD (Eq. 4); "kl" for the vanilla-KD baseline.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.

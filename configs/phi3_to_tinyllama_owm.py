@@ -14,11 +14,11 @@ def get_config():
     c = base_config()
     c.train_tokens = 2_500_000_000  # 2.5B OWM tokens.
     c.teacher.path = ""  # HF folder of microsoft/Phi-3-mini-4k-instruct.
-    c.teacher.preset = "phi3_mini"  # architecture used by --dry_run when no path is given.
+    c.teacher.preset = "phi-3-mini"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
     # HF folder of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T (or the 2.5T one).
     c.student.path = ""
-    c.student.preset = "tinyllama_1p1b"  # student architecture for --dry_run without a path.
+    c.student.preset = "tinyllama-1.1b"  # student architecture for --dry_run without a path.
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta (Sec. 3.3: 2.0).

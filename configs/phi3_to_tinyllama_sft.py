@@ -13,10 +13,10 @@ def get_config():
     # Three epochs of ORCA-Math's ~200k problems at 32 per step: set to 3 * len(train) / 32.
     c.steps = 18_750
     c.teacher.path = ""  # HF folder of microsoft/Phi-3-mini-4k-instruct.
-    c.teacher.preset = "phi3_mini"  # architecture used by --dry_run when no path is given.
+    c.teacher.preset = "phi-3-mini"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
     c.student.path = ""  # HF folder of the stage-1 student (scripts/export_hf.py output).
-    c.student.preset = "tinyllama_1p1b"  # student architecture for --dry_run without a path.
+    c.student.preset = "tinyllama-1.1b"  # student architecture for --dry_run without a path.
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.

@@ -1,11 +1,13 @@
 """Qwen1.5-1.8B -> a 1.2B student (~1B non-embedding parameters), paper Sec. 3.2.1, Table 1.
 
 TAD K=10 beta=2, Adam lr 1e-4, weight decay 0.1, batch 128 x 2048, tau=1, 2B tokens of Regmix.
-The student's attention is initialised from the teacher's, truncated per head to the student's
-width; its MLP is random (init_student). Vanilla KD: --config.loss.divergence=kl.
+The student keeps the teacher's widths with fewer layers (and, for 0.5B, a smaller MLP); its
+attention is copied from evenly spaced teacher layers, its MLP random (models.init_student).
+Vanilla KD: --config.loss.divergence=kl.
 """
 
 from tad_jax.config import base_config
+from tad_jax.models import STUDENT_OVERRIDES
 
 
 def get_config():
@@ -13,12 +15,10 @@ def get_config():
     c = base_config()
     c.train_tokens = 2_000_000_000  # 2B tokens for the 1.2B student (Sec. 3.2.1).
     c.teacher.path = ""  # HF folder of Qwen/Qwen1.5-1.8B.
-    c.teacher.preset = "qwen15_1p8b"  # architecture used by --dry_run when no path is given.
+    c.teacher.preset = "qwen1.5-1.8b"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
-    # Sized for ~1B non-embedding parameters (the paper's count; its Table 7 follows MiniPLM):
-    # 16 heads of 96 (the teacher's 128 truncated), 24 layers, MLP 4096.
-    c.student.overrides = dict(hidden_size=1536, head_dim=96, num_layers=24,
-                               intermediate_size=4096)
+    # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
+    c.student.overrides = dict(STUDENT_OVERRIDES["qwen1.5-1.8b-student-1.2b"][1])
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta (Table 2: best at 2).

@@ -6,6 +6,7 @@ batch 128 x 2048, 2B tokens. Vanilla KD / reverse KL: --config.loss.divergence=k
 """
 
 from tad_jax.config import base_config
+from tad_jax.models import STUDENT_OVERRIDES
 
 
 def get_config():
@@ -13,10 +14,10 @@ def get_config():
     c = base_config()
     c.train_tokens = 2_000_000_000  # 2B tokens (Table 4).
     c.teacher.path = ""  # HF folder of Qwen/Qwen2.5-3B (base, not instruct).
-    c.teacher.preset = "qwen25_3b"  # architecture used by --dry_run when no path is given.
+    c.teacher.preset = "qwen2.5-3b"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
-    # Half of the 36 layers; MLP 11008 -> 7424 gives ~1B non-embedding parameters.
-    c.student.overrides = dict(num_layers=18, intermediate_size=7424)
+    # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
+    c.student.overrides = dict(STUDENT_OVERRIDES["qwen2.5-3b-student"][1])
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD, "rkl" for reverse KL.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.
