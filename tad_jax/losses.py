@@ -154,6 +154,20 @@ def _topk_member(idx_btk, vocab):
     return member
 
 
+def _head_u8(idx_btk, vocab):
+    """uint8 [..., T, V] top-K indicator (1 = in the head) by integer arithmetic.
+
+    Π_k min(|v − idx_k|, 1) is 0 exactly at the K indices. Built without a boolean, so XLA keeps a
+    1-byte array that its vectorised reductions read, rather than a float32 [.., V] copy.
+    """
+    lead = idx_btk.ndim - 1
+    iota_v = jax.lax.broadcasted_iota(jnp.int32, (1,) * lead + (vocab,), lead)
+    tail = jnp.ones(idx_btk.shape[:-1] + (vocab,), jnp.int32)
+    for k in range(idx_btk.shape[-1]):
+        tail = tail * jnp.minimum(jnp.abs(iota_v - idx_btk[..., k : k + 1]), 1)
+    return (1 - tail).astype(jnp.uint8)
+
+
 def _masked(x_bt, mask_bt):
     """x where the mask is set, else 0: a select, so an inf/NaN at a masked position (e.g. a
     target on a -inf padding entry) cannot leak, and the mask's float32 never demotes float64."""
@@ -225,17 +239,22 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
     if top_k == 0:  # the tail is the whole vocabulary: alpha = 1, D_KL1 = 0, D_KL2 = KL.
         idx_btk = jnp.zeros(s_btv.shape[:-1] + (0,), jnp.int32)
         lse_tail_s = _tail_lse(s_btv)
-        lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, jnp.max(t_btv, axis=-1), lse_tail_s)
+        max_t = jnp.max(t_btv, axis=-1)
+        lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, (max_t, max_t), lse_tail_s)
         return _finish_stats(idx_btk, lse_tail_s, lse_tail_t, lse_tail_s, lse_tail_t,
                              jnp.zeros_like(lse_tail_s), kl2)
     # The barriers keep XLA CPU from fusing the indices into their consumers, which turns top_k
     # into a full [.., V] sort (~25x slower), and materialise the 1-byte head mask once.
-    top_t_btk, idx_btk = jax.lax.optimization_barrier(_top_k(_whole_vocab(t_btv), top_k + 1))
-    tail_max_t, top_t_btk, idx_btk = top_t_btk[..., -1], top_t_btk[..., :-1], idx_btk[..., :-1]
-    head_btv = jax.lax.optimization_barrier(
-        _topk_member(idx_btk, s_btv.shape[-1]).astype(jnp.uint8))
+    top_t_btk_all, idx_btk = jax.lax.optimization_barrier(
+        _top_k(_whole_vocab(t_btv), top_k + 1))
+    tail_max_t, top_t_btk = top_t_btk_all[..., -1], top_t_btk_all[..., :-1]
+    idx_btk = idx_btk[..., :-1]
+    head_btv = _head_u8(idx_btk, s_btv.shape[-1])
     lse_tail_s = _tail_lse(s_btv, head_btv)
-    lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, tail_max_t, lse_tail_s, head_btv)
+    # min of the K+1 largest = the (K+1)-th: the same number as tail_max_t by a different op.
+    tail_max2_t = jnp.min(top_t_btk_all, axis=-1)
+    lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, (tail_max_t, tail_max2_t), lse_tail_s,
+                                    head_btv)
     # The K head terms from gathered values: [.., K] work instead of another [.., V] pass.
     top_s_btk = jnp.take_along_axis(_whole_vocab(s_btv), idx_btk, axis=-1)
     lse_s = jnp.logaddexp(lse_tail_s, _lse(top_s_btk))
@@ -264,7 +283,7 @@ def _tail_lse(s_btv, head_btv=None):
     return jnp.where(empty, -jnp.inf, lse)
 
 
-def _teacher_tail(s_btv, t_btv, shift_t, lse_tail_s, head_btv=None):
+def _teacher_tail(s_btv, t_btv, shifts_t, lse_tail_s, head_btv=None):
     """(lse_tail_t, D_KL2) from one pass over the teacher's tail, shifted by its max `shift_t`.
 
     D_KL2 = Σ_tail p̃_T·(t − s) − lse_tail_t + lse_tail_s, with p̃_T = exp(t − lse_tail_t): both
@@ -272,12 +291,13 @@ def _teacher_tail(s_btv, t_btv, shift_t, lse_tail_s, head_btv=None):
     (where p̃_T = 0) adds 0 instead of NaN; a student -inf where the teacher has mass gives a huge
     finite loss instead of inf.
     """
-    shift_t = jnp.where(jnp.isfinite(shift_t), shift_t, 0.0)
-    # The two sums recompute the exponentials from differently written (equal) expressions:
-    # one shared [.., V] producer would be materialised, which costs more than a second exp.
+    # The two sums recompute the exponentials from differently written (equal) expressions,
+    # shifted by two equal numbers computed by different ops (`shifts_t`): XLA would materialise
+    # any [.., V] producer (or broadcast) the two reductions share, which costs more than an exp.
+    shift_t, shift2_t = (jnp.where(jnp.isfinite(x), x, 0.0) for x in shifts_t)
     e_btv = jnp.exp(_push_head(t_btv, head_btv) - shift_t[..., None])
-    e2_btv = jnp.exp(t_btv - (shift_t[..., None] if head_btv is None else
-                              shift_t[..., None] + _BIG * head_btv.astype(t_btv.dtype)))
+    e2_btv = jnp.exp(t_btv - (shift2_t[..., None] if head_btv is None else
+                              shift2_t[..., None] + _BIG * head_btv.astype(t_btv.dtype)))
     diff_btv = jnp.maximum(t_btv, -_BIG) - jnp.maximum(s_btv, -_BIG)
     z_bt, cross_bt = jnp.sum(e_btv, axis=-1), jnp.sum(e2_btv * diff_btv, axis=-1)
     lse_tail_t = jnp.log(z_bt) + shift_t
@@ -447,7 +467,8 @@ def _kl_fwd(student_btv, teacher_btv, mask_bt, temperature):
     # TAD's K = 0 statistics are exactly KL's: three select-free reductions over [.., V].
     s_btv, t_btv = _scaled(student_btv, temperature), _scaled(teacher_btv, temperature)
     lse_s = _tail_lse(s_btv)
-    lse_t, kl_bt = _teacher_tail(s_btv, t_btv, jnp.max(t_btv, axis=-1), lse_s)
+    max_t = jnp.max(t_btv, axis=-1)
+    lse_t, kl_bt = _teacher_tail(s_btv, t_btv, (max_t, max_t), lse_s)
     loss_bt = _masked(temperature**2 * kl_bt, mask_bt)
     return loss_bt, (student_btv, teacher_btv, mask_bt, lse_s, lse_t)
 
