@@ -207,10 +207,11 @@ class Head(nn.Module):
 
 def head_logits(config: ModelConfig, hidden_btd, w_dv, b_v=None):
     """softcap(hidden @ W + b) in float32: the LM head as `lm_head` describes it."""
+    acc = jnp.promote_types(jnp.float32, hidden_btd.dtype)  # float32 at least
     logits = jnp.einsum("...d,dv->...v", hidden_btd, w_dv.astype(hidden_btd.dtype),
-                        preferred_element_type=jnp.float32)
+                        preferred_element_type=acc)
     if b_v is not None:
-        logits = logits + b_v.astype(jnp.float32)
+        logits = logits + b_v.astype(acc)
     if config.final_logit_softcap:
         cap = config.final_logit_softcap
         logits = jnp.tanh(logits / cap) * cap

@@ -18,7 +18,6 @@ import numpy as np
 from tad_jax.models.config import ModelConfig
 
 Dtype = jnp.dtype
-_NEG = float(np.finfo(np.float32).min)  # finite, so fully masked (padding) rows stay finite
 
 
 def _param(mod: nn.Module, name: str, shape, axes, init, dtype):
@@ -49,16 +48,17 @@ class Norm(nn.Module):
         d = x_btd.shape[-1]
         init = nn.initializers.zeros if self.kind == "rms1p" else nn.initializers.ones
         scale = _param(self, "scale", (d,), ("embed",), init, self.param_dtype)
-        x = x_btd.astype(jnp.float32)
+        acc = jnp.promote_types(jnp.float32, self.dtype)  # float32 at least, like HF
+        x = x_btd.astype(acc)
         if self.kind == "layer":
             bias = _param(self, "bias", (d,), ("embed",), nn.initializers.zeros, self.param_dtype)
             mean = x.mean(-1, keepdims=True)
             var = jnp.square(x - mean).mean(-1, keepdims=True)
             y = (x - mean) * jax.lax.rsqrt(var + self.eps)
-            return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(self.dtype)
+            return (y * scale.astype(acc) + bias.astype(acc)).astype(self.dtype)
         y = x * jax.lax.rsqrt(jnp.square(x).mean(-1, keepdims=True) + self.eps)
         if self.kind == "rms1p":  # Gemma multiplies in float32, then casts
-            return (y * (1.0 + scale.astype(jnp.float32))).astype(self.dtype)
+            return (y * (1.0 + scale.astype(acc))).astype(self.dtype)
         # Llama casts back to the input dtype before the weight multiply
         return scale.astype(self.dtype) * y.astype(self.dtype)
 
@@ -66,9 +66,15 @@ class Norm(nn.Module):
 # ---- RoPE ----------------------------------------------------------------------------------
 
 
-def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+def _theta_pow(theta: float, dim: int) -> np.ndarray:
+    """theta ** (2i / dim) rounded once to float32, as torch's float32 pow does (numpy's float32
+    power is off by an ulp in some entries, enough to move deep models' logits by ~1e-4)."""
     exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
-    return (1.0 / np.power(np.float32(theta), exponent)).astype(np.float32)
+    return np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
+
+
+def _base_inv_freq(theta: float, dim: int) -> np.ndarray:
+    return np.float32(1.0) / _theta_pow(theta, dim)
 
 
 def _llama3_inv_freq(inv: np.ndarray, s: dict) -> np.ndarray:
@@ -98,9 +104,9 @@ def rope_tables(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray | None, int, f
         attn_factor = s.get("attention_factor")
         if attn_factor is None:
             attn_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
-        base = np.power(np.float32(cfg.rope_theta), np.arange(0, dim, 2, dtype=np.float32) / dim)
-        short = (1.0 / (np.asarray(s["short_factor"], np.float32) * base)).astype(np.float32)
-        long = (1.0 / (np.asarray(s["long_factor"], np.float32) * base)).astype(np.float32)
+        base = _theta_pow(cfg.rope_theta, dim)
+        short = np.float32(1.0) / (np.asarray(s["short_factor"], np.float32) * base)
+        long = np.float32(1.0) / (np.asarray(s["long_factor"], np.float32) * base)
         return short, long, int(orig), float(attn_factor)
     inv = _base_inv_freq(cfg.rope_theta, dim)
     if kind == "linear":
@@ -131,7 +137,8 @@ def rope_cos_sin(cfg: ModelConfig, positions_bt, dtype, segment_ids_bt=None):
             segment_ids_bt = jnp.zeros_like(positions_bt)
         seq_len_bt = _segment_max(positions_bt.astype(jnp.int32), segment_ids_bt) + 1
         inv_e = jnp.where((seq_len_bt > switch_len)[..., None], jnp.asarray(long_inv), inv_e)
-    freqs = positions_bt[..., None].astype(jnp.float32) * inv_e
+    acc = jnp.promote_types(jnp.float32, dtype)
+    freqs = positions_bt[..., None].astype(acc) * inv_e.astype(acc)
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return (jnp.cos(emb) * attn_factor).astype(dtype), (jnp.sin(emb) * attn_factor).astype(dtype)
 
@@ -195,12 +202,12 @@ class Attention(nn.Module):
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         b, t = q.shape[:2]
         q_btkge = q.reshape(b, t, k, h // k, e)
-        # Scores and softmax in float32 whatever the compute dtype.
-        scores = jnp.einsum("btkge,bske->bkgts", q_btkge.astype(jnp.float32),
-                            kk.astype(jnp.float32)) * c.attn_scale
+        # Scores and softmax in float32 at least, whatever the compute dtype.
+        acc = jnp.promote_types(jnp.float32, self.dtype)
+        scores = jnp.einsum("btkge,bske->bkgts", q_btkge.astype(acc), kk.astype(acc)) * c.attn_scale
         if c.attn_logit_softcap:
             scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-        scores = jnp.where(mask_bts[:, None, None], scores, _NEG)
+        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(acc).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
         out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(self.dtype)).reshape(b, t, h, e)
         out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
