@@ -196,6 +196,27 @@ def test_k_vocab_minus_one_is_kl(x64):
     np.testing.assert_allclose(g, want, **EXACT)
 
 
+def test_two_stage_top_k_is_exact():
+    from tad_jax.losses import _top_k  # private: the fast path needs V with a chunk divisor
+
+    x = _logits(21, (3, 4, 1024))
+    ties = jnp.round(_logits(22, (3, 4, 1024), scale=1.5))  # many equal values
+    for arr in (x, ties, jnp.where(x > 2.0, -jnp.inf, x)):
+        vals, idx = _top_k(arr, 11)
+        want_vals, _ = jax.lax.top_k(arr, 11)
+        np.testing.assert_array_equal(vals, want_vals)
+        np.testing.assert_array_equal(jnp.take_along_axis(arr, idx, -1), vals)
+        assert np.all(np.diff(np.sort(np.asarray(idx), -1), axis=-1) > 0)  # distinct indices
+
+
+def test_tad_on_a_chunked_vocabulary(x64):
+    # V = 1024 takes the two-stage top-K path (the other tests use small, prime-ish V).
+    s, t, m = _data(shape=(2, 3, 1024), dtype=jnp.float64)
+    f = lambda s: tad_divergence(s, t, m, top_k=7, beta=2.5)
+    np.testing.assert_allclose(f(s), ref_tad(s, t, m, 7, 2.5), **EXACT)
+    np.testing.assert_allclose(jax.grad(f)(s), jax.grad(ref_tad)(s, t, m, 7, 2.5), **EXACT)
+
+
 # ---------------------------------------------------------------------------------------------
 # Masks
 # ---------------------------------------------------------------------------------------------
