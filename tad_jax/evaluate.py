@@ -172,7 +172,8 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 def draw_plots(workdir, result: dict[str, Any], config) -> list[str]:
     """Fig. 2 from `result`, and Fig. 1 from metrics.jsonl when the run logged eval_kl."""
     out = pathlib.Path(workdir) / PLOTS_DIR
-    paths = [plots.plot_tail_and_mismatch({"teacher": result}, out / "tail_mass_mismatch.png")]
+    teacher = pathlib.Path(config.teacher.path).name if config.teacher.path else "teacher"
+    paths = [plots.plot_tail_and_mismatch({teacher: result}, out / "tail_mass_mismatch.png")]
     tokens_per_step = config.data.global_batch_size * config.data.seq_len
     try:
         paths.append(plots.plot_heldout_kl({pathlib.Path(workdir).name: workdir},
