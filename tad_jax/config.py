@@ -216,6 +216,9 @@ def _check_loss(lo: ml_collections.ConfigDict) -> None:
         raise ValueError(f"loss.top_k={lo.top_k} must be >= 1.")
     if lo.beta <= 0 or lo.temperature <= 0:
         raise ValueError(f"loss.beta={lo.beta} and loss.temperature={lo.temperature} must be > 0.")
+    if lo.fused and lo.divergence not in ("tad", "kl"):
+        raise ValueError(f"loss.fused=True supports divergence 'tad' or 'kl', not "
+                         f"{lo.divergence!r}; set --config.loss.fused=False.")
     if lo.cosine_weight < 0:
         raise ValueError(f"loss.cosine_weight={lo.cosine_weight} must be >= 0.")
 

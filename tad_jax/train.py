@@ -314,17 +314,24 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
 
     def micro_loss(train_p, frozen_p, mb, teacher_params):
         params = merge_trainable(train_p, frozen_p)
-        fwd = dict(segment_ids=mb["segment_ids"], positions=mb["positions"])
+        fwd = dict(segment_ids=mb["segment_ids"], positions=mb["positions"],
+                   return_logits=not lo.fused)
         t_out = teacher_model.apply({"params": teacher_params}, mb["input_ids"], **fwd)
         s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)
-        t_logits = jax.lax.stop_gradient(t_out.logits[..., :vocab_size])
-        t_hidden = jax.lax.stop_gradient(t_out.hidden_states) if use_hidden else None
-        total, parts = losses.distillation_loss(
-            s_out.logits[..., :vocab_size], t_logits, mb["targets"], mb["loss_mask"],
-            divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta, temperature=lo.temperature,
-            eps_alpha=lo.eps_alpha, jsd_weight=lo.jsd_weight, cosine_weight=lo.cosine_weight,
-            student_hidden=s_out.hidden_states if use_hidden else None, teacher_hidden=t_hidden,
-            reduction="sum")
+        t_hidden = jax.lax.stop_gradient(t_out.hidden_states)
+        if lo.fused:
+            total, parts = _fused_loss(lo, student_model.config, params, s_out.hidden_states,
+                                       teacher_model.config, teacher_params, t_hidden, mb,
+                                       vocab_size)
+        else:
+            t_logits = jax.lax.stop_gradient(t_out.logits[..., :vocab_size])
+            total, parts = losses.distillation_loss(
+                s_out.logits[..., :vocab_size], t_logits, mb["targets"], mb["loss_mask"],
+                divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
+                temperature=lo.temperature, eps_alpha=lo.eps_alpha, jsd_weight=lo.jsd_weight,
+                cosine_weight=lo.cosine_weight,
+                student_hidden=s_out.hidden_states if use_hidden else None,
+                teacher_hidden=t_hidden if use_hidden else None, reduction="sum")
         return total, jnp.stack([total, parts["clm"], parts["div"], parts["cosine"]])
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -357,6 +364,28 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
     return train_step
 
 
+def _fused_loss(lo, s_cfg, s_params, s_hidden, t_cfg, t_params, t_hidden, mb, vocab_size):
+    """Eq. 4 from hidden states and output heads in token chunks (tad_jax.fused): no [B, T, V]
+    logits are ever materialised. The cosine term is added here (the fused loss has none)."""
+    from tad_jax import fused
+    from tad_jax.models import lm_head
+
+    w_s, b_s = lm_head(s_cfg, s_params)
+    w_t, b_t = jax.tree.map(jax.lax.stop_gradient, lm_head(t_cfg, t_params))
+    cut = lambda b: None if b is None else b[:vocab_size]
+    total, parts = fused.fused_distillation_loss(
+        s_hidden, w_s[:, :vocab_size], t_hidden, w_t[:, :vocab_size], mb["targets"],
+        mb["loss_mask"], divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
+        temperature=lo.temperature, eps_alpha=lo.eps_alpha, chunk_size=lo.chunk_size,
+        student_bias=cut(b_s), teacher_bias=cut(b_t),
+        final_logit_softcap=s_cfg.final_logit_softcap, reduction="sum")
+    cos = jnp.zeros((), jnp.float32)
+    if lo.cosine_weight > 0:
+        cos = losses.cosine_hidden_loss(s_hidden, t_hidden, mb["loss_mask"], reduction="sum")
+        total = total + lo.cosine_weight * cos
+    return total, {"clm": parts["clm"], "div": parts["div"], "cosine": jax.lax.stop_gradient(cos)}
+
+
 def _split_micro(batch, accum: int, mesh):
     """[B, T] -> [accum, B / accum, T], micro-batch a = rows a, a + accum, ...
 
@@ -375,29 +404,37 @@ def _split_micro(batch, accum: int, mesh):
 
 
 def make_eval_step(student_model, teacher_model, vocab_size):
-    """`eval_step(student_params, teacher_params, batch) -> dict of float32 sums`."""
+    """`eval_step(student_params, teacher_params, batch) -> dict of float32 sums`.
+
+    The sums are `tad_jax.metrics.eval_sums` (held-out KL, CE, top-1 agreement, mismatch, tail
+    mass, Full-ECE statistics); add them over batches, then `finalize_eval`.
+    """
+    from tad_jax import metrics
 
     def eval_step(student_params, teacher_params, batch):
         fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
         t = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd).logits
         s = student_model.apply({"params": student_params}, batch["input_ids"], **fwd).logits
-        t, s = t[..., :vocab_size], s[..., :vocab_size]
-        m = batch["loss_mask"]
-        agree = (jnp.argmax(s, -1) == jnp.argmax(t, -1)).astype(jnp.float32)
-        return dict(
-            kl=losses.kl_divergence(s, t, m, reduction="sum"),
-            ce=losses.causal_lm_loss(s, batch["targets"], m, reduction="sum"),
-            agree=jnp.sum(m * agree), count=jnp.sum(m))
+        return metrics.eval_sums(s[..., :vocab_size], t[..., :vocab_size], batch["targets"],
+                                 batch["loss_mask"])
 
     return eval_step
 
 
-def finalize_eval(sums: dict[str, float]) -> dict[str, float]:
-    """Means over the valid positions of the held-out split."""
-    n = max(float(sums["count"]), 1.0)
-    ce = float(sums["ce"]) / n
-    return dict(eval_kl=float(sums["kl"]) / n, eval_ce=ce, eval_ppl=float(np.exp(min(ce, 80.0))),
-                eval_top1_agreement=float(sums["agree"]) / n, eval_tokens=float(sums["count"]))
+def finalize_eval(sums: dict[str, Any]) -> dict[str, float]:
+    """The `eval_*` scalars of metrics.jsonl from the summed statistics of the held-out split:
+    eval_kl (KL(teacher || student), the paper's Fig. 1), eval_ce / eval_ppl (the student's
+    cross-entropy on the next token), eval_top1_agreement, eval_full_ece, eval_mismatch_rate,
+    eval_teacher_ce, eval_tail_mass_k{K} and eval_tokens."""
+    from tad_jax import metrics
+
+    m = metrics.finalize(sums)
+    out = dict(eval_kl=m["kl"], eval_ce=m["student_ce"], eval_ppl=m["student_ppl"],
+               eval_top1_agreement=m["top1_agreement"], eval_full_ece=m["full_ece"],
+               eval_mismatch_rate=m["mismatch_rate"], eval_teacher_ce=m["teacher_ce"],
+               eval_tokens=m["tokens"])
+    out.update({f"eval_tail_mass_k{k}": v for k, v in m["tail_mass"].items()})
+    return {k: float(v) for k, v in out.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -491,6 +528,10 @@ def build_models(config, mesh):
             f"loss.cosine_weight={config.loss.cosine_weight} needs equal hidden sizes (teacher "
             f"{teacher_model.config.hidden_size}, student {student_model.config.hidden_size}); "
             "set --config.loss.cosine_weight=0.")
+    if config.loss.fused and (teacher_model.config.final_logit_softcap
+                              != student_model.config.final_logit_softcap):
+        raise ValueError("loss.fused=True needs the same final_logit_softcap for teacher and "
+                         "student; set --config.loss.fused=False.")
     return teacher_model, teacher_params, student_model, params, mask, vocab
 
 

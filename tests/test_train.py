@@ -171,6 +171,26 @@ def test_gradient_accumulation_equals_the_full_batch(one_step):
         np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("divergence", ["tad"])
+def test_fused_loss_step_equals_the_logits_step(one_step, divergence):
+    cfg, models, batch, _ = one_step
+    teacher_model, teacher_params, student_model, params, mask, vocab = models
+    outs = []
+    for fused in (False, True):
+        cfg.loss.fused, cfg.loss.cosine_weight, cfg.loss.chunk_size = fused, 0.5, 64
+        tx, schedule = train.make_optimizer(cfg, 30)
+        step = jax.jit(train.make_train_step(cfg, student_model, teacher_model, mask, tx,
+                                             schedule, vocab))
+        outs.append(step(train.init_state(params, mask, tx), batch, teacher_params))
+    cfg.loss.fused, cfg.loss.cosine_weight = False, 0.0
+    (s0, m0), (s1, m1) = outs
+    assert float(m0["cosine_loss"]) > 0
+    for k in ("loss", "clm_loss", "div_loss", "cosine_loss", "grad_norm"):
+        np.testing.assert_allclose(float(m1[k]), float(m0[k]), rtol=1e-5, err_msg=k)
+    for a, b in zip(jax.tree.leaves(s0["params"]), jax.tree.leaves(s1["params"]), strict=True):
+        np.testing.assert_allclose(b, a, atol=1e-6, rtol=1e-5)
+
+
 def test_eval_step_matches_numpy(one_step):
     _, models, batch, _ = one_step
     teacher_model, teacher_params, student_model, params, _, vocab = models
@@ -189,11 +209,12 @@ def test_eval_step_matches_numpy(one_step):
     kl = (np.exp(lt) * (lt - ls)).sum(-1)
     ce = -np.take_along_axis(ls, np.asarray(batch["targets"])[..., None], -1)[..., 0]
     agree = (s.argmax(-1) == t.argmax(-1)).astype(np.float64)
-    np.testing.assert_allclose(float(sums["kl"]), (kl * m).sum(), rtol=1e-4)
-    np.testing.assert_allclose(float(sums["ce"]), (ce * m).sum(), rtol=1e-5)
-    assert float(sums["agree"]) == (agree * m).sum() and float(sums["count"]) == m.sum()
     out = train.finalize_eval(jax.device_get(sums))
+    np.testing.assert_allclose(out["eval_kl"], (kl * m).sum() / m.sum(), rtol=1e-4)
+    np.testing.assert_allclose(out["eval_ce"], (ce * m).sum() / m.sum(), rtol=1e-5)
     np.testing.assert_allclose(out["eval_ppl"], np.exp((ce * m).sum() / m.sum()), rtol=1e-4)
+    assert out["eval_top1_agreement"] == pytest.approx((agree * m).sum() / m.sum(), abs=1e-7)
+    assert out["eval_tokens"] == m.sum()
 
 
 # ---------------------------------------------------------------------------------------------
