@@ -202,7 +202,8 @@ def batch_shards(mesh: Mesh) -> int:
     return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
-def check_batch_divisible(batch_size: int, mesh: Mesh, what: str = "data.batch_size") -> None:
+def check_batch_divisible(batch_size: int, mesh: Mesh,
+                          what: str = "data.global_batch_size") -> None:
     """Raises ValueError when `batch_size` rows cannot be split evenly over data x fsdp."""
     n = batch_shards(mesh)
     if batch_size % n:

@@ -367,3 +367,40 @@ def test_dry_run_of_gemma2_9b_prints_its_figures(gemma_dry_run):
 def test_tad_step_costs_at_most_one_percent_more_flops_than_kd(gemma_dry_run):
     ratio = float(re.search(r"ratio ([\d.]+)", gemma_dry_run).group(1))
     assert 1.0 <= ratio <= 1.01, ratio
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: errors that name the fix, raised before any step is compiled
+
+
+@pytest.mark.parametrize("changes, error, match", [
+    ({"data.global_batch_size": 6, "mesh.num_devices": 4}, ValueError,
+     "global_batch_size=6 is not divisible by the 4 batch shards"),
+    ({"opt.grad_accum_steps": 3}, ValueError, "opt.grad_accum_steps"),
+    ({"eval.batch_size": 3, "mesh.num_devices": 2}, ValueError, "eval.batch_size=3"),
+    ({"mesh.num_devices": 0, "mesh.data": 3, "mesh.fsdp": -1}, ValueError, "not divisible"),
+    ({"mesh.num_devices": 0, "mesh.data": 2, "mesh.fsdp": 2}, ValueError,
+     "covers 4 devices but 8"),
+    ({"data.train_files": "/no/such/corpus/*.txt"}, FileNotFoundError, "/no/such/corpus"),
+    ({"teacher.random_init": False}, FileNotFoundError, "teacher.path is empty"),
+    ({"teacher.path": "/no/such/teacher"}, FileNotFoundError, "no config.json"),
+])
+def test_bad_input_is_a_clear_error(tmp_path, changes, error, match):
+    with pytest.raises(error, match=match):
+        train.train_and_evaluate(tiny_config(**changes), str(tmp_path))
+
+
+def test_different_tokenizers_are_refused(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    _, tok_dir = tiny.build_assets()
+    other = Tokenizer(models.BPE())
+    other.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    other.train_from_iterator(["a completely different corpus " * 50], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=other).save_pretrained(tmp_path / "other")
+    train.check_tokenizers({"teacher": tok_dir, "data": tok_dir}, 512)  # one tokenizer: fine
+    with pytest.raises(ValueError, match="teacher and student tokenizers differ"):
+        train.check_tokenizers({"teacher": tok_dir, "student": str(tmp_path / "other")}, 256)
