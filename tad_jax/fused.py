@@ -151,6 +151,9 @@ def _chunk_len(rows: int, t: int, chunk_size: int) -> int:
 def _to_chunks(x_rt, c: int):
     """[R, T, ...] -> [n, m = R·c, ...], padding T with zeros (masked positions) to n·c.
 
+    For the per-token inputs (mask, targets, weights, teacher statistics): small, so a transposed
+    copy is cheap; the hidden states are read in place by `_take` instead.
+
     Step i holds positions [i·c, (i+1)·c) of every row, rows major: a batch sharded over its rows
     stays sharded along m.
     """
@@ -225,14 +228,20 @@ def _div_terms(ls_mv, lt_mv, lse_t_m, tail_mv, log_at_m):
     kl = terms.sum(-1)
     if tail_mv is None:
         return kl, None, p_s - p_t, None
-    log_as = jax.nn.logsumexp(jnp.where(tail_mv, logp_s, -jnp.inf), axis=-1)
+    # log α_S from the tail's own log-sum-exp (finite even when the tail underflows p_S); its
+    # exponentials e_i = exp(z_i − max_tail) also give α_T·p̃_S,i = e_i · α_T / Σe (no 2nd exp).
+    max_tail = jnp.max(jnp.where(tail_mv, logp_s, -jnp.inf), axis=-1)
+    max_tail = jnp.where(jnp.isfinite(max_tail), max_tail, 0.0)
+    e = jnp.where(tail_mv, jnp.exp(logp_s - max_tail[:, None]), 0.0)
+    log_sum_e = jnp.log(e.sum(-1))
+    log_as = max_tail + log_sum_e
     has_tail = log_at_m > -jnp.inf  # α_T = 0: the tail term is 0, not NaN
     log_ratio = jnp.where(has_tail, log_at_m - log_as, 0.0)
     tail_kl = jnp.where(tail_mv, terms, 0.0).sum(-1)
     tail = jnp.where(has_tail, tail_kl - jnp.exp(log_at_m) * log_ratio, 0.0)
     # ∂(α_T D_KL2)/∂z_i = p_S,i α_T/α_S − p_T,i on the tail, 0 on the top-K.
-    q = jnp.exp(logp_s + log_ratio[..., None])
-    g_tail = jnp.where(tail_mv & has_tail[..., None], q - p_t, 0.0)
+    scale = jnp.where(has_tail, jnp.exp(log_at_m - log_sum_e), 0.0)
+    g_tail = jnp.where(tail_mv, e * scale[:, None] - p_t, 0.0)
     return kl, tail, p_s - p_t, g_tail
 
 
@@ -277,63 +286,89 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
 # ----------------------------------------------------------------------------- scans
 
 
+def _blocks(x_rtd, c: int):
+    """[R, T, d] -> [R, n, c, d] (a free reshape; a padded copy only when c does not divide T)."""
+    r, t, d = x_rtd.shape
+    n = -(-t // c)
+    if n * c != t:
+        x_rtd = jnp.pad(x_rtd, [(0, 0), (0, n * c - t), (0, 0)])
+    return x_rtd.reshape(r, n, c, d)
+
+
+def _take(x_rncd, i):
+    """Chunk i of every row, [m = R·c, d], read in place (no transposed copy of the input)."""
+    x = jax.lax.dynamic_index_in_dim(x_rncd, i, axis=1, keepdims=False)
+    return x.reshape(-1, x.shape[-1])
+
+
 def _prepare(cfg: _Config, hs, ht, mask, targets):
-    """Reshapes the inputs to chunks [n, m, ...]; returns them, the mask [R, T] and c."""
+    """The hidden states as blocks [R, n, c, d], per-token inputs as chunks [n, m], the mask."""
     t = hs.shape[-2]
     rows = math.prod(hs.shape[:-2])
     c = _chunk_len(rows, t, cfg.chunk_size)
     mask_rt = _mask_rt(mask, rows, t)
-    xs = {"hs": _to_chunks(hs.reshape(rows, t, -1), c), "mask": _to_chunks(mask_rt, c)}
+    big = {"hs": _blocks(hs.reshape(rows, t, -1), c)}
     if ht is not None:
-        xs["ht"] = _to_chunks(ht.reshape(rows, t, -1), c)
+        big["ht"] = _blocks(ht.reshape(rows, t, -1), c)
+    small = {"i": jnp.arange(big["hs"].shape[1]), "mask": _to_chunks(mask_rt, c)}
     if targets is not None:
-        xs["targets"] = _to_chunks(targets.reshape(rows, t).astype(jnp.int32), c)
-    return xs, mask_rt, c
+        small["targets"] = _to_chunks(targets.reshape(rows, t).astype(jnp.int32), c)
+    return big, small, mask_rt
 
 
-def _pre_pass(cfg: _Config, wt, bt, xs, mask_rt, c: int):
+def _pre_pass(cfg: _Config, wt, bt, big, small, mask_rt):
     """Teacher statistics of every chunk (top-K indices, log-partition, log α_T) and β(X) − 1."""
 
-    def body(_, ht_md):
-        lt, _ = _logits(ht_md, wt, bt, cfg.softcap)
+    def body(_, i):
+        lt, _ = _logits(_take(big["ht"], i), wt, bt, cfg.softcap)
         idx, lse, log_at = _teacher_stats(lt / cfg.temperature, cfg.top_k)
         return None, {"idx": idx, "lse_t": lse, "log_at": log_at}
 
-    _, stats = jax.lax.scan(body, None, xs["ht"])
+    _, stats = jax.lax.scan(body, None, small["i"])
     rows, t = mask_rt.shape
     gamma_rt = _gamma(_from_chunks(stats["log_at"], rows, t), mask_rt, cfg)
-    stats["gamma"] = _to_chunks(gamma_rt, c)
+    stats["gamma"] = _to_chunks(gamma_rt, big["hs"].shape[2])
     return stats
 
 
-def _main_pass(cfg: _Config, params, xs, rows: int, want_grad: bool):
-    """Scans the chunks: per-token losses [n, m] and, if wanted, dh [n, m, d], dW, db."""
+def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
+    """Scans the chunks: per-token losses [n, m] and, if wanted, dW, db and dh [R, n, c, d]."""
     ws = params[0]
-    carry0 = (jnp.zeros(ws.shape, _F32), jnp.zeros(ws.shape[1], _F32)) if want_grad else ()
+    rows = big["hs"].shape[0]
+    carry0 = ()
+    if want_grad:  # float32 accumulators; dh is written in place, chunk by chunk
+        carry0 = (
+            jnp.zeros(ws.shape, _F32),
+            jnp.zeros(ws.shape[1], _F32),
+            jnp.zeros(big["hs"].shape, _F32),
+        )
 
     def body(carry, xs_c):
+        i = xs_c["i"]
+        xs_c = dict(xs_c, **{k: _take(v, i) for k, v in big.items()})
         out, dz = _chunk(cfg, params, xs_c, rows, want_grad)
         if not want_grad:
             return carry, out
-        dw, db = carry
-        hs = xs_c["hs"].astype(_F32)
-        dw = dw + jnp.einsum("md,mv->dv", hs, dz, preferred_element_type=_F32)
-        db = db + dz.sum(0)
-        out["dh"] = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
-        return (dw, db), out
+        dw, db, dh = carry
+        dw = dw + jnp.einsum("md,mv->dv", xs_c["hs"].astype(_F32), dz, preferred_element_type=_F32)
+        dh_md = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
+        dh = jax.lax.dynamic_update_index_in_dim(
+            dh, dh_md.reshape(dh.shape[0], -1, dh.shape[-1]), i, axis=1
+        )
+        return (dw, db + dz.sum(0), dh), out
 
-    return jax.lax.scan(body, carry0, xs)
+    return jax.lax.scan(body, carry0, small)
 
 
 def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: bool):
     """Pre-pass (TAD over several chunks) + main pass; per-token losses [R, T] and gradients."""
-    xs, mask_rt, c = _prepare(cfg, hs, ht, mask, targets)
+    big, small, mask_rt = _prepare(cfg, hs, ht, mask, targets)
     rows, t = mask_rt.shape
-    if cfg.divergence == "tad" and xs["hs"].shape[0] > 1:
-        xs.update(_pre_pass(cfg, params[2], params[3], xs, mask_rt, c))
+    if cfg.divergence == "tad" and small["i"].shape[0] > 1:
+        small.update(_pre_pass(cfg, params[2], params[3], big, small, mask_rt))
     if want_grad:
-        xs["w"] = _to_chunks(weights_rt, c)
-    grads, out = _main_pass(cfg, params, xs, rows, want_grad)
+        small["w"] = _to_chunks(weights_rt, big["hs"].shape[2])
+    grads, out = _main_pass(cfg, params, big, small, want_grad)
     # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
     per_tok = {
         k: jnp.where(mask_rt > 0, _from_chunks(out[k], rows, t), 0.0)
@@ -341,7 +376,9 @@ def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: boo
         if k in out
     }
     if want_grad:
-        grads = (_from_chunks(out["dh"], rows, t).reshape(hs.shape[:-1] + (-1,)),) + grads
+        dw, db, dh = grads
+        dh = dh.reshape(rows, -1, dh.shape[-1])[:, :t].reshape(hs.shape[:-1] + (-1,))
+        grads = (dh, dw, db)
     return per_tok, mask_rt, grads
 
 
