@@ -53,19 +53,35 @@ def _pre_pass_only(chunk_size, top_k):
 
 def _shapes(rows, t, ds, dt, vocab, dtype):
     sds = jax.ShapeDtypeStruct
-    return (sds((rows, t, ds), dtype), sds((ds, vocab), dtype), sds((rows, t, dt), dtype),
-            sds((dt, vocab), dtype), sds((rows, t), jnp.float32))
+    return (
+        sds((rows, t, ds), dtype),
+        sds((ds, vocab), dtype),
+        sds((rows, t, dt), dtype),
+        sds((dt, vocab), dtype),
+        sds((rows, t), jnp.float32),
+    )
 
 
 def bench_memory(args):
-    """Temporary bytes of fused vs unfused TAD (fwd+bwd) for each N; one JSON line per N."""
+    """Temporary bytes of fused TAD / KL vs unfused TAD (fwd+bwd) per N; one JSON line per N."""
     for n in args.mem_tokens:
         rows = max(1, n // args.seq_len)
         shapes = _shapes(rows, n // rows, args.d_student, args.d_teacher, args.vocab, jnp.float32)
-        rec = dict(bench="memory", tokens=n, rows=rows, vocab=args.vocab, d_student=args.d_student,
-                   d_teacher=args.d_teacher, chunk_size=args.chunk_size, top_k=args.top_k)
-        for name, fn in (("fused_tad", _fused_grad("tad", args.chunk_size, top_k=args.top_k)),
-                         ("unfused_tad", _unfused_grad("tad", top_k=args.top_k))):
+        rec = dict(
+            bench="memory",
+            tokens=n,
+            rows=rows,
+            vocab=args.vocab,
+            d_student=args.d_student,
+            d_teacher=args.d_teacher,
+            chunk_size=args.chunk_size,
+            top_k=args.top_k,
+        )
+        for name, fn in (
+            ("fused_tad", _fused_grad("tad", args.chunk_size, top_k=args.top_k)),
+            ("fused_kl", _fused_grad("kl", args.chunk_size)),
+            ("unfused_tad", _unfused_grad("tad", top_k=args.top_k)),
+        ):
             mem = jax.jit(fn).lower(*shapes).compile().memory_analysis()
             rec[f"{name}_temp_bytes"] = int(mem.temp_size_in_bytes)
             rec[f"{name}_output_bytes"] = int(mem.output_size_in_bytes)
@@ -90,18 +106,31 @@ def bench_time(args):
     rows = max(1, n // args.time_seq_len)
     ds, dt, v = args.time_d_student, args.time_d_teacher, args.time_vocab
     ks = jax.random.split(jax.random.key(0), 4)
-    inputs = (jax.random.normal(ks[0], (rows, n // rows, ds)),
-              jax.random.normal(ks[1], (ds, v)) / ds**0.5 * 3,
-              jax.random.normal(ks[2], (rows, n // rows, dt)),
-              jax.random.normal(ks[3], (dt, v)) / dt**0.5 * 4,
-              jnp.ones((rows, n // rows)))
-    rec = dict(bench="time", tokens=n, rows=rows, vocab=v, d_student=ds, d_teacher=dt,
-               chunk_size=c, top_k=args.top_k, backend=jax.default_backend())
-    runs = {"fused_tad_s": _fused_grad("tad", c, top_k=args.top_k),
-            "fused_kl_s": _fused_grad("kl", c),
-            "unfused_tad_s": _unfused_grad("tad", top_k=args.top_k),
-            "unfused_kl_s": _unfused_grad("kl"),
-            "fused_tad_pre_pass_s": _pre_pass_only(c, args.top_k)}
+    inputs = (
+        jax.random.normal(ks[0], (rows, n // rows, ds)),
+        jax.random.normal(ks[1], (ds, v)) / ds**0.5 * 3,
+        jax.random.normal(ks[2], (rows, n // rows, dt)),
+        jax.random.normal(ks[3], (dt, v)) / dt**0.5 * 4,
+        jnp.ones((rows, n // rows)),
+    )
+    rec = dict(
+        bench="time",
+        tokens=n,
+        rows=rows,
+        vocab=v,
+        d_student=ds,
+        d_teacher=dt,
+        chunk_size=c,
+        top_k=args.top_k,
+        backend=jax.default_backend(),
+    )
+    runs = {
+        "fused_tad_s": _fused_grad("tad", c, top_k=args.top_k),
+        "fused_kl_s": _fused_grad("kl", c),
+        "unfused_tad_s": _unfused_grad("tad", top_k=args.top_k),
+        "unfused_kl_s": _unfused_grad("kl"),
+        "fused_tad_pre_pass_s": _pre_pass_only(c, args.top_k),
+    }
     for name, fn in runs.items():
         rec[name] = _time(fn, inputs, args.repeats)
         print(json.dumps({"bench": "time_partial", name: rec[name]}), file=sys.stderr, flush=True)
@@ -118,7 +147,7 @@ def main():
     p.add_argument("--vocab", type=int, default=256000)
     p.add_argument("--d_student", type=int, default=2304)
     p.add_argument("--d_teacher", type=int, default=3584)
-    p.add_argument("--chunk_size", type=int, default=256, help="tokens per step (memory bench)")
+    p.add_argument("--chunk_size", type=int, default=1024, help="tokens per step (memory bench)")
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--time_tokens", type=int, default=2048)
     p.add_argument("--time_seq_len", type=int, default=1024)

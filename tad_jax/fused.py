@@ -1,31 +1,43 @@
 """Distillation losses fused with the output heads, in token chunks: no [N, V] tensor ever exists.
 
 `fused_tad_loss`, `fused_kl_loss`, `fused_causal_lm_loss` and `fused_distillation_loss` take the
-final hidden states and the output heads instead of logits. They equal `tad_divergence(h_s @ W_s + b_s,
-h_t @ W_t + b_t, ...)`, `kl_divergence(...)`, `causal_lm_loss(...)` and `distillation_loss(...)` of
-`tad_jax.losses` (see /work/shared/TAD_SPEC.md for the TAD definition), in value and in gradient.
+final hidden states and the output heads instead of logits. They equal `tad_divergence`,
+`kl_divergence`, `causal_lm_loss` and `distillation_loss` of `tad_jax.losses` applied to
+`softcap(h @ W + b)`, in value and in gradient (TAD as defined in /work/shared/TAD_SPEC.md).
 
-How (shape suffixes: r = rows (the flattened leading axes), t = positions of a row, c = positions of
-a row inside one chunk, n = chunks, d = hidden size, v = vocabulary, k = top-K):
-- The rows keep their own axis and the *time* axis is cut into chunks: every `lax.scan` step takes
-  `c = max(1, chunk_size // r)` positions of every row, so a step holds about `chunk_size` tokens
-  and a batch sharded over its rows stays sharded (each device scans its own rows).
+Shape suffixes: r = rows (the flattened leading axes), t = positions of a row, n = chunks,
+c = positions of a row per chunk, m = R·c tokens of one chunk, d = hidden size, v = vocabulary,
+k = top-K.
+
+How:
+- The *time* axis is cut into chunks: each `lax.scan` step takes `c = max(1, chunk_size // R)`
+  positions of every row (about `chunk_size` tokens), reading them in place from the [R, T, d]
+  hidden states; a batch sharded over its rows stays sharded. T is padded to n·c with masked
+  positions when c does not divide it.
 - The gradient w.r.t. the student logits is analytic (Eq. 6 of the paper) and is pushed through the
-  head inside the forward pass: each step adds `h_md^T g_mv` to a [d, V] float32 accumulator and
-  writes `g_mv W^T` for its tokens. With reduction "mean"/"sum" the backward pass only scales these
-  by the incoming cotangent; with "none" (a per-token cotangent) the backward pass runs the scan
-  again.
-- Exact per-row β(X): ᾱ(X) needs the teacher tail mass of every position of the row before any
-  gradient can be weighted. The gradient is a combination of two dense directions whose mixing
-  weight is β(X), so deferring β would double the dh and dW matmuls (+2·d_s·V FLOPs per token). Instead a
-  teacher pre-pass (one more teacher head matmul, +d_t·V FLOPs per token, and the only top_k) stores
-  the top-K indices [N, K], the teacher log-partition and log α_T [N]; the main pass reuses them, so
-  top_k runs once. When one chunk covers every position (c >= T) the pre-pass is skipped and β(X) is
-  computed inside the single pass. `scripts/bench_fused.py` measures the pre-pass's share.
+  head inside the forward pass: each step adds `h_md^T dz_mv` to a [d, V] float32 accumulator and
+  writes `dz_mv W^T` into dh. With reduction "mean"/"sum" the backward pass only scales these by
+  the incoming cotangent; with "none" (a per-token cotangent) the backward pass runs the scan again.
+- Exact per-row β(X). ᾱ(X) needs the teacher tail mass of every position of the row before any of
+  its gradients can be weighted, and rows span chunks. Two ways were weighed: (a) accumulate the
+  KL part and the tail part of the gradient separately and combine them once β(X) is known: the
+  tail part needs its own dh matmul (+d_s·V FLOPs per token) and, for dW, one [d, V] accumulator
+  *per row* (a chunk holds positions of every row), which defeats the purpose; (b) a teacher
+  pre-pass: one more teacher head matmul (+d_t·V FLOPs per token) computes the top-K indices, the
+  teacher log-partition and log α_T of every position ([N, K] + 2·[N], kept), hence β(X); the
+  main pass reuses them, so top_k runs once. (b) is implemented. At Gemma2 sizes (d_s = 2304,
+  d_t = 3584) the head FLOPs are 3·d_s + 2·d_t per token for fused TAD vs 3·d_s + d_t for fused
+  KL (1.34×); `scripts/bench_fused.py` measures the pre-pass's share of the time. When one chunk
+  holds whole rows (c = T) the pre-pass is skipped and β(X) is computed inside the single pass.
+- Memory: temporaries are O(chunk_size·V + d_s·V + N·(K + d)), flat in N in practice: fwd+bwd of
+  fused TAD at V = 256000, d = 2304/3584, chunk_size = 1024 needs 3.68 GB of XLA temporaries at
+  N = 4K, 16K and 64K tokens (2.36 GB of it the dW accumulator) vs 21 / 88 / 352 GB unfused.
+- Top-K membership is a boolean mask scattered from the indices (XLA CPU: an iota comparison per
+  index was ~10× slower here, `t >= kth_value` far worse, see the spec).
 - Teacher inputs get zero cotangents (the teacher is a constant of the loss, as in
-  `tad_divergence`).
+  `tad_divergence`); so does the student head with `student_head_grad=False` (a frozen head).
 - Float32 inside whatever the input dtype (bf16 heads: the head matmuls accumulate in float32);
-  cotangents are returned in the dtype of their input.
+  cotangents are computed in float32 and cast once to the dtype of their input.
 """
 
 from __future__ import annotations
@@ -57,6 +69,7 @@ class _Config:
     chunk_size: int
     softcap: float | None
     reduction: str
+    head_grad: bool = True  # False: no dW (a frozen head, e.g. tied to frozen embeddings)
 
 
 # ----------------------------------------------------------------------------- argument checks
@@ -254,7 +267,7 @@ def _clm_terms(zs_mv, y_m):
 
 
 def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
-    """One scan step on m tokens: per-token losses [m] and, if wanted, dz of the raw logits [m, V]."""
+    """One scan step on m tokens: per-token losses [m] and, if wanted, dz of raw logits [m, V]."""
     ws, bs, wt, bt = params
     zs, dcap = _logits(xs["hs"], ws, bs, cfg.softcap)
     out, dz = {}, jnp.zeros_like(zs)
@@ -338,7 +351,7 @@ def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
     carry0 = ()
     if want_grad:  # float32 accumulators; dh is written in place, chunk by chunk
         carry0 = (
-            jnp.zeros(ws.shape, _F32),
+            jnp.zeros(ws.shape if cfg.head_grad else (), _F32),
             jnp.zeros(ws.shape[1], _F32),
             jnp.zeros(big["hs"].shape, _F32),
         )
@@ -350,7 +363,10 @@ def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
         if not want_grad:
             return carry, out
         dw, db, dh = carry
-        dw = dw + jnp.einsum("md,mv->dv", xs_c["hs"].astype(_F32), dz, preferred_element_type=_F32)
+        if cfg.head_grad:  # skipped for a frozen head: a third of the student's head FLOPs
+            dw = dw + jnp.einsum(
+                "md,mv->dv", xs_c["hs"].astype(_F32), dz, preferred_element_type=_F32
+            )
         dh_md = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
         dh = jax.lax.dynamic_update_index_in_dim(
             dh, dh_md.reshape(dh.shape[0], -1, dh.shape[-1]), i, axis=1
@@ -413,7 +429,7 @@ def _cast_grads(grads, hs, ws, bs):
     dh, dw, db = grads
     return (
         dh.astype(hs.dtype),
-        dw.astype(ws.dtype),
+        dw.astype(ws.dtype) if dw.ndim else None,
         None if bs is None else db.astype(bs.dtype),
     )
 
@@ -432,7 +448,7 @@ def _fused_fwd(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
     else:  # scalar cotangent: the gradient is computed now and only scaled later
         w_rt = _weights(cfg, mask, hs)
         per_tok, mask_rt, grads = _run(cfg, params, hs, ht, mask, targets, w_rt, True)
-        # float32 residuals, cast once after scaling: casting twice would round bf16 cotangents twice.
+        # float32 residuals, cast once after scaling (casting twice would round bf16 twice).
         res = (grads, _dtypes_like(hs, ws, bs))
     return _outputs(cfg, per_tok, mask_rt, hs.shape[:-1]), res
 
@@ -482,6 +498,7 @@ def fused_tad_loss(
     teacher_bias=None,
     final_logit_softcap: float | None = None,
     reduction: str = "mean",
+    student_head_grad: bool = True,
 ):
     """TAD divergence of the heads' logits, computed in token chunks (no [N, V] tensor).
 
@@ -506,6 +523,9 @@ def fused_tad_loss(
         final_logit_softcap: Gemma2's soft-cap c (logits = c·tanh(logits / c), before τ), or None.
         reduction: "none" ([..., T], 0 at masked positions), "sum", or "mean" (over the valid
             positions of the whole batch).
+        student_head_grad: False for a frozen head (e.g. tied to frozen embeddings): the head's
+            gradient is then not computed (zero cotangent), saving d·V FLOPs per token and a
+            [d, V] float32 accumulator.
 
     Returns:
         The loss: a float32 scalar, or [..., T] for reduction="none".
@@ -515,15 +535,16 @@ def fused_tad_loss(
             temperature, eps_alpha, soft-cap or reduction.
     """
     cfg = _Config(
-        "tad",
-        False,
-        top_k,
-        beta,
-        temperature,
-        eps_alpha,
-        chunk_size,
-        final_logit_softcap,
-        reduction,
+        divergence="tad",
+        clm=False,
+        top_k=top_k,
+        beta=beta,
+        temperature=temperature,
+        eps_alpha=eps_alpha,
+        chunk_size=chunk_size,
+        softcap=final_logit_softcap,
+        reduction=reduction,
+        head_grad=student_head_grad,
     )
     return _call(
         cfg,
@@ -551,6 +572,7 @@ def fused_kl_loss(
     teacher_bias=None,
     final_logit_softcap: float | None = None,
     reduction: str = "mean",
+    student_head_grad: bool = True,
 ):
     """Vanilla KD, τ² · KL(p_T || p_S), of the heads' logits computed in token chunks.
 
@@ -569,6 +591,7 @@ def fused_kl_loss(
         teacher_bias: optional [V] bias of the teacher head.
         final_logit_softcap: Gemma2's soft-cap (before τ), or None.
         reduction: "none", "sum" or "mean" (as in `fused_tad_loss`).
+        student_head_grad: False for a frozen head (see `fused_tad_loss`).
 
     Returns:
         The loss: a float32 scalar, or [..., T] for reduction="none".
@@ -577,7 +600,18 @@ def fused_kl_loss(
         ValueError: on mismatched shapes or vocabularies, chunk_size < 1, or an invalid temperature,
             soft-cap or reduction.
     """
-    cfg = _Config("kl", False, 0, 1.0, temperature, 1.0, chunk_size, final_logit_softcap, reduction)
+    cfg = _Config(
+        divergence="kl",
+        clm=False,
+        top_k=0,
+        beta=1.0,
+        temperature=temperature,
+        eps_alpha=1.0,
+        chunk_size=chunk_size,
+        softcap=final_logit_softcap,
+        reduction=reduction,
+        head_grad=student_head_grad,
+    )
     return _call(
         cfg,
         student_hidden,
@@ -601,6 +635,7 @@ def fused_causal_lm_loss(
     student_bias=None,
     final_logit_softcap: float | None = None,
     reduction: str = "mean",
+    student_head_grad: bool = True,
 ):
     """Cross-entropy of the next tokens under the head's logits, computed in token chunks.
 
@@ -616,6 +651,7 @@ def fused_causal_lm_loss(
         student_bias: optional [V] bias of the head.
         final_logit_softcap: Gemma2's soft-cap, or None.
         reduction: "none", "sum" or "mean" (as in `fused_tad_loss`).
+        student_head_grad: False for a frozen head (see `fused_tad_loss`).
 
     Returns:
         The loss: a float32 scalar, or [..., T] for reduction="none".
@@ -624,7 +660,18 @@ def fused_causal_lm_loss(
         ValueError: on mismatched shapes, non-integer targets, chunk_size < 1, an invalid soft-cap
             or reduction.
     """
-    cfg = _Config(None, True, 0, 1.0, 1.0, 1.0, chunk_size, final_logit_softcap, reduction)
+    cfg = _Config(
+        divergence=None,
+        clm=True,
+        top_k=0,
+        beta=1.0,
+        temperature=1.0,
+        eps_alpha=1.0,
+        chunk_size=chunk_size,
+        softcap=final_logit_softcap,
+        reduction=reduction,
+        head_grad=student_head_grad,
+    )
     return _call(cfg, student_hidden, student_head, student_bias, None, None, None, mask, targets)[
         0
     ]
@@ -648,6 +695,7 @@ def fused_distillation_loss(
     teacher_bias=None,
     final_logit_softcap: float | None = None,
     reduction: str = "mean",
+    student_head_grad: bool = True,
 ):
     """Eq. 4, L_CLM + L_DIV, in one chunked pass: each chunk's student logits serve both terms.
 
@@ -671,6 +719,7 @@ def fused_distillation_loss(
         teacher_bias: optional [V] bias of the teacher head.
         final_logit_softcap: Gemma2's soft-cap (before τ), or None.
         reduction: "none", "sum" or "mean".
+        student_head_grad: False for a frozen head (see `fused_tad_loss`).
 
     Returns:
         (total, {"clm": ..., "div": ...}); only `total` carries a gradient (the parts are
@@ -682,15 +731,16 @@ def fused_distillation_loss(
     if divergence not in _DIVERGENCES:
         raise ValueError(f"divergence must be one of {_DIVERGENCES} when fused, got {divergence!r}")
     cfg = _Config(
-        divergence,
-        True,
-        top_k,
-        beta,
-        temperature,
-        eps_alpha,
-        chunk_size,
-        final_logit_softcap,
-        reduction,
+        divergence=divergence,
+        clm=True,
+        top_k=top_k,
+        beta=beta,
+        temperature=temperature,
+        eps_alpha=eps_alpha,
+        chunk_size=chunk_size,
+        softcap=final_logit_softcap,
+        reduction=reduction,
+        head_grad=student_head_grad,
     )
     return _call(
         cfg,

@@ -195,7 +195,8 @@ def test_bf16_heads():
 
     The head matmuls accumulate in float32, so values match the float32 reference of the same
     (bf16-representable) numbers to float32 accuracy. The cotangents come back in bf16, so they
-    match to one rounding to bf16 (7 stored mantissa bits: at most 2^-8 relative) plus float32 noise.
+    match to one rounding to bf16 (7 stored mantissa bits: at most 2^-8 relative) plus float32
+    noise.
     """
     x = _inputs(seed=8, dtype=jnp.bfloat16)
     x["hs"], x["ht"] = x["hs"].astype(jnp.bfloat16), x["ht"].astype(jnp.bfloat16)
@@ -288,3 +289,28 @@ def test_bad_targets_and_divergence_raise():
         fused.fused_distillation_loss(
             x["hs"], x["ws"], x["ht"], x["wt"], x["targets"], divergence="jsd"
         )
+
+
+def test_frozen_head_skips_its_gradient():
+    """student_head_grad=False: the same dh and db, a zero head cotangent."""
+    x = _inputs(seed=10)
+    kw = dict(top_k=K, chunk_size=6, teacher_bias=x["bt"])
+
+    def f(hs, ws, bs, grad):
+        return fused.fused_distillation_loss(
+            hs,
+            ws,
+            x["ht"],
+            x["wt"],
+            x["targets"],
+            x["mask"],
+            student_bias=bs,
+            student_head_grad=grad,
+            **kw,
+        )[0]
+
+    ref = jax.jit(jax.grad(lambda *a: f(*a, True), argnums=(0, 1, 2)))(x["hs"], x["ws"], x["bs"])
+    got = jax.jit(jax.grad(lambda *a: f(*a, False), argnums=(0, 1, 2)))(x["hs"], x["ws"], x["bs"])
+    np.testing.assert_allclose(got[0], ref[0], **TOL)
+    np.testing.assert_allclose(got[2], ref[2], **TOL)
+    assert not np.any(np.asarray(got[1])) and np.any(np.asarray(ref[1]))
