@@ -38,7 +38,7 @@ VARIANTS = {
                                   rope_theta=1e6)),
     "gemma2_window4": ("Gemma2Config", dict(
         _COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=24, sliding_window=4,
-        query_pre_attn_scalar=20, final_logit_softcapping=3.0, attn_logit_softcapping=2.0)),
+        query_pre_attn_scalar=20, final_logit_softcapping=10.0, attn_logit_softcapping=2.0)),
     "phi": ("PhiConfig", dict(_COMMON, partial_rotary_factor=0.4)),
     "phi3_longrope": ("Phi3Config", dict(
         _COMMON, num_key_value_heads=2, max_position_embeddings=64,
@@ -53,10 +53,16 @@ def _hf_model(name, path):
         cfg._attn_implementation = "eager"  # the implementation HF recommends for soft-capping
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
-    with torch.no_grad():  # norms init to 1 (or 0 for Gemma): randomise them too
+    # HF's init (std 0.02, unit norms) makes attention nearly uniform and soft-caps inactive, which
+    # would hide bugs there: use weights large enough for O(1) scores and logits.
+    with torch.no_grad():
         for pname, p in model.named_parameters():
             if "norm" in pname or pname.endswith("bias"):
                 p.add_(0.1 * torch.randn_like(p))
+            elif "embed" in pname:
+                p.normal_(0.0, 1.0)
+            else:
+                p.normal_(0.0, 0.15)
     model.save_pretrained(path)
     return model
 
