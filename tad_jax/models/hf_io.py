@@ -177,13 +177,24 @@ def unscan_params(config: ModelConfig, params) -> dict:
     return out
 
 
-def _hf_tensors(config: ModelConfig, params) -> dict[str, np.ndarray]:
-    flat = flatten_dict(unscan_params(config, params), sep="/")
-    out = {}
-    for rule in expand_rules(config):
-        values = [jnp.asarray(flat[p]) for p in rule.flax]
-        out[rule.hf] = np.ascontiguousarray(np.asarray(HOOKS[rule.hook][1](values, config)))
-    return out
+def _hf_tensor(rule, flat, config) -> np.ndarray:
+    values = [jnp.asarray(flat[p]) for p in rule.flax]
+    return np.ascontiguousarray(np.asarray(HOOKS[rule.hook][1](values, config)))
+
+
+def _plan_shards(rules, flat, config, max_bytes) -> list[list]:
+    """Groups the rules into shards of at most max_bytes (from shapes only: nothing converted)."""
+    shards, current, size = [], [], 0
+    for rule in rules:
+        structs = [jax.ShapeDtypeStruct(flat[p].shape, flat[p].dtype) for p in rule.flax]
+        out = jax.eval_shape(lambda ws, rule=rule: HOOKS[rule.hook][1](ws, config), structs)
+        nbytes = int(np.prod(out.shape)) * out.dtype.itemsize
+        if current and size + nbytes > max_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(rule)
+        size += nbytes
+    return shards + [current]
 
 
 def save_pretrained(model: Decoder, params, path, max_shard_bytes: int = _DEFAULT_SHARD_BYTES):
@@ -199,25 +210,23 @@ def save_pretrained(model: Decoder, params, path, max_shard_bytes: int = _DEFAUL
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)
     config = model.config
-    tensors = _hf_tensors(config, params)
-    dtype_name = str(next(iter(tensors.values())).dtype)
+    flat = flatten_dict(unscan_params(config, params), sep="/")
+    dtype_name = str(jnp.dtype(flat["embed/embedding"].dtype))
     hf = config.to_hf() | {"torch_dtype": dtype_name, "dtype": dtype_name}
     (path / "config.json").write_text(json.dumps(hf, indent=2))
-    shards, current, size = [], {}, 0
-    for name, t in tensors.items():
-        if current and size + t.nbytes > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[name], size = t, size + t.nbytes
-    shards.append(current)
+    shards = _plan_shards(expand_rules(config), flat, config, max_shard_bytes)
+    # Converted and written one shard at a time: the host holds one shard, not the model.
     if len(shards) == 1:
-        save_file(shards[0], os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
+        tensors = {rule.hf: _hf_tensor(rule, flat, config) for rule in shards[0]}
+        save_file(tensors, os.fspath(path / "model.safetensors"), metadata={"format": "pt"})
         return
-    weight_map = {}
+    weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, os.fspath(path / fname), metadata={"format": "pt"})
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.nbytes for t in tensors.values())
+        tensors = {rule.hf: _hf_tensor(rule, flat, config) for rule in shard}
+        save_file(tensors, os.fspath(path / fname), metadata={"format": "pt"})
+        weight_map.update({name: fname for name in tensors})
+        total += sum(t.nbytes for t in tensors.values())
+        del tensors
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
