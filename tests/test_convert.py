@@ -121,3 +121,23 @@ def test_config_with_fewer_layers_than_the_weights(saved):
 def test_to_hf_from_hf_roundtrip(name):
     cfg = PRESETS[name].replace(remat=True)
     assert ModelConfig.from_hf(cfg.to_hf(), remat=True) == cfg
+
+
+def test_loading_and_student_inside_a_mesh_and_rules_context(saved):
+    """The training loop keeps a mesh and logical rules in scope: loading must not trip on them."""
+    import flax.linen as nn
+    from jax.sharding import Mesh
+
+    from tad_jax.models import init_student, lm_head
+
+    path, model, params = saved
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "model"))
+    rules = (("batch", "data"), ("mlp", "model"), ("vocab", "model"), ("heads", "model"))
+    boxed = model.init(jax.random.PRNGKey(0), jnp.ones((1, 3), jnp.int32))["params"]
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        _, loaded = from_pretrained(path)
+        _, s_params, _ = init_student(model.config, loaded, {"num_layers": 1},
+                                      jax.random.PRNGKey(1))
+        w_dv, _ = lm_head(model.config, boxed)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, loaded, params)
+    assert w_dv.shape == (16, 64) and s_params["layer_0"]["attn"]["q"]["kernel"].shape == (16, 2, 8)

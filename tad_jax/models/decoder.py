@@ -18,7 +18,6 @@ from typing import NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax.core import meta
 
 from tad_jax.models.config import ModelConfig
 from tad_jax.models.layers import Attention, Mlp, Norm, _param, rope_cos_sin
@@ -228,8 +227,31 @@ def lm_head(config: ModelConfig, params) -> tuple[jax.Array, jax.Array | None]:
       config: the model's config.
       params: the model's params (plain or boxed), without the {"params": ...} wrapper.
     """
-    params = meta.unbox(params)
+    params = unbox(params)
     if config.tie_word_embeddings:
         return params["embed"]["embedding"].T, None
     head = params["lm_head"]
     return head["kernel"], head.get("bias")
+
+
+def unbox(tree):
+    """Plain values of (possibly boxed) params.
+
+    Unlike `nn.unbox`, never applies sharding constraints, so it is safe on abstract values and
+    outside jit while a mesh is active.
+    """
+    is_box = lambda x: isinstance(x, nn.Partitioned)
+    return jax.tree_util.tree_map(lambda x: x.value if is_box(x) else x, tree, is_leaf=is_box)
+
+
+def init_params(model: Decoder, rng, *, abstract: bool = False):
+    """`model.init` params, plain arrays (or ShapeDtypeStructs when `abstract`).
+
+    Runs with no logical-axis rules in scope: activation constraints of the dummy forward pass
+    are no-ops even inside a caller's mesh and rules context.
+    """
+    def init(r):
+        with nn.logical_axis_rules(()):
+            return model.init(r, jnp.ones((1, 1), jnp.int32))["params"]
+
+    return unbox(jax.eval_shape(init, rng) if abstract else init(rng))

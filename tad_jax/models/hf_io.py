@@ -17,14 +17,13 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 from flax.traverse_util import flatten_dict, unflatten_dict
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from tad_jax.models.config import ModelConfig
 from tad_jax.models.convert import HOOKS, expand_rules
-from tad_jax.models.decoder import Decoder
+from tad_jax.models.decoder import Decoder, init_params, unbox
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 _DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -56,8 +55,8 @@ def _weight_files(path: pathlib.Path) -> dict[str, pathlib.Path]:
 def _flax_shapes(model: Decoder) -> dict[str, tuple[int, ...]]:
     """'a/b/c' -> shape of every parameter in the unscanned layout."""
     cfg = model.config.replace(scan_layers=False, remat=False)
-    shapes = jax.eval_shape(Decoder(cfg).init, jax.random.PRNGKey(0), jnp.ones((1, 1), jnp.int32))
-    flat = flatten_dict(meta.unbox(shapes["params"]), sep="/")
+    shapes = init_params(Decoder(cfg), jax.random.PRNGKey(0), abstract=True)
+    flat = flatten_dict(shapes, sep="/")
     return {k: tuple(v.shape) for k, v in flat.items()}
 
 
@@ -153,7 +152,7 @@ def _flat_shardings(shardings, config):
     """'a/b' -> the sharding to use (None for the default device)."""
     if shardings is None or isinstance(shardings, jax.sharding.Sharding):
         return lambda key: shardings
-    flat = flatten_dict(meta.unbox(shardings), sep="/")
+    flat = flatten_dict(unbox(shardings), sep="/")
     return lambda key: flat[key]
 
 
@@ -168,7 +167,7 @@ def _stack_layers(flat, config, dtype, flat_shardings):
 
 def unscan_params(config: ModelConfig, params) -> dict:
     """Scanned params (`layers/...` with a leading layer axis) -> per-layer `layer_{i}/...`."""
-    params = meta.unbox(params)
+    params = unbox(params)
     if "layers" not in params:
         return params
     out = {k: v for k, v in params.items() if k != "layers"}

@@ -19,10 +19,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
 from tad_jax.models.config import ModelConfig
-from tad_jax.models.decoder import Decoder
+from tad_jax.models.decoder import Decoder, init_params
 from tad_jax.models.hf_io import unscan_params
 
 _SIZE_FIELDS = ("hidden_size", "num_heads", "num_kv_heads", "head_dim")
@@ -169,7 +168,7 @@ def init_student(teacher_config: ModelConfig, teacher_params, student_overrides:
     indices = _layer_indices(teacher_config, student_overrides)
     student = student_config(teacher_config, student_overrides)
     plain = student.replace(scan_layers=False, remat=False)
-    s_params = meta.unbox(Decoder(plain).init(rng, jnp.ones((1, 1), jnp.int32))["params"])
+    s_params = init_params(Decoder(plain), rng)
     t_params = unscan_params(teacher_config, teacher_params)
     d = student.hidden_size
     s_params["embed"] = {"embedding": t_params["embed"]["embedding"][:, :d]}
