@@ -404,3 +404,25 @@ def test_different_tokenizers_are_refused(tmp_path):
     train.check_tokenizers({"teacher": tok_dir, "data": tok_dir}, 512)  # one tokenizer: fine
     with pytest.raises(ValueError, match="teacher and student tokenizers differ"):
         train.check_tokenizers({"teacher": tok_dir, "student": str(tmp_path / "other")}, 256)
+
+
+@pytest.mark.slow
+def test_restore_student_gives_the_evaluated_student(run30):
+    from tad_jax.data import make_eval_iterator
+
+    workdir, records = run30
+    cfg = tiny_config()
+    model, params, step = train.restore_student(cfg, workdir)
+    assert step == 30 and model.config.num_layers == 1
+    teacher_model, teacher_params = train.build_teacher(cfg)
+    eval_step = jax.jit(train.make_eval_step(model, teacher_model, 512))
+    sums = None
+    for batch in make_eval_iterator(cfg.data, batch_size=cfg.eval.batch_size,
+                                    max_batches=cfg.eval.max_batches):
+        out = eval_step(params, teacher_params, batch)
+        sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+    got = train.finalize_eval(jax.device_get(sums))
+    for k in ("eval_kl", "eval_ce", "eval_top1_agreement"):
+        np.testing.assert_allclose(got[k], records[-1][k], rtol=1e-5, err_msg=k)
+    with pytest.raises(FileNotFoundError, match="No checkpoint"):
+        train.restore_student(cfg, os.path.join(workdir, "empty"))
