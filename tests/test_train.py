@@ -426,3 +426,24 @@ def test_restore_student_gives_the_evaluated_student(run30):
         np.testing.assert_allclose(got[k], records[-1][k], rtol=1e-5, err_msg=k)
     with pytest.raises(FileNotFoundError, match="No checkpoint"):
         train.restore_student(cfg, os.path.join(workdir, "empty"))
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_stops(tmp_path, monkeypatch):
+    import tad_jax.data
+
+    real, calls = tad_jax.data.to_global_batch, []
+
+    def to_global_batch(batch, sharding_):
+        calls.append(1)
+        if len(calls) == 5:  # the scheduler's SIGTERM arrives while step 5 is being prepared
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(batch, sharding_)
+
+    monkeypatch.setattr(tad_jax.data, "to_global_batch", to_global_batch)
+    previous = signal.getsignal(signal.SIGTERM)
+    workdir = str(tmp_path)
+    train.train_and_evaluate(tiny_config(), workdir)  # returns instead of dying
+    assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored
+    assert [r["step"] for r in train.read_metrics(workdir)] == [1, 2, 3, 4, 5]
+    assert train.Checkpointer(workdir).latest_step() == 5
