@@ -266,34 +266,48 @@ def _clm_terms(zs_mv, y_m):
     return nll, jnp.exp(logp) - onehot
 
 
-def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
-    """One scan step on m tokens: per-token losses [m] and, if wanted, dz of raw logits [m, V]."""
+def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool, defer: bool):
+    """One scan step on m tokens: per-token losses [m] and, if wanted, dz of raw logits [m, V].
+
+    β(X) comes from `xs["gamma"]` (pre-pass), from the chunk itself (it holds whole rows), or, if
+    `defer`, is not known yet: then the KL and tail parts stay apart (losses "kl"/"tail", and dz
+    as a pair) for `_run` to combine once ᾱ(X) is known.
+    """
     ws, bs, wt, bt = params
     zs, dcap = _logits(xs["hs"], ws, bs, cfg.softcap)
-    out, dz = {}, jnp.zeros_like(zs)
+    out, dzs = {}, [jnp.zeros_like(zs)]
     if cfg.divergence is not None:
         tau = cfg.temperature
         lt, _ = _logits(xs["ht"], wt, bt, cfg.softcap)
         lt = lt / tau
-        if cfg.divergence == "tad" and "idx" not in xs:  # one chunk holds whole rows: no pre-pass
+        if cfg.divergence == "tad" and "idx" not in xs:  # no pre-pass
             idx, lse_t, log_at = _teacher_stats(lt, cfg.top_k)
-            gamma = _gamma(log_at.reshape(rows, -1), xs["mask"].reshape(rows, -1), cfg)
-            xs = dict(xs, idx=idx, lse_t=lse_t, log_at=log_at, gamma=gamma.reshape(-1))
+            xs = dict(xs, idx=idx, lse_t=lse_t, log_at=log_at)
+            if not defer:  # the chunk holds whole rows
+                gamma = _gamma(log_at.reshape(rows, -1), xs["mask"].reshape(rows, -1), cfg)
+                xs["gamma"] = gamma.reshape(-1)
         lse_t = xs["lse_t"] if "lse_t" in xs else jax.nn.logsumexp(lt, axis=-1)
         tail_mv = ~_top_mask(xs["idx"], lt.shape[-1]) if cfg.divergence == "tad" else None
         kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, tail_mv, xs.get("log_at"))
         # τ² · (KL + (β(X) − 1) α_T D_KL2) = τ² · (D_KL1 + β(X) α_T D_KL2).
-        out["div"] = tau * tau * (kl if tail is None else kl + xs["gamma"] * tail)
+        if defer:
+            out.update(kl=tau * tau * kl, tail=tau * tau * tail, log_at=xs["log_at"])
+        else:
+            out["div"] = tau * tau * (kl if tail is None else kl + xs["gamma"] * tail)
         if want_grad:
-            g = g_kl if g_tail is None else g_kl + xs["gamma"][:, None] * g_tail
-            dz = dz + (tau * xs["w"])[:, None] * g  # τ² · ∂/∂(z/τ) · 1/τ
+            w = (tau * xs["w"])[:, None]  # τ² · ∂/∂(z/τ) · 1/τ
+            if defer:
+                dzs = [dzs[0] + w * g_kl, w * g_tail]
+            else:
+                g = g_kl if g_tail is None else g_kl + xs["gamma"][:, None] * g_tail
+                dzs[0] = dzs[0] + w * g
     if cfg.clm:
         out["clm"], g_clm = _clm_terms(zs, xs["targets"])
         if want_grad:
-            dz = dz + xs["w"][:, None] * g_clm
+            dzs[0] = dzs[0] + xs["w"][:, None] * g_clm
     if want_grad and dcap is not None:
-        dz = dz * dcap
-    return out, dz
+        dzs = [dz * dcap for dz in dzs]
+    return out, dzs
 
 
 # ----------------------------------------------------------------------------- scans
@@ -344,55 +358,78 @@ def _pre_pass(cfg: _Config, wt, bt, big, small, mask_rt):
     return stats
 
 
-def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
-    """Scans the chunks: per-token losses [n, m] and, if wanted, dW, db and dh [R, n, c, d]."""
+def _main_pass(cfg: _Config, params, big, small, want_grad: bool, defer: bool):
+    """Scans the chunks: per-token losses [n, m] and, if wanted, (dW, dbs, dhs).
+
+    dbs/dhs hold db [V] and dh [R, n, c, d], plus, if `defer`, the tail parts: db per row [R, V]
+    and dh (the head gradient is never deferred: `defer` implies a frozen head or no gradient).
+    """
     ws = params[0]
     rows = big["hs"].shape[0]
     carry0 = ()
     if want_grad:  # float32 accumulators; dh is written in place, chunk by chunk
-        carry0 = (
-            jnp.zeros(ws.shape if cfg.head_grad else (), _F32),
-            jnp.zeros(ws.shape[1], _F32),
-            jnp.zeros(big["hs"].shape, _F32),
-        )
+        dbs = (jnp.zeros(ws.shape[1], _F32),) + ((jnp.zeros((rows, ws.shape[1]), _F32),) * defer)
+        dhs = (jnp.zeros(big["hs"].shape, _F32),) * (1 + defer)
+        carry0 = (jnp.zeros(ws.shape if cfg.head_grad else (), _F32), dbs, dhs)
 
     def body(carry, xs_c):
         i = xs_c["i"]
         xs_c = dict(xs_c, **{k: _take(v, i) for k, v in big.items()})
-        out, dz = _chunk(cfg, params, xs_c, rows, want_grad)
+        out, dzs = _chunk(cfg, params, xs_c, rows, want_grad, defer)
         if not want_grad:
             return carry, out
-        dw, db, dh = carry
+        dw, dbs, dhs = carry
         if cfg.head_grad:  # skipped for a frozen head: a third of the student's head FLOPs
-            dw = dw + jnp.einsum(
-                "md,mv->dv", xs_c["hs"].astype(_F32), dz, preferred_element_type=_F32
-            )
-        dh_md = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
-        dh = jax.lax.dynamic_update_index_in_dim(
-            dh, dh_md.reshape(dh.shape[0], -1, dh.shape[-1]), i, axis=1
-        )
-        return (dw, db + dz.sum(0), dh), out
+            hs = xs_c["hs"].astype(_F32)
+            dw = dw + jnp.einsum("md,mv->dv", hs, dzs[0], preferred_element_type=_F32)
+        new_dbs, new_dhs = [], []
+        for db, dh, dz in zip(dbs, dhs, dzs, strict=True):
+            new_dbs.append(db + dz.reshape(db.shape[:-1] + (-1, dz.shape[-1])).sum(-2))
+            dh_md = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
+            dh_rcd = dh_md.reshape(rows, -1, dh.shape[-1])
+            new_dhs.append(jax.lax.dynamic_update_index_in_dim(dh, dh_rcd, i, axis=1))
+        return (dw, tuple(new_dbs), tuple(new_dhs)), out
 
     return jax.lax.scan(body, carry0, small)
 
 
+def _combine_deferred(cfg: _Config, out, grads, mask_rt, t: int):
+    """β(X) known at last: div = KL + (β(X) − 1)·tail per token [R, T], dh and db likewise."""
+    rows = mask_rt.shape[0]
+    kl, tail, log_at = (out.pop(k) for k in ("kl", "tail", "log_at"))
+    gamma_rt = _gamma(log_at, mask_rt, cfg)
+    out["div"] = kl + gamma_rt * tail
+    if not grads:
+        return out, grads
+    dw, (db, db_tail), (dh, dh_tail) = grads
+    dh_rtd = dh.reshape(rows, -1, dh.shape[-1])[:, :t]
+    dh_tail_rtd = dh_tail.reshape(rows, -1, dh.shape[-1])[:, :t]
+    db = db + (gamma_rt[:, :1] * db_tail).sum(0)
+    return out, (dw, (db,), (dh_rtd + gamma_rt[..., None] * dh_tail_rtd,))
+
+
 def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: bool):
-    """Pre-pass (TAD over several chunks) + main pass; per-token losses [R, T] and gradients."""
+    """Per-token losses [R, T] and, if wanted, the gradients (dh, dW, db), in float32.
+
+    TAD over several chunks gets β(X) from a teacher pre-pass when the head's gradient is wanted,
+    and otherwise (frozen head, or values only) defers the tail parts until β(X) is known.
+    """
     big, small, mask_rt = _prepare(cfg, hs, ht, mask, targets)
     rows, t = mask_rt.shape
-    if cfg.divergence == "tad" and small["i"].shape[0] > 1:
+    several = cfg.divergence == "tad" and small["i"].shape[0] > 1
+    defer = several and not (want_grad and cfg.head_grad)
+    if several and not defer:
         small.update(_pre_pass(cfg, params[2], params[3], big, small, mask_rt))
     if want_grad:
         small["w"] = _to_chunks(weights_rt, big["hs"].shape[2])
-    grads, out = _main_pass(cfg, params, big, small, want_grad)
+    grads, out = _main_pass(cfg, params, big, small, want_grad, defer)
+    out = {k: _from_chunks(v, rows, t) for k, v in out.items()}
+    if defer:
+        out, grads = _combine_deferred(cfg, out, grads, mask_rt, t)
     # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
-    per_tok = {
-        k: jnp.where(mask_rt > 0, _from_chunks(out[k], rows, t), 0.0)
-        for k in ("clm", "div")
-        if k in out
-    }
+    per_tok = {k: jnp.where(mask_rt > 0, v, 0.0) for k, v in out.items() if k in ("clm", "div")}
     if want_grad:
-        dw, db, dh = grads
+        dw, (db,), (dh,) = grads
         dh = dh.reshape(rows, -1, dh.shape[-1])[:, :t].reshape(hs.shape[:-1] + (-1,))
         grads = (dh, dw, db)
     return per_tok, mask_rt, grads
