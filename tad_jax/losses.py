@@ -155,17 +155,26 @@ def _topk_member(idx_btk, vocab):
 
 
 def _head_u8(idx_btk, vocab):
-    """uint8 [..., T, V] top-K indicator (1 = in the head) by integer arithmetic.
+    """uint8 [..., T, V] top-K indicator (1 = in the head), scattered from the indices.
 
-    Π_k min(|v − idx_k|, 1) is 0 exactly at the K indices. Built without a boolean, so XLA keeps a
-    1-byte array that its vectorised reductions read, rather than a float32 [.., V] copy.
+    A scatter of the N·K ones costs ~1 ms; a compare against K indices per entry costs a full
+    [.., V] pass, and a boolean would be widened to a float32 [.., V] copy by XLA CPU.
     """
-    lead = idx_btk.ndim - 1
-    iota_v = jax.lax.broadcasted_iota(jnp.int32, (1,) * lead + (vocab,), lead)
-    tail = jnp.ones(idx_btk.shape[:-1] + (vocab,), jnp.int32)
-    for k in range(idx_btk.shape[-1]):
-        tail = tail * jnp.minimum(jnp.abs(iota_v - idx_btk[..., k : k + 1]), 1)
-    return (1 - tail).astype(jnp.uint8)
+    lead = idx_btk.shape[:-1]
+    iotas = [jax.lax.broadcasted_iota(jnp.int32, idx_btk.shape, d) for d in range(len(lead))]
+    head = jnp.zeros(lead + (vocab,), jnp.uint8)
+    return head.at[(*iotas, idx_btk)].set(1, unique_indices=True,
+                                         out_sharding=_explicit_like(idx_btk))
+
+
+def _explicit_like(x_btk):
+    """Under explicit sharding, x's sharding with the last axis whole (scatter needs it named)."""
+    sharding = jax.typeof(x_btk).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None or len(spec) != x_btk.ndim or all(p is None for p in spec):
+        return None
+    return jax.sharding.NamedSharding(sharding.mesh,
+                                      jax.sharding.PartitionSpec(*spec[:-1], None))
 
 
 def _masked(x_bt, mask_bt):
@@ -239,8 +248,7 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
     if top_k == 0:  # the tail is the whole vocabulary: alpha = 1, D_KL1 = 0, D_KL2 = KL.
         idx_btk = jnp.zeros(s_btv.shape[:-1] + (0,), jnp.int32)
         lse_tail_s = _tail_lse(s_btv)
-        max_t = jnp.max(t_btv, axis=-1)
-        lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, (max_t, max_t), lse_tail_s)
+        lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, jnp.max(t_btv, axis=-1), lse_tail_s)
         return _finish_stats(idx_btk, lse_tail_s, lse_tail_t, lse_tail_s, lse_tail_t,
                              jnp.zeros_like(lse_tail_s), kl2)
     # The barriers keep XLA CPU from fusing the indices into their consumers, which turns top_k
@@ -251,10 +259,7 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
     idx_btk = idx_btk[..., :-1]
     head_btv = _head_u8(idx_btk, s_btv.shape[-1])
     lse_tail_s = _tail_lse(s_btv, head_btv)
-    # min of the K+1 largest = the (K+1)-th: the same number as tail_max_t by a different op.
-    tail_max2_t = jnp.min(top_t_btk_all, axis=-1)
-    lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, (tail_max_t, tail_max2_t), lse_tail_s,
-                                    head_btv)
+    lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, tail_max_t, lse_tail_s, head_btv)
     # The K head terms from gathered values: [.., K] work instead of another [.., V] pass.
     top_s_btk = jnp.take_along_axis(_whole_vocab(s_btv), idx_btk, axis=-1)
     lse_s = jnp.logaddexp(lse_tail_s, _lse(top_s_btk))
@@ -267,7 +272,13 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
 
 
 def _push_head(x_btv, head_btv):
-    return x_btv if head_btv is None else x_btv - _BIG * head_btv.astype(x_btv.dtype)
+    return x_btv if head_btv is None else x_btv - _push(head_btv, x_btv.dtype, 1)
+
+
+def _push(head_btv, dtype, n):
+    """n·_BIG on the head: each reduction uses its own n, so XLA shares no float32 [.., V] product
+    between them (a shared producer is materialised; the uint8 head is read by each)."""
+    return (n * _BIG) * (head_btv * jnp.uint8(n)).astype(dtype)
 
 
 def _tail_lse(s_btv, head_btv=None):
@@ -278,12 +289,12 @@ def _tail_lse(s_btv, head_btv=None):
     # Written as s − (m + _BIG·head), not (s − _BIG·head) − m: a different expression, so XLA does
     # not share (and materialise) one [.., V] producer between the max and the sum.
     shifted_btv = s_btv - (m_bt[..., None] if head_btv is None else
-                           m_bt[..., None] + _BIG * head_btv.astype(s_btv.dtype))
+                           m_bt[..., None] + _push(head_btv, s_btv.dtype, 2))
     lse = jnp.log(jnp.sum(jnp.exp(shifted_btv), axis=-1)) + m_bt
     return jnp.where(empty, -jnp.inf, lse)
 
 
-def _teacher_tail(s_btv, t_btv, shifts_t, lse_tail_s, head_btv=None):
+def _teacher_tail(s_btv, t_btv, shift_t, lse_tail_s, head_btv=None):
     """(lse_tail_t, D_KL2) from one pass over the teacher's tail, shifted by its max `shift_t`.
 
     D_KL2 = Σ_tail p̃_T·(t − s) − lse_tail_t + lse_tail_s, with p̃_T = exp(t − lse_tail_t): both
@@ -291,15 +302,18 @@ def _teacher_tail(s_btv, t_btv, shifts_t, lse_tail_s, head_btv=None):
     (where p̃_T = 0) adds 0 instead of NaN; a student -inf where the teacher has mass gives a huge
     finite loss instead of inf.
     """
-    # The two sums recompute the exponentials from differently written (equal) expressions,
-    # shifted by two equal numbers computed by different ops (`shifts_t`): XLA would materialise
-    # any [.., V] producer (or broadcast) the two reductions share, which costs more than an exp.
-    shift_t, shift2_t = (jnp.where(jnp.isfinite(x), x, 0.0) for x in shifts_t)
-    e_btv = jnp.exp(_push_head(t_btv, head_btv) - shift_t[..., None])
+    # The two sums recompute the exponentials with two different shifts (shift and
+    # floor(shift) + 1, rescaled after): XLA would materialise any [.., V] producer or broadcast
+    # that the two reductions share, which costs more than a second exp.
+    shift_t = jnp.where(jnp.isfinite(shift_t), shift_t, 0.0)
+    shift2_t = jnp.floor(shift_t) + 1.0
+    e_btv = jnp.exp(t_btv - (shift_t[..., None] if head_btv is None else
+                             shift_t[..., None] + _push(head_btv, t_btv.dtype, 3)))
     e2_btv = jnp.exp(t_btv - (shift2_t[..., None] if head_btv is None else
-                              shift2_t[..., None] + _BIG * head_btv.astype(t_btv.dtype)))
+                              shift2_t[..., None] + _push(head_btv, t_btv.dtype, 4)))
     diff_btv = jnp.maximum(t_btv, -_BIG) - jnp.maximum(s_btv, -_BIG)
-    z_bt, cross_bt = jnp.sum(e_btv, axis=-1), jnp.sum(e2_btv * diff_btv, axis=-1)
+    z_bt = jnp.sum(e_btv, axis=-1)
+    cross_bt = jnp.sum(e2_btv * diff_btv, axis=-1) * jnp.exp(shift2_t - shift_t)
     lse_tail_t = jnp.log(z_bt) + shift_t
     kl2 = cross_bt / jnp.where(z_bt > 0, z_bt, 1.0) - lse_tail_t + lse_tail_s
     return lse_tail_t, kl2
@@ -362,7 +376,8 @@ def _tad_bwd(top_k, beta, temperature, eps_alpha, res, g_bt):
     ps_tail_btv = jnp.exp(s_btv + log_scale[..., None])
     tail_btv = (beta_x_b[..., None, None] - 1.0) * (ps_tail_btv - pt_btv)
     if top_k > 0:
-        tail_btv = jnp.where(_topk_member(idx_btk, s_btv.shape[-1]), 0.0, tail_btv)
+        # A select, not a product: α_T·p̃_S may overflow to inf on head entries.
+        tail_btv = jnp.where(_head_u8(idx_btk, s_btv.shape[-1]) > 0, 0.0, tail_btv)
     grad_btv = _masked((temperature * g_bt)[..., None] * (ps_btv - pt_btv + tail_btv),
                        mask_bt[..., None]).astype(student_btv.dtype)
     return grad_btv, jnp.zeros_like(teacher_btv), jnp.zeros_like(mask_bt)
@@ -467,8 +482,7 @@ def _kl_fwd(student_btv, teacher_btv, mask_bt, temperature):
     # TAD's K = 0 statistics are exactly KL's: three select-free reductions over [.., V].
     s_btv, t_btv = _scaled(student_btv, temperature), _scaled(teacher_btv, temperature)
     lse_s = _tail_lse(s_btv)
-    max_t = jnp.max(t_btv, axis=-1)
-    lse_t, kl_bt = _teacher_tail(s_btv, t_btv, (max_t, max_t), lse_s)
+    lse_t, kl_bt = _teacher_tail(s_btv, t_btv, jnp.max(t_btv, axis=-1), lse_s)
     loss_bt = _masked(temperature**2 * kl_bt, mask_bt)
     return loss_bt, (student_btv, teacher_btv, mask_bt, lse_s, lse_t)
 
