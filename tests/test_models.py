@@ -90,10 +90,15 @@ def test_forward_matches_transformers(pair):
     seg = np.ones((3, T), np.int32)
     seg[1, n_valid:] = 0
     seg[2, split:] = 2
-    out = jax.jit(model.apply)({"params": params}, jnp.asarray(ids), jnp.asarray(seg))
+    out = jax.jit(model.apply, static_argnames="output_hidden_states")(
+        {"params": params}, jnp.asarray(ids), jnp.asarray(seg), output_hidden_states=True)
     ours = np.asarray(out.logits)
     assert out.logits.dtype == jnp.float32 and ours.shape == (3, T, V)
     np.testing.assert_allclose(ours[0], _torch_logits(hf, ids[:1])[0], atol=ATOL, rtol=0)
+    with torch.no_grad():  # every hidden state, as transformers' output_hidden_states
+        ref_hidden = hf(torch.tensor(ids[:1]), output_hidden_states=True).hidden_states
+    for a, b in zip(out.all_hidden_states, ref_hidden, strict=True):
+        np.testing.assert_allclose(np.asarray(a[0]), b[0].numpy(), atol=ATOL, rtol=0)
     # Padding positions restart at 0 like a new segment (Phi-3's LongRoPE picks its factors from
     # the longest position, so pass the same positions to transformers).
     mask = (seg[1:2] > 0).astype(np.int64)
@@ -114,6 +119,7 @@ def test_lm_head_reproduces_logits(pair):
     again = head_logits(model.config, out.hidden_states, w_dv, b_v)
     np.testing.assert_allclose(np.asarray(again), np.asarray(out.logits), atol=1e-5, rtol=0)
     assert len(out.all_hidden_states) == model.config.num_layers + 1
+    np.testing.assert_array_equal(out.all_hidden_states[-1], out.hidden_states)
     no_logits = model.apply({"params": params}, ids, return_logits=False)
     assert no_logits.logits is None
     np.testing.assert_allclose(no_logits.hidden_states, out.hidden_states, atol=1e-6, rtol=0)

@@ -31,8 +31,9 @@ class DecoderOutput(NamedTuple):
     Attributes:
       logits: [B, T, V] float32 (soft-capped when the config says so), or None.
       hidden_states: [B, T, d] after the final norm (what the LM head consumes).
-      all_hidden_states: on request, a tuple of L + 1 arrays [B, T, d]: the (scaled) embeddings,
-        then the output of each layer (before the final norm).
+      all_hidden_states: on request, a tuple of L + 1 arrays [B, T, d], as transformers'
+        `output_hidden_states`: the (scaled) embeddings, the outputs of layers 1 .. L-1, then the
+        final normed hidden states (the last layer's output after the final norm).
     """
 
     logits: jax.Array | None
@@ -167,7 +168,7 @@ class Decoder(nn.Module):
             logits = head_logits(c, h, w_dv, b_v)
         elif not c.tie_word_embeddings:
             Head(c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
-        all_h = (x0, *outs) if output_hidden_states else None
+        all_h = (x0, *outs[:-1], h) if output_hidden_states else None
         return DecoderOutput(logits, h, all_h)
 
 
