@@ -67,6 +67,12 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_unknown_override_is_named(saved):
+    path, _, _ = saved
+    with pytest.raises(ValueError, match=r"Unknown ModelConfig fields \['scan'\]"):
+        from_pretrained(path, scan=True)
+
+
 def test_unsupported_rope_type():
     hf = dict(ModelConfig(**TINY).to_hf(), rope_scaling=dict(rope_type="yarn", factor=4.0))
     with pytest.raises(ValueError, match="rope type 'yarn' is not supported"):

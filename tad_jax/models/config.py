@@ -197,6 +197,10 @@ class ModelConfig:
         """
         from tad_jax.models._hf_config import fields_from_hf
 
+        unknown = sorted(set(overrides) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(f"Unknown ModelConfig fields {unknown}; valid: "
+                             f"{sorted(cls.__dataclass_fields__)}.")
         return cls(**{**fields_from_hf(hf), **overrides})
 
     def to_hf(self) -> dict[str, Any]:
