@@ -92,3 +92,53 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], *, workdir
             "with the new config."
         )
     return diffs
+
+
+# Each process reads its own shard of the data, so each has its own iterator position. Orbax's
+# JSON item is written by the primary process only; the positions go to per-process files
+# `WORKDIR/data_state/<step>/process_<i>.json` instead (written before the step's checkpoint is
+# started, pruned with it).
+
+
+def _data_state_path(workdir: str, step: int, process: int) -> str:
+    return os.path.join(os.path.abspath(workdir), "data_state", str(step),
+                        f"process_{process}.json")
+
+
+def save_data_state(workdir: str, step: int, process: int, state_json: str) -> None:
+    """Writes this process's data-iterator position for `step` (atomically)."""
+    path = _data_state_path(workdir, step, process)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(state_json)
+    os.replace(tmp, path)
+
+
+def load_data_state(workdir: str, step: int, process: int, fallback: str | None) -> str:
+    """This process's saved position at `step` (`fallback`, e.g. the meta item's, if absent).
+
+    Raises:
+      FileNotFoundError: neither a per-process file nor a fallback exists.
+    """
+    path = _data_state_path(workdir, step, process)
+    if os.path.exists(path):
+        with open(path) as f:
+            return f.read()
+    if fallback is None:
+        raise FileNotFoundError(
+            f"No data-iterator state for process {process} at step {step} ({path}); resume with "
+            "the same number of processes that wrote the checkpoint.")
+    return fallback
+
+
+def prune_data_states(workdir: str, keep_steps: list[int]) -> None:
+    """Removes the data-state folders of steps whose checkpoints are gone."""
+    import shutil
+
+    root = os.path.join(os.path.abspath(workdir), "data_state")
+    if not os.path.isdir(root):
+        return
+    for name in os.listdir(root):
+        if name.isdigit() and int(name) not in keep_steps:
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)

@@ -34,7 +34,13 @@ import numpy as np
 import optax
 
 from tad_jax import losses, sharding
-from tad_jax.checkpoint import Checkpointer, check_same_config
+from tad_jax.checkpoint import (
+    Checkpointer,
+    check_same_config,
+    load_data_state,
+    prune_data_states,
+    save_data_state,
+)
 from tad_jax.config import config_to_dict, num_steps, validate_config
 from tad_jax.models import Decoder, ModelConfig
 
@@ -580,7 +586,8 @@ def setup_run(config, workdir: str) -> Run:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, state_sh)
             state, meta = ckpt.restore(latest, abstract)
-            restore_iterator_state(data_iter, meta["data_state"])
+            restore_iterator_state(data_iter, load_data_state(
+                workdir, latest, jax.process_index(), meta.get("data_state")))
         step_fn, eval_fn, batch_sh = _compile_steps(config, models, tx, schedule, state_sh, mesh)
     return Run(config=config, workdir=workdir, mesh=mesh, models=models, state=state,
                step_fn=step_fn, eval_fn=eval_fn, batch_sh=batch_sh, ckpt=ckpt,
@@ -679,7 +686,7 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
                                 force=do_eval) or last
             pending = None
             if do_save:
-                run.ckpt.save(step, run.state, _meta(run, step))
+                _save(run, step)
         if stop.requested:
             bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume.")
             break
@@ -723,11 +730,16 @@ class _Throughput:
         return r
 
 
-def _meta(run: Run, step: int) -> dict[str, Any]:
+def _save(run: Run, step: int) -> None:
+    """Checkpoints state + config (orbax) and every process's data position (its own file)."""
     from tad_jax.data import iterator_state_to_json
 
-    return {"step": step, "config": config_to_dict(run.config),
-            "data_state": iterator_state_to_json(run.data_iter)}
+    data_state = iterator_state_to_json(run.data_iter)
+    save_data_state(run.workdir, step, jax.process_index(), data_state)
+    meta = {"step": step, "config": config_to_dict(run.config), "data_state": data_state}
+    run.ckpt.save(step, run.state, meta)
+    if jax.process_index() == 0:
+        prune_data_states(run.workdir, run.ckpt.all_steps() + [step])
 
 
 def _evaluate(run: Run) -> dict[str, float]:

@@ -447,3 +447,18 @@ def test_sigterm_saves_then_stops(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) == previous  # the handler is restored
     assert [r["step"] for r in train.read_metrics(workdir)] == [1, 2, 3, 4, 5]
     assert train.Checkpointer(workdir).latest_step() == 5
+    assert os.path.exists(os.path.join(workdir, "data_state", "5", "process_0.json"))
+
+
+def test_data_state_files_are_per_process_and_pruned(tmp_path):
+    from tad_jax import checkpoint
+
+    w = str(tmp_path)
+    for step in (10, 20):
+        for proc in (0, 1):
+            checkpoint.save_data_state(w, step, proc, json.dumps({"step": step, "proc": proc}))
+    assert json.loads(checkpoint.load_data_state(w, 20, 1, None)) == {"step": 20, "proc": 1}
+    checkpoint.prune_data_states(w, [20])
+    assert checkpoint.load_data_state(w, 10, 0, fallback="meta") == "meta"
+    with pytest.raises(FileNotFoundError, match="same number of processes"):
+        checkpoint.load_data_state(w, 20, 2, None)
