@@ -7,14 +7,19 @@ Public API:
 - `make_train_step(...)`, `make_eval_step(...)`: pure step functions (jit them with shardings)
 - `train_and_evaluate(config, workdir)`: the loop, resumable from `workdir`
 - `restore_student(config, workdir, step=None) -> (student_model, student_params, step)`
-- `dry_run(config)` lives in `tad_jax.dry_run` (abstract compile, memory and FLOP figures).
+- `dry_run(config) -> dict`: abstract compile on the configured mesh; parameter counts,
+  per-device memory, FLOPs per token, TAD vs vanilla-KD FLOPs (the paper's Table 3 measure)
+- `read_metrics(workdir)`: the records of `WORKDIR/metrics.jsonl`
+
+Workdir layout: `checkpoints/<step>/` (orbax: state + meta JSON with the config),
+`data_state/<step>/process_<i>.json`, `metrics.jsonl`, `tb/` (TensorBoard).
 
 Shapes: `_bt` = [batch, T], `_abt` = [micro-batches, batch / micro-batches, T], `_btv` = [B, T, V].
 
 The train state is a dict `{"step", "params", "opt_state"}`: `params` holds every student
-parameter (frozen ones included, so a checkpoint is a complete student), `opt_state` only covers the
-trainable ones (frozen leaves are `None` in the tree the optimizer sees, so Adam stores no moments
-for them and no gradient is computed for them).
+parameter (frozen ones included, so a checkpoint is a complete student), `opt_state` only covers
+the trainable ones (frozen leaves are `None` in the tree the optimizer sees, so Adam stores no
+moments for them and no gradient is computed for them).
 """
 
 from __future__ import annotations
