@@ -785,6 +785,9 @@ def restore_student(config, workdir: str, step: int | None = None):
       FileNotFoundError: no checkpoint in `workdir`.
     """
     config = _resolved(config)
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise FileNotFoundError(
+            f"No checkpoint in {workdir}/checkpoints: train first (scripts/train.py).")
     ckpt = Checkpointer(workdir, keep=config.ckpt.keep, async_save=False)
     step = ckpt.latest_step() if step is None else step
     if step is None:
