@@ -184,9 +184,11 @@ def _stack_layers(params, n):
 
 
 @pytest.mark.parametrize("switches", [dict(remat=True), dict(scan_layers=True),
-                                      dict(scan_layers=True, remat=True)])
+                                      dict(scan_layers=True, remat=True),
+                                      dict(attn_query_chunk=3, remat=True)])
 def test_remat_and_scan_match_the_plain_path(switches):
-    """Same logits, hidden states and gradients; sliding/global alternation survives the scan."""
+    """Same logits, hidden states and gradients; sliding/global alternation survives the scan;
+    query-chunked attention (9 = 3 blocks of 3, packed segments, window 3) is exact."""
     cfg = _tiny_gemma_config()
     plain = meta.unbox(Decoder(cfg).init(jax.random.PRNGKey(0), jnp.ones((1, 4), jnp.int32)))
     plain = plain["params"]

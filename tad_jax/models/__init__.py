@@ -5,7 +5,7 @@ Public API (docs/ARCHITECTURE.md): `ModelConfig`, `Decoder`, `DecoderOutput`, `l
 """
 
 from tad_jax.models.config import SUPPORTED_MODEL_TYPES, ModelConfig
-from tad_jax.models.decoder import Decoder, DecoderOutput, head_logits, lm_head
+from tad_jax.models.decoder import Decoder, DecoderOutput, head_logits, init_params, lm_head, unbox
 from tad_jax.models.hf_io import from_pretrained, save_pretrained, unscan_params
 from tad_jax.models.presets import PRESETS, STUDENT_OVERRIDES, student_preset
 from tad_jax.models.student import init_student
@@ -19,9 +19,11 @@ __all__ = [
     "ModelConfig",
     "from_pretrained",
     "head_logits",
+    "init_params",
     "init_student",
     "lm_head",
     "save_pretrained",
     "student_preset",
+    "unbox",
     "unscan_params",
 ]

@@ -90,6 +90,8 @@ class ModelConfig:
       sliding_window: window of the "sliding_attention" layers (None: no sliding layers).
       layer_types: per layer "full_attention" or "sliding_attention" (None: all full).
       bos_token_id, eos_token_id, pad_token_id: carried through to config.json.
+      attn_query_chunk: None, or compute attention in blocks of this many queries (each block
+        rematerialised), bounding the score memory to [B, H, chunk, T]; used when it divides T.
       remat: rematerialise each layer in the backward pass (`nn.remat`).
       scan_layers: scan one layer over a stacked `layers` axis (`nn.scan`) instead of unrolling.
     """
@@ -122,6 +124,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    attn_query_chunk: int | None = None
     remat: bool = False
     scan_layers: bool = False
 

@@ -181,6 +181,18 @@ class Projection(nn.Module):
         return y
 
 
+def _attend(c: ModelConfig, q_btkge, k_bske, v_bske, mask_bts, dtype):
+    """softmax(mask(softcap(q.k * scale))) . v, scores and softmax in float32 at least."""
+    acc = jnp.promote_types(jnp.float32, dtype)
+    scores = jnp.einsum("btkge,bske->bkgts", q_btkge.astype(acc), k_bske.astype(acc))
+    scores = scores * c.attn_scale
+    if c.attn_logit_softcap:
+        scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
+    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(acc).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
+    return jnp.einsum("bkgts,bske->btkge", probs, v_bske.astype(dtype))
+
+
 class Attention(nn.Module):
     """Grouped-query attention with RoPE, segment/causal/sliding masks, optional score soft-cap."""
 
@@ -202,15 +214,20 @@ class Attention(nn.Module):
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
         b, t = q.shape[:2]
         q_btkge = q.reshape(b, t, k, h // k, e)
-        # Scores and softmax in float32 at least, whatever the compute dtype.
-        acc = jnp.promote_types(jnp.float32, self.dtype)
-        scores = jnp.einsum("btkge,bske->bkgts", q_btkge.astype(acc), kk.astype(acc)) * c.attn_scale
-        if c.attn_logit_softcap:
-            scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-        scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(acc).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        out = jnp.einsum("bkgts,bske->btkge", probs, v.astype(self.dtype)).reshape(b, t, h, e)
-        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
+        attend = lambda q_, m_: _attend(c, q_, kk, v, m_, self.dtype)
+        chunk = c.attn_query_chunk
+        if chunk and t > chunk and t % chunk == 0:
+            # Query blocks, each rematerialised in the backward pass: [B, H, chunk, T] scores
+            # live at a time instead of [B, H, T, T].
+            n = t // chunk
+            qs = q_btkge.reshape(b, n, chunk, k, h // k, e).swapaxes(0, 1)
+            ms = mask_bts.reshape(b, n, chunk, t).swapaxes(0, 1)
+            out = jax.lax.map(jax.checkpoint(lambda qm: attend(*qm)), (qs, ms))
+            out = out.swapaxes(0, 1).reshape(b, t, k, h // k, e)
+        else:
+            out = attend(q_btkge, mask_bts)
+        out = nn.with_logical_constraint(out.reshape(b, t, h, e),
+                                         ("batch", "seq", "heads", "head_dim"))
         return self._proj("o", (h, e, d), ("heads", "head_dim", "embed"), 2, c.o_bias)(out)
 
 
