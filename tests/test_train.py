@@ -462,3 +462,13 @@ def test_data_state_files_are_per_process_and_pruned(tmp_path):
     assert checkpoint.load_data_state(w, 10, 0, fallback="meta") == "meta"
     with pytest.raises(FileNotFoundError, match="same number of processes"):
         checkpoint.load_data_state(w, 20, 2, None)
+
+
+def test_metrics_writer_drops_records_after_the_resumed_step(tmp_path):
+    w = str(tmp_path)
+    with open(os.path.join(w, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 1, "loss": 2.0}\n{"step": 2, "loss": 1.5}\n{"step": 3, "lo')  # torn
+    writer = train.MetricsWriter(w, resume_step=1, tensorboard=False)
+    writer.write(2, {"loss": 1.25})
+    writer.close()
+    assert train.read_metrics(w) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.25}]
