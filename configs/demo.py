@@ -20,7 +20,7 @@ from tad_jax.config import base_config
 def get_config():
     """The run config of the demo."""
     c = base_config()
-    c.steps = 120  # optimizer steps (~60k training tokens).
+    c.steps = 100  # optimizer steps (~51k training tokens).
     c.teacher.path = _teacher_path()  # the converted SmolLM2-135M-Instruct HF folder.
     c.student.overrides = dict(num_layers=8)  # SmolLM2 with 8 of the teacher's 30 layers.
     c.student.remat = False  # activations of 8 small layers fit easily; remat costs CPU time.
