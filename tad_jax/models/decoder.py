@@ -161,13 +161,10 @@ class Decoder(nn.Module):
         x0 = x
         x, outs = self._layers(x, cos, sin, mask, mask_sliding, output_hidden_states)
         h = Norm(c.traits["norm"], c.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
-        logits = None
-        if return_logits:
-            w_dv, b_v = (embed.embedding.T, None) if c.tie_word_embeddings else Head(
-                c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
-            logits = head_logits(c, h, w_dv, b_v)
-        elif not c.tie_word_embeddings:
-            Head(c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
+        # The head's params exist even when the logits are not computed (the fused loss reads them).
+        w_dv, b_v = (embed.embedding.T, None) if c.tie_word_embeddings else Head(
+            c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
+        logits = head_logits(c, h, w_dv, b_v) if return_logits else None
         all_h = (x0, *outs[:-1], h) if output_hidden_states else None
         return DecoderOutput(logits, h, all_h)
 
