@@ -34,8 +34,9 @@ VARIANTS = {
         rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                           high_freq_factor=4.0, original_max_position_embeddings=16))),
     "llama_tied": ("LlamaConfig", dict(_COMMON, num_key_value_heads=1, tie_word_embeddings=True)),
-    "qwen2": ("Qwen2Config", dict(_COMMON, num_key_value_heads=2, tie_word_embeddings=False,
-                                  rope_theta=1e6)),
+    "qwen2_window5_from_layer1": ("Qwen2Config", dict(
+        _COMMON, num_key_value_heads=2, tie_word_embeddings=False, rope_theta=1e6,
+        use_sliding_window=True, sliding_window=5, max_window_layers=1)),
     "gemma2_window4": ("Gemma2Config", dict(
         _COMMON, num_hidden_layers=3, num_key_value_heads=2, head_dim=24, sliding_window=4,
         query_pre_attn_scalar=20, final_logit_softcapping=10.0, attn_logit_softcapping=2.0)),
