@@ -687,7 +687,14 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
     if cfg.max_steps_per_run > 0:
         stop_at = min(stop_at, run.start_step + cfg.max_steps_per_run)
     for step in range(run.start_step + 1, stop_at + 1):
-        batch = to_global_batch(next(run.data_iter), run.batch_sh)
+        local = next(run.data_iter, None)
+        if local is None:  # a finite pipeline (data.num_epochs) ran out before `steps`
+            if pending is not None:
+                last = _finish_step(run, writer, clock, bar, *pending, force=True) or last
+                _save(run, pending[0])
+            bar.write(f"The training data ran out after step {step - 1}; stopping there.")
+            break
+        batch = to_global_batch(local, run.batch_sh)
         run.state, metrics = run.step_fn(run.state, batch, teacher_params)
         if pending is not None:  # the previous step's metrics: one step late, dispatch stays async
             last = _finish_step(run, writer, clock, bar, *pending) or last

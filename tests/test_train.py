@@ -472,3 +472,18 @@ def test_metrics_writer_drops_records_after_the_resumed_step(tmp_path):
     writer.write(2, {"loss": 1.25})
     writer.close()
     assert train.read_metrics(w) == [{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.25}]
+
+
+@pytest.mark.slow
+def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path):
+    corpus, _ = tiny.build_assets()
+    small = tmp_path / "small.txt"
+    with open(corpus) as f:
+        small.write_text(f.read()[:3000])  # a few batches' worth of tokens
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config(**{"data.train_files": str(small), "data.val_files": corpus,
+                         "data.num_epochs": 1, "data.val_fraction": 0.0})
+    train.train_and_evaluate(cfg, workdir)
+    steps = [r["step"] for r in train.read_metrics(workdir)]
+    assert 1 < len(steps) < 30 and steps == list(range(1, len(steps) + 1))
+    assert train.Checkpointer(workdir).latest_step() == steps[-1]
