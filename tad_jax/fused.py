@@ -32,8 +32,9 @@ How:
 - Memory: temporaries are O(chunk_size·V + d_s·V + N·(K + d)), flat in N in practice: fwd+bwd of
   fused TAD at V = 256000, d = 2304/3584, chunk_size = 1024 needs 3.68 GB of XLA temporaries at
   N = 4K, 16K and 64K tokens (2.36 GB of it the dW accumulator) vs 21 / 88 / 352 GB unfused.
-- Top-K membership is a boolean mask scattered from the indices (XLA CPU: an iota comparison per
-  index was ~10× slower here, `t >= kth_value` far worse, see the spec).
+- Top-K membership by scattering the indices into the values (-inf) or into a float 0/1 tail
+  weight: on XLA CPU 3-5× faster than a boolean mask + `where`, and ~10× faster over the whole
+  loss than an iota comparison per index (`t >= kth_value` is worse still, see the spec).
 - Teacher inputs get zero cotangents (the teacher is a constant of the loss, as in
   `tad_divergence`); so does the student head with `student_head_grad=False` (a frozen head).
 - Float32 inside whatever the input dtype (bf16 heads: the head matmuls accumulate in float32);
@@ -199,12 +200,16 @@ def _logits(h_md, w_dv, b_v, softcap):
     return softcap * tz, 1.0 - tz * tz
 
 
-def _top_mask(idx_mk, vocab: int):
-    """Boolean membership of the top-K set, [m, V], by scattering the indices (see the spec)."""
-    member = jnp.zeros((idx_mk.shape[0], vocab), bool)
+def _drop_top(x_mv, idx_mk, fill):
+    """x with its top-K entries replaced by `fill`, by scattering the indices.
+
+    Measured on XLA CPU ([256, 32000]): scattering into the values (or into a float32 0/1 tail
+    weight) is 3-5x faster than a boolean membership mask followed by `where`, and far faster than
+    comparing against an iota per index or `t >= kth_value` (see the spec).
+    """
     if idx_mk.shape[-1] == 0:  # K = 0: nothing is in the top set
-        return member
-    return member.at[jnp.arange(idx_mk.shape[0])[:, None], idx_mk].set(True)
+        return x_mv
+    return x_mv.at[jnp.arange(idx_mk.shape[0])[:, None], idx_mk].set(fill)
 
 
 def _teacher_stats(lt_mv, top_k: int):
@@ -213,10 +218,9 @@ def _teacher_stats(lt_mv, top_k: int):
         idx = jnp.zeros(lt_mv.shape[:-1] + (0,), jnp.int32)
     else:
         _, idx = jax.lax.top_k(lt_mv, top_k)
-    lse = jax.nn.logsumexp(lt_mv, axis=-1)
-    tail = ~_top_mask(idx, lt_mv.shape[-1])
+    lse = losses._lse(lt_mv)
     # log α_T from the log-sum-exp of the tail, never as log(1 - top mass) (cancellation).
-    log_at = jax.nn.logsumexp(jnp.where(tail, lt_mv, -jnp.inf), axis=-1) - lse
+    log_at = losses._lse(_drop_top(lt_mv, idx, -jnp.inf)) - lse
     return idx, lse, log_at
 
 
@@ -228,10 +232,11 @@ def _gamma(log_at_rt, mask_rt, cfg: _Config):
     return jnp.broadcast_to(gamma, mask_rt.shape)
 
 
-def _div_terms(ls_mv, lt_mv, lse_t_m, tail_mv, log_at_m):
+def _div_terms(ls_mv, lt_mv, lse_t_m, idx_mk, log_at_m):
     """KL, α_T·D_KL2 per token and their gradients w.r.t. the tempered student logits.
 
-    Returns (kl_m, tail_m, g_kl_mv, g_tail_mv); the tail pieces are None for plain KL.
+    Returns (kl_m, tail_m, g_kl_mv, g_tail_mv); the tail pieces are None for plain KL
+    (`idx_mk` None).
     """
     logp_s = jax.nn.log_softmax(ls_mv, axis=-1)
     logp_t = lt_mv - lse_t_m[..., None]
@@ -239,22 +244,24 @@ def _div_terms(ls_mv, lt_mv, lse_t_m, tail_mv, log_at_m):
     # 0 · log 0 = 0: positions where the teacher puts no mass (e.g. -inf padded vocabulary).
     terms = jnp.where(p_t > 0, p_t * (logp_t - logp_s), 0.0)
     kl = terms.sum(-1)
-    if tail_mv is None:
+    if idx_mk is None:
         return kl, None, p_s - p_t, None
+    tail_w = _drop_top(jnp.ones_like(p_t), idx_mk, 0.0)  # 1 on the tail, 0 on the top-K
     # log α_S from the tail's own log-sum-exp (finite even when the tail underflows p_S); its
     # exponentials e_i = exp(z_i − max_tail) also give α_T·p̃_S,i = e_i · α_T / Σe (no 2nd exp).
-    max_tail = jnp.max(jnp.where(tail_mv, logp_s, -jnp.inf), axis=-1)
+    logp_s_tail = _drop_top(logp_s, idx_mk, -jnp.inf)
+    max_tail = jnp.max(logp_s_tail, axis=-1)
     max_tail = jnp.where(jnp.isfinite(max_tail), max_tail, 0.0)
-    e = jnp.where(tail_mv, jnp.exp(logp_s - max_tail[:, None]), 0.0)
+    e = jnp.exp(logp_s_tail - max_tail[:, None])
     log_sum_e = jnp.log(e.sum(-1))
     log_as = max_tail + log_sum_e
     has_tail = log_at_m > -jnp.inf  # α_T = 0: the tail term is 0, not NaN
     log_ratio = jnp.where(has_tail, log_at_m - log_as, 0.0)
-    tail_kl = jnp.where(tail_mv, terms, 0.0).sum(-1)
+    tail_kl = (tail_w * terms).sum(-1)
     tail = jnp.where(has_tail, tail_kl - jnp.exp(log_at_m) * log_ratio, 0.0)
     # ∂(α_T D_KL2)/∂z_i = p_S,i α_T/α_S − p_T,i on the tail, 0 on the top-K.
     scale = jnp.where(has_tail, jnp.exp(log_at_m - log_sum_e), 0.0)
-    g_tail = jnp.where(tail_mv, e * scale[:, None] - p_t, 0.0)
+    g_tail = e * scale[:, None] - tail_w * p_t
     return kl, tail, p_s - p_t, g_tail
 
 
@@ -286,9 +293,8 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool, defer: bool):
             if not defer:  # the chunk holds whole rows
                 gamma = _gamma(log_at.reshape(rows, -1), xs["mask"].reshape(rows, -1), cfg)
                 xs["gamma"] = gamma.reshape(-1)
-        lse_t = xs["lse_t"] if "lse_t" in xs else jax.nn.logsumexp(lt, axis=-1)
-        tail_mv = ~_top_mask(xs["idx"], lt.shape[-1]) if cfg.divergence == "tad" else None
-        kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, tail_mv, xs.get("log_at"))
+        lse_t = xs["lse_t"] if "lse_t" in xs else losses._lse(lt)
+        kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, xs.get("idx"), xs.get("log_at"))
         # τ² · (KL + (β(X) − 1) α_T D_KL2) = τ² · (D_KL1 + β(X) α_T D_KL2).
         if defer:
             out.update(kl=tau * tau * kl, tail=tau * tau * tail, log_at=xs["log_at"])
