@@ -140,25 +140,12 @@ def _whole_vocab(x_btv):
     return jax.sharding.reshard(x_btv, whole)
 
 
-def _topk_member(idx_btk, vocab):
-    """Boolean [..., T, V] top-K membership mask from the top-K indices.
-
-    Built by comparing against an iota (K compares per entry); XLA fuses this into its consumers so
-    the mask is never materialised. `t >= kth_value` is ~90x slower on XLA CPU (TAD_SPEC.md).
-    """
-    lead = idx_btk.ndim - 1
-    iota_v = jax.lax.broadcasted_iota(jnp.int32, (1,) * lead + (vocab,), lead)
-    member = jnp.zeros(idx_btk.shape[:-1] + (vocab,), bool)
-    for k in range(idx_btk.shape[-1]):
-        member = member | (idx_btk[..., k : k + 1] == iota_v)
-    return member
-
-
 def _head_u8(idx_btk, vocab):
     """uint8 [..., T, V] top-K indicator (1 = in the head), scattered from the indices.
 
-    A scatter of the N·K ones costs ~1 ms; a compare against K indices per entry costs a full
-    [.., V] pass, and a boolean would be widened to a float32 [.., V] copy by XLA CPU.
+    One zero-fill plus N·K writes. Comparing every entry against the K indices instead costs K
+    compares per entry in each pass that needs the mask, and XLA CPU widens a boolean mask read by
+    several reductions into a float32 [.., V] copy (both measured slower).
     """
     lead = idx_btk.shape[:-1]
     iotas = [jax.lax.broadcasted_iota(jnp.int32, idx_btk.shape, d) for d in range(len(lead))]
@@ -232,6 +219,19 @@ def _top_k(x_btv, k):
     return vals_btk, idx_btk
 
 
+def _view(x_btv, temperature, floor=None):
+    """x/τ in float32 (float64 if given float64), optionally clipped at -floor first.
+
+    Each [.., V] reduction reads the inputs through its own view (a different floor, or none), so
+    XLA shares no converted copy between them: a shared producer would be materialised as a
+    float32 [.., V] array (for bf16 inputs, measured ~2x slower). Clipping at -floor (a huge
+    finite number) keeps -inf padding out of products that would give NaN.
+    """
+    if floor is not None:
+        x_btv = jnp.maximum(x_btv, jnp.asarray(-floor, x_btv.dtype))
+    return _scaled(x_btv, temperature)
+
+
 def _tad_stats(student_btv, teacher_btv, top_k, temperature):
     """Per-position TAD statistics (float32), unmasked.
 
@@ -241,27 +241,29 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
 
     Cost: top_k, a uint8 head mask, and four reductions over [.., V]. The full logsumexps come from
     the tail ones and the K gathered head logits (a sum of positives: no cancellation), and the
-    teacher's tail max is its (K+1)-th largest logit.
+    teacher's tail max is its (K+1)-th largest logit. top_k and the gather read the inputs in their
+    own dtype (order and values are exact), so no converted copy is made for them.
     """
-    s_btv = _scaled(student_btv, temperature)
-    t_btv = _scaled(teacher_btv, temperature)
     if top_k == 0:  # the tail is the whole vocabulary: alpha = 1, D_KL1 = 0, D_KL2 = KL.
-        idx_btk = jnp.zeros(s_btv.shape[:-1] + (0,), jnp.int32)
-        lse_tail_s = _tail_lse(s_btv)
-        lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, jnp.max(t_btv, axis=-1), lse_tail_s)
+        idx_btk = jnp.zeros(student_btv.shape[:-1] + (0,), jnp.int32)
+        lse_tail_s = _tail_lse(student_btv, temperature)
+        max_t = _scaled(jnp.max(teacher_btv, axis=-1), temperature)
+        lse_tail_t, kl2 = _teacher_tail(student_btv, teacher_btv, temperature, max_t, lse_tail_s)
         return _finish_stats(idx_btk, lse_tail_s, lse_tail_t, lse_tail_s, lse_tail_t,
                              jnp.zeros_like(lse_tail_s), kl2)
-    # The barriers keep XLA CPU from fusing the indices into their consumers, which turns top_k
-    # into a full [.., V] sort (~25x slower), and materialise the 1-byte head mask once.
-    top_t_btk_all, idx_btk = jax.lax.optimization_barrier(
-        _top_k(_whole_vocab(t_btv), top_k + 1))
-    tail_max_t, top_t_btk = top_t_btk_all[..., -1], top_t_btk_all[..., :-1]
-    idx_btk = idx_btk[..., :-1]
-    head_btv = _head_u8(idx_btk, s_btv.shape[-1])
-    lse_tail_s = _tail_lse(s_btv, head_btv)
-    lse_tail_t, kl2 = _teacher_tail(s_btv, t_btv, tail_max_t, lse_tail_s, head_btv)
+    # The barrier keeps XLA CPU from fusing the indices into their consumers, which turns top_k
+    # into a full [.., V] sort (~25x slower, measured).
+    top_t_btk, idx_btk = jax.lax.optimization_barrier(
+        _top_k(_whole_vocab(teacher_btv), top_k + 1))
+    top_t_btk = _scaled(top_t_btk, temperature)
+    tail_max_t, top_t_btk, idx_btk = top_t_btk[..., -1], top_t_btk[..., :-1], idx_btk[..., :-1]
+    head_btv = _head_u8(idx_btk, student_btv.shape[-1])
+    lse_tail_s = _tail_lse(student_btv, temperature, head_btv)
+    lse_tail_t, kl2 = _teacher_tail(student_btv, teacher_btv, temperature, tail_max_t,
+                                    lse_tail_s, head_btv)
     # The K head terms from gathered values: [.., K] work instead of another [.., V] pass.
-    top_s_btk = jnp.take_along_axis(_whole_vocab(s_btv), idx_btk, axis=-1)
+    top_s_btk = _scaled(jnp.take_along_axis(_whole_vocab(student_btv), idx_btk, axis=-1),
+                        temperature)
     lse_s = jnp.logaddexp(lse_tail_s, _lse(top_s_btk))
     lse_t = jnp.logaddexp(lse_tail_t, _lse(top_t_btk))
     lpt_btk = top_t_btk - lse_t[..., None]
@@ -271,49 +273,45 @@ def _tad_stats(student_btv, teacher_btv, top_k, temperature):
     return _finish_stats(idx_btk, lse_s, lse_t, lse_tail_s, lse_tail_t, head, kl2)
 
 
-def _push_head(x_btv, head_btv):
-    return x_btv if head_btv is None else x_btv - _push(head_btv, x_btv.dtype, 1)
-
-
 def _push(head_btv, dtype, n):
-    """n·_BIG on the head: each reduction uses its own n, so XLA shares no float32 [.., V] product
+    """n·_BIG on the head: each reduction uses its own n, so XLA shares no [.., V] product
     between them (a shared producer is materialised; the uint8 head is read by each)."""
+    if head_btv is None:
+        return jnp.zeros((), dtype)
     return (n * _BIG) * (head_btv * jnp.uint8(n)).astype(dtype)
 
 
-def _tail_lse(s_btv, head_btv=None):
-    """logsumexp over the tail (head entries excluded); -inf for an empty or all -inf tail."""
-    m_bt = jnp.max(_push_head(s_btv, head_btv), axis=-1)
-    empty = m_bt < -0.5 * _BIG  # only pushed-down head entries (or -inf) left
+def _tail_lse(student_btv, temperature, head_btv=None):
+    """logsumexp over the tail of s/τ (head excluded); -inf for an empty or all -inf tail."""
+    # The max runs in the input's own dtype (exact; τ > 0 keeps the order) and is scaled after.
+    m_bt = jnp.max(student_btv - _push(head_btv, student_btv.dtype, 1), axis=-1)
+    m_bt = _scaled(m_bt, temperature)
+    empty = m_bt < -0.5 * _BIG / temperature  # only pushed-down head entries (or -inf) left
     m_bt = jnp.where(empty, 0.0, m_bt)
-    # Written as s − (m + _BIG·head), not (s − _BIG·head) − m: a different expression, so XLA does
-    # not share (and materialise) one [.., V] producer between the max and the sum.
-    shifted_btv = s_btv - (m_bt[..., None] if head_btv is None else
-                           m_bt[..., None] + _push(head_btv, s_btv.dtype, 2))
-    lse = jnp.log(jnp.sum(jnp.exp(shifted_btv), axis=-1)) + m_bt
+    s_btv = _view(student_btv, temperature)
+    lse = jnp.log(jnp.sum(jnp.exp(s_btv - (m_bt[..., None] + _push(head_btv, s_btv.dtype, 2))),
+                          axis=-1)) + m_bt
     return jnp.where(empty, -jnp.inf, lse)
 
 
-def _teacher_tail(s_btv, t_btv, shift_t, lse_tail_s, head_btv=None):
-    """(lse_tail_t, D_KL2) from one pass over the teacher's tail, shifted by its max `shift_t`.
+def _teacher_tail(student_btv, teacher_btv, temperature, shift_t, lse_tail_s, head_btv=None):
+    """(lse_tail_t, D_KL2) from two reductions over the teacher's tail (Σ exp, Σ exp·(t − s)).
 
-    D_KL2 = Σ_tail p̃_T·(t − s) − lse_tail_t + lse_tail_s, with p̃_T = exp(t − lse_tail_t): both
-    sums share the exponentials. Logits are clipped at -_BIG in t − s so that -inf padding
-    (where p̃_T = 0) adds 0 instead of NaN; a student -inf where the teacher has mass gives a huge
-    finite loss instead of inf.
+    D_KL2 = Σ_tail p̃_T·(t − s) − lse_tail_t + lse_tail_s, with p̃_T = exp(t − lse_tail_t) and
+    `shift_t` the tail max of t/τ. The second sum reads logits clipped at -_BIG, so that -inf
+    padding (where p̃_T = 0) adds 0 instead of NaN; a student -inf where the teacher has mass gives
+    a huge finite loss instead of inf. It is shifted by floor(shift) + 1 and rescaled after, so
+    that the two sums share no [.., V] broadcast either.
     """
-    # The two sums recompute the exponentials with two different shifts (shift and
-    # floor(shift) + 1, rescaled after): XLA would materialise any [.., V] producer or broadcast
-    # that the two reductions share, which costs more than a second exp.
     shift_t = jnp.where(jnp.isfinite(shift_t), shift_t, 0.0)
     shift2_t = jnp.floor(shift_t) + 1.0
-    e_btv = jnp.exp(t_btv - (shift_t[..., None] if head_btv is None else
-                             shift_t[..., None] + _push(head_btv, t_btv.dtype, 3)))
-    e2_btv = jnp.exp(t_btv - (shift2_t[..., None] if head_btv is None else
-                              shift2_t[..., None] + _push(head_btv, t_btv.dtype, 4)))
-    diff_btv = jnp.maximum(t_btv, -_BIG) - jnp.maximum(s_btv, -_BIG)
+    t_btv = _view(teacher_btv, temperature)
+    e_btv = jnp.exp(t_btv - (shift_t[..., None] + _push(head_btv, t_btv.dtype, 3)))
+    tc_btv = _view(teacher_btv, temperature, floor=_BIG)
+    sc_btv = _view(student_btv, temperature, floor=_BIG)
+    e2_btv = jnp.exp(tc_btv - (shift2_t[..., None] + _push(head_btv, tc_btv.dtype, 4)))
     z_bt = jnp.sum(e_btv, axis=-1)
-    cross_bt = jnp.sum(e2_btv * diff_btv, axis=-1) * jnp.exp(shift2_t - shift_t)
+    cross_bt = jnp.sum(e2_btv * (tc_btv - sc_btv), axis=-1) * jnp.exp(shift2_t - shift_t)
     lse_tail_t = jnp.log(z_bt) + shift_t
     kl2 = cross_bt / jnp.where(z_bt > 0, z_bt, 1.0) - lse_tail_t + lse_tail_s
     return lse_tail_t, kl2
@@ -367,8 +365,9 @@ def _tad_bwd(top_k, beta, temperature, eps_alpha, res, g_bt):
     del beta, eps_alpha
     student_btv, teacher_btv, mask_bt, idx_btk, lse_s, lse_t, lse_tail_s, log_alpha_t = res[:8]
     beta_x_b = res[8]
-    s_btv = _scaled(student_btv, temperature)
-    t_btv = _scaled(teacher_btv, temperature)
+    # Views clipped at -2·_BIG: -inf padding gives p = 0, and no copy is shared with the forward.
+    s_btv = _view(student_btv, temperature, floor=2 * _BIG)
+    t_btv = _view(teacher_btv, temperature, floor=2 * _BIG)
     ps_btv = jnp.exp(s_btv - lse_s[..., None])
     pt_btv = jnp.exp(t_btv - lse_t[..., None])
     # α_T·p̃_S,i = exp(s_i − lse_tail_s + log α_T) in log space: exact when both tails are tiny.
@@ -480,9 +479,9 @@ def _kl_per_position(student_btv, teacher_btv, mask_bt, temperature):
 
 def _kl_fwd(student_btv, teacher_btv, mask_bt, temperature):
     # TAD's K = 0 statistics are exactly KL's: three select-free reductions over [.., V].
-    s_btv, t_btv = _scaled(student_btv, temperature), _scaled(teacher_btv, temperature)
-    lse_s = _tail_lse(s_btv)
-    lse_t, kl_bt = _teacher_tail(s_btv, t_btv, jnp.max(t_btv, axis=-1), lse_s)
+    lse_s = _tail_lse(student_btv, temperature)
+    max_t = _scaled(jnp.max(teacher_btv, axis=-1), temperature)
+    lse_t, kl_bt = _teacher_tail(student_btv, teacher_btv, temperature, max_t, lse_s)
     loss_bt = _masked(temperature**2 * kl_bt, mask_bt)
     return loss_bt, (student_btv, teacher_btv, mask_bt, lse_s, lse_t)
 
@@ -490,8 +489,8 @@ def _kl_fwd(student_btv, teacher_btv, mask_bt, temperature):
 def _kl_bwd(temperature, res, g_bt):
     # KL's gradient is p_S − p_T (times τ): one fused pass, no autodiff through logsumexp.
     student_btv, teacher_btv, mask_bt, lse_s, lse_t = res
-    ps_btv = jnp.exp(_scaled(student_btv, temperature) - lse_s[..., None])
-    pt_btv = jnp.exp(_scaled(teacher_btv, temperature) - lse_t[..., None])
+    ps_btv = jnp.exp(_view(student_btv, temperature, floor=2 * _BIG) - lse_s[..., None])
+    pt_btv = jnp.exp(_view(teacher_btv, temperature, floor=2 * _BIG) - lse_t[..., None])
     grad_btv = _masked((temperature * g_bt)[..., None] * (ps_btv - pt_btv),
                        mask_bt[..., None]).astype(student_btv.dtype)
     return grad_btv, jnp.zeros_like(teacher_btv), jnp.zeros_like(mask_bt)
