@@ -67,6 +67,17 @@ def test_unsupported_model_type_lists_the_supported(tmp_path):
         from_pretrained(tmp_path)
 
 
+def test_loading_only_the_first_layers(saved):
+    """num_layers=1 loads layer 0 only (dry runs of big teachers); more than stored is refused."""
+    path, model, params = saved
+    small, loaded = from_pretrained(path, num_layers=1)
+    assert small.config.num_layers == 1 and "layer_1" not in loaded
+    np.testing.assert_array_equal(loaded["layer_0"]["attn"]["q"]["kernel"],
+                                  params["layer_0"]["attn"]["q"]["kernel"])
+    with pytest.raises(ValueError, match="between 1 and the checkpoint's 2"):
+        from_pretrained(path, num_layers=3)
+
+
 def test_unknown_override_is_named(saved):
     path, _, _ = saved
     with pytest.raises(ValueError, match=r"Unknown ModelConfig fields \['scan'\]"):

@@ -65,7 +65,14 @@ def _expected_hf_shape(rule, shapes, config) -> tuple[int, ...]:
     return tuple(jax.eval_shape(lambda ws: HOOKS[rule.hook][1](ws, config), structs).shape)
 
 
-def _check_names(rules, files, config) -> None:
+def _dropped_layer(name: str, num_layers: int | None) -> bool:
+    """Is `name` a tensor of a layer >= num_layers (layers deliberately not loaded)?"""
+    if num_layers is None or not name.startswith("model.layers."):
+        return False
+    return int(name.split(".")[2]) >= num_layers
+
+
+def _check_names(rules, files, config, first_layers: int | None = None) -> None:
     wanted = {r.hf for r in rules}
     missing = sorted(wanted - set(files))
     if missing:
@@ -74,7 +81,8 @@ def _check_names(rules, files, config) -> None:
             "a partial download, or config.json describes another model (check num_hidden_layers, "
             "tie_word_embeddings and the bias flags).")
     extra = sorted(n for n in set(files) - wanted if not n.endswith(_IGNORED_SUFFIXES)
-                   and not (n.startswith("lm_head.") and config.tie_word_embeddings))
+                   and not (n.startswith("lm_head.") and config.tie_word_embeddings)
+                   and not _dropped_layer(n, first_layers))
     if extra:
         raise ValueError(
             f"The checkpoint has {len(extra)} tensors the config does not use, e.g. {extra[:5]}: "
@@ -117,6 +125,8 @@ def from_pretrained(path, dtype=jnp.float32, shardings=None, **config_overrides)
       shardings: None (default device), one `jax.sharding.Sharding` for every parameter, or a
         pytree of shardings shaped like the params; each tensor is placed straight into it.
       **config_overrides: `ModelConfig` fields to change, e.g. `scan_layers=True, remat=True`.
+        `num_layers=n` (fewer than the checkpoint's) loads only the first n layers (dry runs of
+        big teachers); `layer_types` is cut to match.
 
     Returns:
       (model, params): `model.apply({"params": params}, input_ids)` runs it.
@@ -128,13 +138,13 @@ def from_pretrained(path, dtype=jnp.float32, shardings=None, **config_overrides)
     path = pathlib.Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path / 'config.json'} does not exist: pass an HF model folder.")
-    config = ModelConfig.from_hf(json.loads((path / "config.json").read_text()),
-                                 **config_overrides)
+    config = _config_with_overrides(json.loads((path / "config.json").read_text()),
+                                    config_overrides)
     compute = jnp.float32 if dtype is None else dtype
     model = Decoder(config, dtype=compute, param_dtype=compute)
     files = _weight_files(path)
     rules = expand_rules(config)
-    _check_names(rules, files, config)
+    _check_names(rules, files, config, config_overrides.get("num_layers"))
     shapes = _flax_shapes(model)
     flat_shardings = _flat_shardings(shardings, config)
     flat = {}
@@ -146,6 +156,19 @@ def from_pretrained(path, dtype=jnp.float32, shardings=None, **config_overrides)
     if config.scan_layers:
         flat = _stack_layers(flat, config, dtype, flat_shardings)
     return model, unflatten_dict(flat, sep="/")
+
+
+def _config_with_overrides(hf: dict, overrides: dict) -> ModelConfig:
+    full = ModelConfig.from_hf(hf)
+    overrides = dict(overrides)
+    n = overrides.get("num_layers")
+    if n is not None:
+        if not 1 <= n <= full.num_layers:
+            raise ValueError(f"num_layers={n} must be between 1 and the checkpoint's "
+                             f"{full.num_layers}.")
+        if full.layer_types is not None and "layer_types" not in overrides:
+            overrides["layer_types"] = full.layer_types[:n]
+    return ModelConfig.from_hf(hf, **overrides)
 
 
 def _flat_shardings(shardings, config):
