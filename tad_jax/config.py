@@ -172,6 +172,11 @@ def validate_config(config: ml_collections.ConfigDict, *, check_paths: bool = Tr
       FileNotFoundError: a configured path does not exist.
     """
     _check_teacher(config.teacher, check_paths)
+    if check_paths and config.student.preset and not config.student.path:
+        raise FileNotFoundError(
+            f"student.path is empty but student.preset={config.student.preset!r} names a "
+            "pretrained student: set --config.student.path to its HF folder (the preset only "
+            "sizes --dry_run).")
     if check_paths and config.student.path and not os.path.isdir(config.student.path):
         raise FileNotFoundError(
             f"student.path={config.student.path!r} is not a folder; give an HF model folder or "
