@@ -131,7 +131,8 @@ def build_teacher(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder
         shardings = None
         if mesh is not None:
             shardings = sharding.param_shardings(_abstract_boxed(model), mesh)
-        _, params = from_pretrained(config.teacher.path, dtype=dtype, shardings=shardings)
+        _, params = from_pretrained(config.teacher.path, dtype=dtype, shardings=shardings,
+                                    remat=cfg.remat)
         return model, params
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     return model, _init_sharded(model, rng, mesh)
@@ -161,7 +162,8 @@ def build_student(config, teacher_model, teacher_params, mesh=None):
                 remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers))
         model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
         shardings = sharding.param_shardings(_abstract_boxed(model), mesh) if mesh else None
-        _, params = from_pretrained(config.student.path, dtype=pdtype, shardings=shardings)
+        _, params = from_pretrained(config.student.path, dtype=pdtype, shardings=shardings,
+                                    remat=scfg.remat, scan_layers=scfg.scan_layers)
         return model, params, jax.tree.map(lambda _: True, params)
     scfg, init_fn, mask = _student_init_fn(config, teacher_model.config)
     model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
@@ -543,6 +545,7 @@ def build_models(config, mesh):
     vocab = shared_vocab_size(config, teacher_model.config, student_model.config)
     check_tokenizers({"teacher": config.teacher.path, "student": config.student.path,
                       "data": config.data.tokenizer}, vocab)
+    _check_vocab_covers_tokenizer(config.data.tokenizer, vocab)
     if config.loss.cosine_weight > 0 and (
             teacher_model.config.hidden_size != student_model.config.hidden_size):
         raise ValueError(
@@ -554,6 +557,19 @@ def build_models(config, mesh):
         raise ValueError("loss.fused=True needs the same final_logit_softcap for teacher and "
                          "student; set --config.loss.fused=False.")
     return teacher_model, teacher_params, student_model, params, mask, vocab
+
+
+def _check_vocab_covers_tokenizer(tokenizer_dir: str, vocab: int) -> None:
+    """Every token id the data can produce must index the (sliced) logits."""
+    from tad_jax.data.features import borrow_tokenizer
+
+    with borrow_tokenizer(tokenizer_dir) as tok:
+        n = len(tok)
+    if n > vocab:
+        raise ValueError(
+            f"The tokenizer in {tokenizer_dir} has {n} tokens but the loss compares only {vocab} "
+            "vocabulary entries (loss.vocab_size, or the smaller model's): targets would fall "
+            f"outside. Set --config.loss.vocab_size={n} or use the models' own tokenizer.")
 
 
 def _compile_steps(config, models, tx, schedule, state_sh, mesh):

@@ -487,3 +487,39 @@ def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path):
     steps = [r["step"] for r in train.read_metrics(workdir)]
     assert 1 < len(steps) < 30 and steps == list(range(1, len(steps) + 1))
     assert train.Checkpointer(workdir).latest_step() == steps[-1]
+
+
+@pytest.mark.slow
+def test_teacher_and_student_from_hf_folders_with_a_sliced_vocabulary(tmp_path):
+    import shutil
+
+    from tad_jax.models import save_pretrained
+
+    _, tok_dir = tiny.build_assets()
+    cfg = tiny_config()
+    cfg.teacher.model.vocab_size = 520  # a padded vocabulary, larger than the tokenizer's 512
+    teacher_model, teacher_params = train.build_teacher(cfg)
+    student_model, student_params, _ = train.build_student(cfg, teacher_model, teacher_params)
+    folders = {}
+    for name, model, params in (("teacher", teacher_model, teacher_params),
+                                ("student", student_model, student_params)):
+        folders[name] = str(tmp_path / name)
+        save_pretrained(model, params, folders[name])
+        for f in os.listdir(tok_dir):  # each folder carries the (shared) tokenizer
+            shutil.copy(os.path.join(tok_dir, f), folders[name])
+    # A pretrained student (every parameter trains); both vocabularies cut to the tokenizer's.
+    cfg = tiny_config(steps=2, **{"teacher.path": folders["teacher"], "teacher.random_init": False,
+                                  "student.path": folders["student"], "loss.vocab_size": 512,
+                                  "data.tokenizer": "", "eval.every_steps": 100})
+    with cfg.unlocked():
+        cfg.teacher.model = {}
+    workdir = str(tmp_path / "run")
+    train.train_and_evaluate(cfg, workdir)
+    first = train.read_metrics(workdir)[0]
+    _, _, batch = _models_and_batch(tiny_config())
+    expected = jax.jit(lambda p, t: _reference_loss(p, teacher_model, t, student_model, batch,
+                                                    512))(student_params, teacher_params)
+    np.testing.assert_allclose(first["loss"], float(expected), rtol=1e-5)
+    cfg.loss.vocab_size = 500  # smaller than the tokenizer: refused before any step
+    with pytest.raises(ValueError, match="loss.vocab_size=512"):
+        train.train_and_evaluate(cfg, str(tmp_path / "run500"))
