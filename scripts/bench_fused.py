@@ -164,7 +164,7 @@ def main():
     p.add_argument("--vocab", type=int, default=256000)
     p.add_argument("--d_student", type=int, default=2304)
     p.add_argument("--d_teacher", type=int, default=3584)
-    p.add_argument("--chunk_size", type=int, default=1024, help="tokens per step (memory bench)")
+    p.add_argument("--chunk_size", type=int, default=512, help="tokens per step (memory bench)")
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--time_tokens", type=int, default=2048)
     p.add_argument("--time_seq_len", type=int, default=1024)

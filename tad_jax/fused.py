@@ -29,9 +29,13 @@ How:
   d_t = 3584) the head FLOPs are 3·d_s + 2·d_t per token for fused TAD vs 3·d_s + d_t for fused
   KL (1.34×); `scripts/bench_fused.py` measures the pre-pass's share of the time. When one chunk
   holds whole rows (c = T) the pre-pass is skipped and β(X) is computed inside the single pass.
-- Memory: temporaries are O(chunk_size·V + d_s·V + N·(K + d)), flat in N in practice: fwd+bwd of
-  fused TAD at V = 256000, d = 2304/3584, chunk_size = 1024 needs 3.68 GB of XLA temporaries at
-  N = 4K, 16K and 64K tokens (2.36 GB of it the dW accumulator) vs 21 / 88 / 352 GB unfused.
+- Memory: temporaries are O(chunk_size·V + d_s·V + N·(K + d)), flat in N in practice. XLA
+  temporaries of fused TAD fwd+bwd at V = 256000, d = 2304/3584 (`scripts/bench_fused.py`):
+  2.89 GB at N = 4K, 16K and 64K tokens with chunk_size = 512 (5.25 GB with 1024; 2.36 GB of it
+  is the float32 dW accumulator) vs 21 / 88 / 352 GB unfused.
+- Time on 2 busy CPU cores (N = 2048, V = 32000, d = 256/384, chunk_size 256, CPU seconds):
+  fused TAD 0.48× unfused TAD and 1.43× fused KL, the teacher pre-pass 33% of it; with a frozen
+  head (deferred β, no pre-pass) 1.57× fused KL.
 - Top-K membership by scattering the indices into the values (-inf) or into a float 0/1 tail
   weight: on XLA CPU 3-5× faster than a boolean mask + `where`, and ~10× faster over the whole
   loss than an iota comparison per index (`t >= kth_value` is worse still, see the spec).
