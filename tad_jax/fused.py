@@ -50,6 +50,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -162,31 +163,65 @@ def _mask_rt(mask, rows: int, t: int):
     return (mask.reshape(rows, t) != 0).astype(_F32)
 
 
-def _chunk_len(rows: int, t: int, chunk_size: int) -> int:
-    return min(t, max(1, chunk_size // rows))
+class _Layout(NamedTuple):
+    """How the [R, T] tokens are cut into n steps of a·c tokens (a rows × c positions).
 
-
-def _to_chunks(x_rt, c: int):
-    """[R, T, ...] -> [n, m = R·c, ...], padding T with zeros (masked positions) to n·c.
-
-    For the per-token inputs (mask, targets, weights, teacher statistics): small, so a transposed
-    copy is cheap; the hidden states are read in place by `_take` instead.
-
-    Step i holds positions [i·c, (i+1)·c) of every row, rows major: a batch sharded over its rows
-    stays sharded along m.
+    by_rows=False: every step takes c positions of every row (a = R); rows span the chunks.
+    by_rows=True (T <= chunk_size): every step takes whole rows (c = T), a of them, strided
+    (step i holds rows i, n + i, 2n + i, ...) so that a batch sharded over its rows in contiguous
+    blocks keeps each step spread over all shards. No row spans two chunks: β(X) needs no pre-pass.
     """
-    r, t = x_rt.shape[:2]
-    n = -(-t // c)
-    pad = [(0, 0), (0, n * c - t)] + [(0, 0)] * (x_rt.ndim - 2)
-    x = jnp.moveaxis(jnp.pad(x_rt, pad).reshape((r, n, c) + x_rt.shape[2:]), 1, 0)
-    return x.reshape((n, r * c) + x_rt.shape[2:])
+
+    rows: int
+    t: int
+    a: int
+    n: int
+    c: int
+    by_rows: bool
 
 
-def _from_chunks(x_nm, rows: int, t: int):
-    """[n, m = R·c, ...] -> [R, T, ...] (drops the padding)."""
-    n, m = x_nm.shape[:2]
-    x = jnp.moveaxis(x_nm.reshape((n, rows, m // rows) + x_nm.shape[2:]), 0, 1)
-    return x.reshape((rows, n * (m // rows)) + x_nm.shape[2:])[:, :t]
+def _layout(rows: int, t: int, chunk_size: int) -> _Layout:
+    """Whole rows per step when T <= chunk_size, unless that would leave a batch sharded over
+    its rows unevenly spread (fewer rows per step than devices, or not a multiple of them)."""
+    devices = jax.device_count()
+    a = min(rows, chunk_size // t)
+    if rows >= devices:  # the rows may be sharded: a multiple of the device count per step
+        a -= a % devices
+    if a >= 1 and rows > 1:
+        return _Layout(rows, t, a, -(-rows // a), t, True)
+    c = min(t, max(1, chunk_size // rows))
+    return _Layout(rows, t, rows, -(-t // c), c, False)
+
+
+def _blocks(lay: _Layout, x_rt):
+    """[R, T, ...] -> [a, n, c, ...]: a reshape, plus a zero-padded copy when n·c or a·n is
+    larger than T or R (the padding is masked)."""
+    axis, size = (0, lay.rows) if lay.by_rows else (1, lay.t)
+    extra = lay.a * lay.n - size if lay.by_rows else lay.n * lay.c - size
+    if extra:
+        x_rt = jnp.pad(x_rt, [(0, extra if i == axis else 0) for i in range(x_rt.ndim)])
+    # by rows: row s·n + i -> [s, i]; by time: position j·c + k of row r -> [r, j, k].
+    return x_rt.reshape((lay.a, lay.n, lay.c) + x_rt.shape[2:])
+
+
+def _unblock(lay: _Layout, x_anc):
+    """[a, n, c, ...] -> [R, T, ...] (drops the padding)."""
+    if lay.by_rows:
+        return x_anc.reshape((lay.a * lay.n, lay.t) + x_anc.shape[3:])[: lay.rows]
+    return x_anc.reshape((lay.rows, lay.n * lay.c) + x_anc.shape[3:])[:, : lay.t]
+
+
+def _to_chunks(lay: _Layout, x_rt):
+    """[R, T, ...] -> [n, m = a·c, ...] for the per-token inputs (mask, targets, weights, teacher
+    statistics): small, so a transposed copy is cheap; the hidden states are read in place."""
+    x = jnp.moveaxis(_blocks(lay, x_rt), 1, 0)
+    return x.reshape((lay.n, lay.a * lay.c) + x.shape[3:])
+
+
+def _from_chunks(lay: _Layout, x_nm):
+    """[n, m = a·c, ...] -> [R, T, ...]."""
+    x = x_nm.reshape((lay.n, lay.a, lay.c) + x_nm.shape[2:])
+    return _unblock(lay, jnp.moveaxis(x, 0, 1))
 
 
 # ----------------------------------------------------------------------------- per-chunk math
@@ -323,15 +358,6 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool, defer: bool):
 # ----------------------------------------------------------------------------- scans
 
 
-def _blocks(x_rtd, c: int):
-    """[R, T, d] -> [R, n, c, d] (a free reshape; a padded copy only when c does not divide T)."""
-    r, t, d = x_rtd.shape
-    n = -(-t // c)
-    if n * c != t:
-        x_rtd = jnp.pad(x_rtd, [(0, 0), (0, n * c - t), (0, 0)])
-    return x_rtd.reshape(r, n, c, d)
-
-
 def _take(x_rncd, i):
     """Chunk i of every row, [m = R·c, d], read in place (no transposed copy of the input)."""
     x = jax.lax.dynamic_index_in_dim(x_rncd, i, axis=1, keepdims=False)
@@ -339,21 +365,21 @@ def _take(x_rncd, i):
 
 
 def _prepare(cfg: _Config, hs, ht, mask, targets):
-    """The hidden states as blocks [R, n, c, d], per-token inputs as chunks [n, m], the mask."""
+    """The hidden states as blocks [a, n, c, d], per-token inputs as chunks [n, m], the mask."""
     t = hs.shape[-2]
     rows = math.prod(hs.shape[:-2])
-    c = _chunk_len(rows, t, cfg.chunk_size)
+    lay = _layout(rows, t, cfg.chunk_size)
     mask_rt = _mask_rt(mask, rows, t)
-    big = {"hs": _blocks(hs.reshape(rows, t, -1), c)}
+    big = {"hs": _blocks(lay, hs.reshape(rows, t, -1))}
     if ht is not None:
-        big["ht"] = _blocks(ht.reshape(rows, t, -1), c)
-    small = {"i": jnp.arange(big["hs"].shape[1]), "mask": _to_chunks(mask_rt, c)}
+        big["ht"] = _blocks(lay, ht.reshape(rows, t, -1))
+    small = {"i": jnp.arange(lay.n), "mask": _to_chunks(lay, mask_rt)}
     if targets is not None:
-        small["targets"] = _to_chunks(targets.reshape(rows, t).astype(jnp.int32), c)
-    return big, small, mask_rt
+        small["targets"] = _to_chunks(lay, targets.reshape(rows, t).astype(jnp.int32))
+    return lay, big, small, mask_rt
 
 
-def _pre_pass(cfg: _Config, wt, bt, big, small, mask_rt):
+def _pre_pass(cfg: _Config, lay: _Layout, wt, bt, big, small, mask_rt):
     """Teacher statistics of every chunk (top-K indices, log-partition, log α_T) and β(X) − 1."""
 
     def body(_, i):
@@ -362,9 +388,8 @@ def _pre_pass(cfg: _Config, wt, bt, big, small, mask_rt):
         return None, {"idx": idx, "lse_t": lse, "log_at": log_at}
 
     _, stats = jax.lax.scan(body, None, small["i"])
-    rows, t = mask_rt.shape
-    gamma_rt = _gamma(_from_chunks(stats["log_at"], rows, t), mask_rt, cfg)
-    stats["gamma"] = _to_chunks(gamma_rt, big["hs"].shape[2])
+    gamma_rt = _gamma(_from_chunks(lay, stats["log_at"]), mask_rt, cfg)
+    stats["gamma"] = _to_chunks(lay, gamma_rt)
     return stats
 
 
@@ -375,7 +400,7 @@ def _main_pass(cfg: _Config, params, big, small, want_grad: bool, defer: bool):
     and dh (the head gradient is never deferred: `defer` implies a frozen head or no gradient).
     """
     ws = params[0]
-    rows = big["hs"].shape[0]
+    rows = big["hs"].shape[0]  # rows per step
     carry0 = ()
     if want_grad:  # float32 accumulators; dh is written in place, chunk by chunk
         dbs = (jnp.zeros(ws.shape[1], _F32),) + ((jnp.zeros((rows, ws.shape[1]), _F32),) * defer)
@@ -403,45 +428,45 @@ def _main_pass(cfg: _Config, params, big, small, want_grad: bool, defer: bool):
     return jax.lax.scan(body, carry0, small)
 
 
-def _combine_deferred(cfg: _Config, out, grads, mask_rt, t: int):
+def _combine_deferred(cfg: _Config, lay: _Layout, out, grads, mask_rt):
     """β(X) known at last: div = KL + (β(X) − 1)·tail per token [R, T], dh and db likewise."""
-    rows = mask_rt.shape[0]
     kl, tail, log_at = (out.pop(k) for k in ("kl", "tail", "log_at"))
     gamma_rt = _gamma(log_at, mask_rt, cfg)
     out["div"] = kl + gamma_rt * tail
     if not grads:
         return out, grads
     dw, (db, db_tail), (dh, dh_tail) = grads
-    dh_rtd = dh.reshape(rows, -1, dh.shape[-1])[:, :t]
-    dh_tail_rtd = dh_tail.reshape(rows, -1, dh.shape[-1])[:, :t]
-    db = db + (gamma_rt[:, :1] * db_tail).sum(0)
-    return out, (dw, (db,), (dh_rtd + gamma_rt[..., None] * dh_tail_rtd,))
+    db = db + (gamma_rt[:, :1] * db_tail).sum(0)  # by_rows=False here: a = R
+    dh = _unblock(lay, dh) + gamma_rt[..., None] * _unblock(lay, dh_tail)
+    return out, (dw, (db,), (dh,))
 
 
 def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: bool):
     """Per-token losses [R, T] and, if wanted, the gradients (dh, dW, db), in float32.
 
-    TAD over several chunks gets β(X) from a teacher pre-pass when the head's gradient is wanted,
-    and otherwise (frozen head, or values only) defers the tail parts until β(X) is known.
+    TAD with rows spanning several chunks gets β(X) from a teacher pre-pass when the head's
+    gradient is wanted, and otherwise (frozen head, or values only) defers the tail parts until
+    β(X) is known.
     """
-    big, small, mask_rt = _prepare(cfg, hs, ht, mask, targets)
-    rows, t = mask_rt.shape
-    several = cfg.divergence == "tad" and small["i"].shape[0] > 1
+    lay, big, small, mask_rt = _prepare(cfg, hs, ht, mask, targets)
+    several = cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows
     defer = several and not (want_grad and cfg.head_grad)
     if several and not defer:
-        small.update(_pre_pass(cfg, params[2], params[3], big, small, mask_rt))
+        small.update(_pre_pass(cfg, lay, params[2], params[3], big, small, mask_rt))
     if want_grad:
-        small["w"] = _to_chunks(weights_rt, big["hs"].shape[2])
+        small["w"] = _to_chunks(lay, weights_rt)
     grads, out = _main_pass(cfg, params, big, small, want_grad, defer)
-    out = {k: _from_chunks(v, rows, t) for k, v in out.items()}
+    out = {k: _from_chunks(lay, v) for k, v in out.items()}
     if defer:
-        out, grads = _combine_deferred(cfg, out, grads, mask_rt, t)
+        out, grads = _combine_deferred(cfg, lay, out, grads, mask_rt)
+    elif want_grad:
+        dw, dbs, (dh,) = grads
+        grads = (dw, dbs, (_unblock(lay, dh),))
     # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
     per_tok = {k: jnp.where(mask_rt > 0, v, 0.0) for k, v in out.items() if k in ("clm", "div")}
     if want_grad:
         dw, (db,), (dh,) = grads
-        dh = dh.reshape(rows, -1, dh.shape[-1])[:, :t].reshape(hs.shape[:-1] + (-1,))
-        grads = (dh, dw, db)
+        grads = (dh.reshape(hs.shape[:-1] + (-1,)), dw, db)
     return per_tok, mask_rt, grads
 
 

@@ -110,10 +110,11 @@ def _assert_match(name, x, chunk_size, cap=None, tol=TOL, **kw):
         )
 
 
-# Rows of T = 7 positions, 3 rows: chunk_size 6 -> 2 positions per row per step (4 steps, the last
-# padded), 9 -> 3 (3 steps, padded), 12 -> 4, 3 -> 1 (7 steps), 21 -> the whole row (one step, no
-# teacher pre-pass), 1024 -> clipped to the whole row.
-CHUNKS = [3, 6, 9, 12, 21, 1024]
+# Rows of T = 7 positions, 3 rows. chunk_size < T cuts the time axis (rows span chunks: teacher
+# pre-pass or deferred β): 3 -> 1 position per row per step (7 steps), 6 -> 2 (4 steps, the last
+# padded). chunk_size >= T takes whole rows per step: 9 -> 1 row (3 steps), 14 -> 2 rows (2 steps,
+# a padded row), 21 and 1024 -> all 3 rows in one step.
+CHUNKS = [3, 6, 9, 14, 21, 1024]
 
 
 @pytest.mark.parametrize(
@@ -212,9 +213,14 @@ def test_bf16_heads():
         np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=2.0**-8, atol=1e-5)
 
 
-def test_sharded_inputs_match_unsharded():
-    """Rows sharded over the 8 CPU devices give the unsharded result (and stay sharded)."""
-    x = _inputs(seed=9, shape=(8, 6))
+@pytest.mark.parametrize("shape, chunk_size", [((8, 6), 16), ((16, 6), 48)])
+def test_sharded_inputs_match_unsharded(shape, chunk_size):
+    """Rows sharded over the 8 CPU devices give the unsharded result (and stay sharded).
+
+    (8, 6) with 16 tokens per step cuts the time axis (teacher pre-pass); (16, 6) with 48 takes 8
+    whole rows per step, one from each shard.
+    """
+    x = _inputs(seed=9, shape=shape)
     mesh = Mesh(np.array(jax.devices()), ("data",))
     rows = NamedSharding(mesh, P("data"))
     xs = dict(
@@ -224,9 +230,10 @@ def test_sharded_inputs_match_unsharded():
         mask=jax.device_put(x["mask"], rows),
         targets=jax.device_put(x["targets"], rows),
     )
-    f = _fused("distill", x, None, 16, top_k=K)
+    f = _fused("distill", x, None, chunk_size, top_k=K)
     (ref, _), ref_g = _value_and_grads(jax.jit(f), x)
-    (out, _), g = _value_and_grads(jax.jit(_fused("distill", xs, None, 16, top_k=K)), xs)
+    f = _fused("distill", xs, None, chunk_size, top_k=K)
+    (out, _), g = _value_and_grads(jax.jit(f), xs)
     np.testing.assert_allclose(out, ref, **TOL)
     for a, b in zip(g, ref_g, strict=True):
         np.testing.assert_allclose(a, b, **TOL)
