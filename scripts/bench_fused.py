@@ -143,6 +143,9 @@ def bench_time(args):
         # A frozen head (student_head_grad=False): β(X) deferred, no teacher pre-pass.
         "fused_tad_frozen_head_s": _fused_grad("tad", c, head_grad=False, top_k=args.top_k),
         "fused_kl_frozen_head_s": _fused_grad("kl", c, head_grad=False),
+        # chunk_size >= T: whole rows per step, β(X) inside the single pass.
+        "fused_tad_whole_rows_s": _fused_grad("tad", n // rows, top_k=args.top_k),
+        "fused_kl_whole_rows_s": _fused_grad("kl", n // rows),
     }
     rec.update(_time_all(runs, inputs, args.repeats))
     ratios = {
@@ -150,6 +153,7 @@ def bench_time(args):
         "fused_tad_over_fused_kl": ("fused_tad", "fused_kl"),
         "pre_pass_share_of_fused_tad": ("fused_tad_pre_pass", "fused_tad"),
         "frozen_head_fused_tad_over_fused_kl": ("fused_tad_frozen_head", "fused_kl_frozen_head"),
+        "whole_rows_fused_tad_over_fused_kl": ("fused_tad_whole_rows", "fused_kl_whole_rows"),
     }
     for name, (a, b) in ratios.items():
         rec[name] = rec[f"{a}_s"] / rec[f"{b}_s"]
