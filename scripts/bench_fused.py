@@ -46,8 +46,8 @@ def _pre_pass_only(chunk_size, top_k):
 
     def run(hs, ws, ht, wt, mask):
         cfg = fused._Config("tad", False, top_k, 2.0, 1.0, 1e-6, chunk_size, None, "mean")
-        big, small, mask_rt = fused._prepare(cfg, hs, ht, mask, None)
-        return fused._pre_pass(cfg, wt, None, big, small, mask_rt)
+        lay, big, small, mask_rt = fused._prepare(cfg, hs, ht, mask, None)
+        return fused._pre_pass(cfg, lay, wt, None, big, small, mask_rt)
 
     return run
 
