@@ -6,36 +6,41 @@ final hidden states and the output heads instead of logits. They equal `tad_dive
 `softcap(h @ W + b)`, in value and in gradient (TAD as defined in /work/shared/TAD_SPEC.md).
 
 Shape suffixes: r = rows (the flattened leading axes), t = positions of a row, n = chunks,
-c = positions of a row per chunk, m = R·c tokens of one chunk, d = hidden size, v = vocabulary,
-k = top-K.
+a = rows per chunk, c = positions of a row per chunk, m = a·c tokens of one chunk,
+d = hidden size, v = vocabulary, k = top-K.
 
 How:
-- The *time* axis is cut into chunks: each `lax.scan` step takes `c = max(1, chunk_size // R)`
-  positions of every row (about `chunk_size` tokens), reading them in place from the [R, T, d]
-  hidden states; a batch sharded over its rows stays sharded. T is padded to n·c with masked
-  positions when c does not divide it.
+- Each `lax.scan` step takes about `chunk_size` tokens, read in place from the [R, T, d] hidden
+  states: whole rows when T <= chunk_size (strided, a multiple of the device count when R is at
+  least that), else `c = max(1, chunk_size // R)` positions of every row. A batch sharded over its
+  rows stays sharded. Padding (rows or positions) is masked.
 - The gradient w.r.t. the student logits is analytic (Eq. 6 of the paper) and is pushed through the
   head inside the forward pass: each step adds `h_md^T dz_mv` to a [d, V] float32 accumulator and
   writes `dz_mv W^T` into dh. With reduction "mean"/"sum" the backward pass only scales these by
   the incoming cotangent; with "none" (a per-token cotangent) the backward pass runs the scan again.
 - Exact per-row β(X). ᾱ(X) needs the teacher tail mass of every position of the row before any of
-  its gradients can be weighted, and rows span chunks. Two ways were weighed: (a) accumulate the
-  KL part and the tail part of the gradient separately and combine them once β(X) is known: the
-  tail part needs its own dh matmul (+d_s·V FLOPs per token) and, for dW, one [d, V] accumulator
-  *per row* (a chunk holds positions of every row), which defeats the purpose; (b) a teacher
-  pre-pass: one more teacher head matmul (+d_t·V FLOPs per token) computes the top-K indices, the
-  teacher log-partition and log α_T of every position ([N, K] + 2·[N], kept), hence β(X); the
-  main pass reuses them, so top_k runs once. (b) is implemented. At Gemma2 sizes (d_s = 2304,
-  d_t = 3584) the head FLOPs are 3·d_s + 2·d_t per token for fused TAD vs 3·d_s + d_t for fused
-  KL (1.34×); `scripts/bench_fused.py` measures the pre-pass's share of the time. When one chunk
-  holds whole rows (c = T) the pre-pass is skipped and β(X) is computed inside the single pass.
+  its gradients can be weighted. When T <= chunk_size every step takes whole rows (`_Layout`) and
+  β(X) is computed inside the single pass. Otherwise rows span chunks. Two ways were weighed: (a)
+  accumulate the KL part and the tail part of the gradient separately and combine them once β(X) is
+  known: the tail part needs its own dh matmul (+d_s·V FLOPs per token) and, for dW, one [d, V]
+  accumulator *per row* (a chunk holds positions of every row), which defeats the purpose; (b) a
+  teacher pre-pass: one more teacher head matmul (+d_t·V FLOPs per token) computes the top-K
+  indices, the teacher log-partition and log α_T of every position ([N, K] + 2·[N], kept), hence
+  β(X); the main pass reuses them, so top_k runs once. (b) is implemented. At Gemma2 sizes (d_s =
+  2304, d_t = 3584) the head FLOPs are 3·d_s + 2·d_t per token for fused TAD vs 3·d_s + d_t for
+  fused KL (1.34×); `scripts/bench_fused.py` measures the pre-pass's share of the time. With a
+  frozen head (`student_head_grad=False`) there is no dW, so (a) needs no per-row accumulator: it is
+  used then (+d_s instead of +d_t, top_k once, no pre-pass), and also for values without gradients.
 - Memory: temporaries are O(chunk_size·V + d_s·V + N·(K + d)), flat in N in practice. XLA
   temporaries of fused TAD fwd+bwd at V = 256000, d = 2304/3584 (`scripts/bench_fused.py`):
   2.89 GB at N = 4K, 16K and 64K tokens with chunk_size = 512 (5.25 GB with 1024; 2.36 GB of it
   is the float32 dW accumulator) vs 21 / 88 / 352 GB unfused.
-- Time on 2 busy CPU cores (N = 2048, V = 32000, d = 256/384, chunk_size 256, CPU seconds):
-  fused TAD 0.48× unfused TAD and 1.43× fused KL, the teacher pre-pass 33% of it; with a frozen
-  head (deferred β, no pre-pass) 1.57× fused KL.
+- Time, fwd+bwd on 2 CPU cores (N = 2048 as 2 rows, V = 32000, d = 256/384, chunk_size 256):
+  fused TAD 1.43 s = 0.48× unfused TAD (2.97 s) and 1.40× fused KL (1.02 s), the teacher pre-pass
+  34% of it (the main pass alone costs as much as fused KL); frozen head (deferred β) 1.55× fused
+  KL; whole rows per step (chunk_size = T, no pre-pass) 1.33× fused KL: top_k and the tail
+  log-sum-exps remain. On an accelerator, where the head matmuls dominate, expect about
+  (3·d_s + 2·d_t) / (3·d_s + d_t) = 1.34× at Gemma2 sizes with a pre-pass, ≈ 1× + top_k without.
 - Top-K membership by scattering the indices into the values (-inf) or into a float 0/1 tail
   weight: on XLA CPU 3-5× faster than a boolean mask + `where`, and ~10× faster over the whole
   loss than an iota comparison per index (`t >= kth_value` is worse still, see the spec).
