@@ -15,11 +15,21 @@ from tad_jax.losses import (
     tad_components,
     tad_divergence,
 )
+from tad_jax.fused import (
+    fused_causal_lm_loss,
+    fused_distillation_loss,
+    fused_kl_loss,
+    fused_tad_loss,
+)
 
 __all__ = [
     "causal_lm_loss",
     "cosine_hidden_loss",
     "distillation_loss",
+    "fused_causal_lm_loss",
+    "fused_distillation_loss",
+    "fused_kl_loss",
+    "fused_tad_loss",
     "js_divergence",
     "kl_divergence",
     "reverse_kl_divergence",
