@@ -1,0 +1,242 @@
+"""The optimizer, the train state and the pure step functions (jit them with shardings).
+
+Public API:
+- `make_optimizer(config, total_steps) -> (optax transform, lr schedule)`
+- `split_trainable(params, mask)`, `merge_trainable(train, frozen)`, `init_state(params, mask, tx)`,
+  `state_shardings(abstract_state, param_shardings, mesh)`
+- `make_train_step(...)`: `train_step(state, batch, teacher_params) -> (state, metrics)`; the
+  metrics are `METRIC_KEYS`
+- `make_eval_step(...)`: `eval_step(student_params, teacher_params, batch) -> sums`;
+  `finalize_eval(sums)` -> the `eval_*` scalars of metrics.jsonl
+
+Shapes: `_bt` = [batch, T], `_abt` = [micro-batches, batch / micro-batches, T], `_btv` = [B, T, V].
+
+The train state is a dict `{"step", "params", "opt_state"}`: `params` holds every student
+parameter (frozen ones included, so a checkpoint is a complete student), `opt_state` only covers
+the trainable ones (frozen leaves are `None` in the tree the optimizer sees, so Adam stores no
+moments for them and no gradient is computed for them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from tad_jax import losses, sharding
+
+METRIC_KEYS = ("loss", "clm_loss", "div_loss", "cosine_loss", "grad_norm", "lr", "valid_tokens")
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and state
+
+
+def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """AdamW (decay on matrices only) with warmup + cosine decay and global-norm clipping.
+
+    The optimizer sees only trainable params (frozen leaves are None), so it keeps no state for
+    the frozen ones.
+    """
+    o = config.opt
+    warmup = min(o.warmup_steps, max(total_steps - 1, 0))
+    schedule = optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
+        decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+    tx = optax.chain(
+        optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
+        optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
+                    mask=decay_mask),
+    )
+    return tx, schedule
+
+
+def split_trainable(params, mask):
+    """(trainable, frozen): two trees shaped like params, None where the other holds the leaf."""
+    train = jax.tree.map(lambda p, m: p if m else None, params, mask)
+    frozen = jax.tree.map(lambda p, m: None if m else p, params, mask)
+    return train, frozen
+
+
+def merge_trainable(train, frozen):
+    """Inverse of `split_trainable`."""
+    return jax.tree.map(lambda a, b: b if a is None else a, train, frozen,
+                        is_leaf=lambda x: x is None)
+
+
+def init_state(params, mask, tx) -> dict:
+    """The train state of freshly initialised params."""
+    train, _ = split_trainable(params, mask)
+    return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(train)}
+
+
+def state_shardings(abstract_state, param_shardings, mesh):
+    """Shardings of the state: params as given, optimizer moments like their params."""
+    rep = sharding.replicated(mesh)
+    by_shape = {}
+
+    def opt_leaf(path, leaf):
+        # Adam's mu/nu have the param's path as a suffix; scalars (counts) are replicated.
+        if getattr(leaf, "ndim", 0) == 0:
+            return rep
+        key = _param_key(path)
+        return by_shape.get(key, rep)
+
+    flat, _ = jax.tree_util.tree_flatten_with_path(param_shardings)
+    for path, s in flat:
+        by_shape[_param_key(path)] = s
+    opt = jax.tree_util.tree_map_with_path(opt_leaf, abstract_state["opt_state"])
+    return {"step": rep, "params": param_shardings, "opt_state": opt}
+
+
+def _param_key(path) -> tuple:
+    """The trailing dict keys of a tree path (the param's name inside the params tree)."""
+    keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+    return tuple(keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# The step
+
+
+def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vocab_size,
+                    mesh=None):
+    """The pure step `train_step(state, batch, teacher_params) -> (state, metrics)`.
+
+    Gradient accumulation is a `lax.scan` over micro-batches inside the step rather than
+    `optax.MultiSteps`: the summed per-token losses are divided once by the valid tokens of the
+    whole batch, so the update equals the one of the unsplit batch (MultiSteps would average
+    per-micro-batch means, weighting tokens unequally when padding differs), and the host
+    dispatches one call per optimizer step.
+    """
+    lo = config.loss
+    accum = int(config.opt.grad_accum_steps)
+    use_hidden = lo.cosine_weight > 0
+
+    def micro_loss(train_p, frozen_p, mb, teacher_params):
+        params = merge_trainable(train_p, frozen_p)
+        fwd = dict(segment_ids=mb["segment_ids"], positions=mb["positions"],
+                   return_logits=not lo.fused)
+        t_out = teacher_model.apply({"params": teacher_params}, mb["input_ids"], **fwd)
+        s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)
+        t_hidden = jax.lax.stop_gradient(t_out.hidden_states)
+        if lo.fused:
+            total, parts = _fused_loss(lo, student_model.config, params, s_out.hidden_states,
+                                       teacher_model.config, teacher_params, t_hidden, mb,
+                                       vocab_size)
+        else:
+            t_logits = jax.lax.stop_gradient(t_out.logits[..., :vocab_size])
+            total, parts = losses.distillation_loss(
+                s_out.logits[..., :vocab_size], t_logits, mb["targets"], mb["loss_mask"],
+                divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
+                temperature=lo.temperature, eps_alpha=lo.eps_alpha, jsd_weight=lo.jsd_weight,
+                cosine_weight=lo.cosine_weight,
+                student_hidden=s_out.hidden_states if use_hidden else None,
+                teacher_hidden=t_hidden if use_hidden else None, reduction="sum")
+        return total, jnp.stack([total, parts["clm"], parts["div"], parts["cosine"]])
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+
+    def train_step(state, batch, teacher_params):
+        train_p, frozen_p = split_trainable(state["params"], mask)
+        n_valid = jnp.maximum(jnp.sum(batch["loss_mask"]), 1.0)
+        if accum == 1:
+            (_, sums), grads = grad_fn(train_p, frozen_p, batch, teacher_params)
+        else:
+            micro = _split_micro(batch, accum, mesh)
+
+            def body(carry, mb):
+                (_, s), g = grad_fn(train_p, frozen_p, mb, teacher_params)
+                return jax.tree.map(jnp.add, carry, (g, s)), None
+
+            zeros = (jax.tree.map(jnp.zeros_like, train_p), jnp.zeros(4, jnp.float32))
+            (grads, sums), _ = jax.lax.scan(body, zeros, micro)
+        grads = jax.tree.map(lambda g: g / n_valid, grads)
+        updates, opt_state = tx.update(grads, state["opt_state"], train_p)
+        train_p = optax.apply_updates(train_p, updates)
+        means = sums / n_valid
+        metrics = dict(loss=means[0], clm_loss=means[1], div_loss=means[2], cosine_loss=means[3],
+                       grad_norm=optax.tree.norm(grads), lr=schedule(state["step"]),
+                       valid_tokens=n_valid)
+        new_state = {"step": state["step"] + 1, "params": merge_trainable(train_p, frozen_p),
+                     "opt_state": opt_state}
+        return new_state, metrics
+
+    return train_step
+
+
+def _fused_loss(lo, s_cfg, s_params, s_hidden, t_cfg, t_params, t_hidden, mb, vocab_size):
+    """Eq. 4 from hidden states and output heads in token chunks (tad_jax.fused): no [B, T, V]
+    logits are ever materialised. The cosine term is added here (the fused loss has none)."""
+    from tad_jax import fused
+    from tad_jax.models import lm_head
+
+    w_s, b_s = lm_head(s_cfg, s_params)
+    w_t, b_t = jax.tree.map(jax.lax.stop_gradient, lm_head(t_cfg, t_params))
+    cut = lambda b: None if b is None else b[:vocab_size]
+    total, parts = fused.fused_distillation_loss(
+        s_hidden, w_s[:, :vocab_size], t_hidden, w_t[:, :vocab_size], mb["targets"],
+        mb["loss_mask"], divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
+        temperature=lo.temperature, eps_alpha=lo.eps_alpha, chunk_size=lo.chunk_size,
+        student_bias=cut(b_s), teacher_bias=cut(b_t),
+        final_logit_softcap=s_cfg.final_logit_softcap, reduction="sum")
+    cos = jnp.zeros((), jnp.float32)
+    if lo.cosine_weight > 0:
+        cos = losses.cosine_hidden_loss(s_hidden, t_hidden, mb["loss_mask"], reduction="sum")
+        total = total + lo.cosine_weight * cos
+    return total, {"clm": parts["clm"], "div": parts["div"], "cosine": jax.lax.stop_gradient(cos)}
+
+
+def _split_micro(batch, accum: int, mesh):
+    """[B, T] -> [accum, B / accum, T], micro-batch a = rows a, a + accum, ...
+
+    Strided rows keep every micro-batch spread over all batch shards (each device's contiguous
+    block of rows contributes B / (accum * shards) rows to each micro-batch).
+    """
+    def split(x):
+        b = x.shape[0]
+        y = jnp.swapaxes(x.reshape((b // accum, accum) + x.shape[1:]), 0, 1)
+        if mesh is not None:
+            spec = jax.sharding.PartitionSpec(None, sharding.BATCH_AXES)
+            y = jax.lax.with_sharding_constraint(y, jax.sharding.NamedSharding(mesh, spec))
+        return y
+
+    return jax.tree.map(split, batch)
+
+
+def make_eval_step(student_model, teacher_model, vocab_size):
+    """`eval_step(student_params, teacher_params, batch) -> dict of float32 sums`.
+
+    The sums are `tad_jax.metrics.eval_sums` (held-out KL, CE, top-1 agreement, mismatch, tail
+    mass, Full-ECE statistics); add them over batches, then `finalize_eval`.
+    """
+    from tad_jax import metrics
+
+    def eval_step(student_params, teacher_params, batch):
+        fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+        t = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd).logits
+        s = student_model.apply({"params": student_params}, batch["input_ids"], **fwd).logits
+        return metrics.eval_sums(s[..., :vocab_size], t[..., :vocab_size], batch["targets"],
+                                 batch["loss_mask"])
+
+    return eval_step
+
+
+def finalize_eval(sums: dict[str, Any]) -> dict[str, float]:
+    """The `eval_*` scalars of metrics.jsonl from the summed statistics of the held-out split:
+    eval_kl (KL(teacher || student), the paper's Fig. 1), eval_ce / eval_ppl (the student's
+    cross-entropy on the next token), eval_top1_agreement, eval_full_ece, eval_mismatch_rate,
+    eval_teacher_ce, eval_tail_mass_k{K} and eval_tokens."""
+    from tad_jax import metrics
+
+    m = metrics.finalize(sums)
+    out = dict(eval_kl=m["kl"], eval_ce=m["student_ce"], eval_ppl=m["student_ppl"],
+               eval_top1_agreement=m["top1_agreement"], eval_full_ece=m["full_ece"],
+               eval_mismatch_rate=m["mismatch_rate"], eval_teacher_ce=m["teacher_ce"],
+               eval_tokens=m["tokens"])
+    out.update({f"eval_tail_mass_k{k}": v for k, v in m["tail_mass"].items()})
+    return {k: float(v) for k, v in out.items()}
