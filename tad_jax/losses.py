@@ -357,7 +357,9 @@ def _tad_fwd(student_btv, teacher_btv, mask_bt, top_k, beta, temperature, eps_al
     tail_bt = jnp.exp(st["log_alpha_t"]) * st["kl2"]
     loss_bt = _masked(temperature**2 * (st["kl1"] + beta_x_b[..., None] * tail_bt), mask_bt)
     # Residuals: the inputs (alive anyway), [.., K] indices and [.., T] statistics; the softmaxes
-    # are recomputed in the backward pass instead of keeping [.., V] float32 probabilities.
+    # are recomputed in the backward pass instead of keeping [.., V] float32 probabilities. (When
+    # forward and backward share one jit, XLA may keep the 1-byte head mask instead of scattering
+    # it again: N·V bytes.)
     res = (student_btv, teacher_btv, mask_bt, st["idx_btk"], st["lse_s"], st["lse_t"],
            st["lse_tail_s"], st["log_alpha_t"], beta_x_b)
     return loss_bt, res
