@@ -5,6 +5,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= runs/demo
+# Extra --config.x=y overrides for the demo, e.g. DEMO_FLAGS="--config.steps=3" for a quick check.
+DEMO_FLAGS ?=
 
 .PHONY: demo test venv corpus lint
 
@@ -26,8 +28,11 @@ corpus:
 		echo "note: could not install python3.11-doc; the corpus falls back to the licence texts"; \
 	fi
 
+# Train, then evaluate (eval.json, plots/) and export the student as an HF folder (hf/).
 demo: venv corpus
-	$(PY) scripts/train.py --config configs/demo.py --workdir $(WORKDIR)
+	$(PY) scripts/train.py --config configs/demo.py --workdir $(WORKDIR) $(DEMO_FLAGS)
+	$(PY) scripts/evaluate.py --config configs/demo.py --workdir $(WORKDIR) $(DEMO_FLAGS)
+	$(PY) scripts/export_hf.py --workdir $(WORKDIR) --out $(WORKDIR)/hf --overwrite
 
 test: venv corpus
 	$(PY) -m pytest -q
