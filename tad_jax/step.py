@@ -116,6 +116,7 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
     lo = config.loss
     accum = int(config.opt.grad_accum_steps)
     use_hidden = lo.cosine_weight > 0
+    head_trainable = _head_trainable(student_model.config, mask)
 
     def micro_loss(train_p, frozen_p, mb, teacher_params):
         params = merge_trainable(train_p, frozen_p)
@@ -127,7 +128,7 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
         if lo.fused:
             total, parts = _fused_loss(lo, student_model.config, params, s_out.hidden_states,
                                        teacher_model.config, teacher_params, t_hidden, mb,
-                                       vocab_size)
+                                       vocab_size, head_trainable)
         else:
             t_logits = jax.lax.stop_gradient(t_out.logits[..., :vocab_size])
             total, parts = losses.distillation_loss(
@@ -169,9 +170,18 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
     return train_step
 
 
-def _fused_loss(lo, s_cfg, s_params, s_hidden, t_cfg, t_params, t_hidden, mb, vocab_size):
+def _head_trainable(student_cfg, mask) -> bool:
+    """Whether the student's output head trains (a tied head follows the embeddings' mask)."""
+    if student_cfg.tie_word_embeddings:
+        return bool(mask["embed"]["embedding"])
+    return bool(mask["lm_head"]["kernel"])
+
+
+def _fused_loss(lo, s_cfg, s_params, s_hidden, t_cfg, t_params, t_hidden, mb, vocab_size,
+                head_trainable):
     """Eq. 4 from hidden states and output heads in token chunks (tad_jax.fused): no [B, T, V]
-    logits are ever materialised. The cosine term is added here (the fused loss has none)."""
+    logits are ever materialised. The cosine term is added here (the fused loss has none). A
+    frozen head (the paper's frozen, tied embeddings) skips the [d, V] head gradient altogether."""
     from tad_jax import fused
     from tad_jax.models import lm_head
 
@@ -183,7 +193,8 @@ def _fused_loss(lo, s_cfg, s_params, s_hidden, t_cfg, t_params, t_hidden, mb, vo
         mb["loss_mask"], divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
         temperature=lo.temperature, eps_alpha=lo.eps_alpha, chunk_size=lo.chunk_size,
         student_bias=cut(b_s), teacher_bias=cut(b_t),
-        final_logit_softcap=s_cfg.final_logit_softcap, reduction="sum")
+        final_logit_softcap=s_cfg.final_logit_softcap, reduction="sum",
+        student_head_grad=head_trainable)
     cos = jnp.zeros((), jnp.float32)
     if lo.cosine_weight > 0:
         cos = losses.cosine_hidden_loss(s_hidden, t_hidden, mb["loss_mask"], reduction="sum")
