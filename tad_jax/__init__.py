@@ -5,6 +5,12 @@ live in their own modules (`tad_jax.models`, `tad_jax.data`, `tad_jax.train`, `t
 so that importing the loss pulls in nothing heavier than jax.
 """
 
+from tad_jax.fused import (
+    fused_causal_lm_loss,
+    fused_distillation_loss,
+    fused_kl_loss,
+    fused_tad_loss,
+)
 from tad_jax.losses import (
     causal_lm_loss,
     cosine_hidden_loss,
@@ -14,12 +20,6 @@ from tad_jax.losses import (
     reverse_kl_divergence,
     tad_components,
     tad_divergence,
-)
-from tad_jax.fused import (
-    fused_causal_lm_loss,
-    fused_distillation_loss,
-    fused_kl_loss,
-    fused_tad_loss,
 )
 
 __all__ = [
