@@ -123,7 +123,7 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not cfg.log.progress,
                desc="distilling", unit="step", dynamic_ncols=True)
     clock = _Throughput(cfg.data.global_batch_size * cfg.data.seq_len)
-    pending, last = None, {}
+    pending, last, saved = None, {}, run.start_step
     stop_at = run.total_steps
     if cfg.max_steps_per_run > 0:
         stop_at = min(stop_at, run.start_step + cfg.max_steps_per_run)
@@ -132,7 +132,8 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         if local is None:  # a finite pipeline (data.num_epochs) ran out before `steps`
             if pending is not None:
                 last = _finish_step(run, writer, clock, bar, *pending, force=True) or last
-                _save(run, pending[0])
+            if step - 1 > saved:  # the last step may have been evaluated but not saved
+                _save(run, step - 1)
             bar.write(f"The training data ran out after step {step - 1}; stopping there.")
             break
         batch = to_global_batch(local, run.batch_sh)
@@ -150,6 +151,7 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
             pending = None
             if do_save:
                 _save(run, step)
+                saved = step
         if stop.requested:
             bar.write(f"SIGTERM: saved a checkpoint at step {step}; rerun the command to resume.")
             break

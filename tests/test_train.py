@@ -278,3 +278,20 @@ def test_teacher_and_student_from_hf_folders_with_a_sliced_vocabulary(tmp_path):
     cfg.loss.vocab_size = 500  # smaller than the tokenizer: refused before any step
     with pytest.raises(ValueError, match="loss.vocab_size=512"):
         train.train_and_evaluate(cfg, str(tmp_path / "run500"))
+
+
+@pytest.mark.slow
+def test_finite_data_saves_the_last_step_after_an_eval_only_step(tmp_path):
+    """An evaluated (not checkpointed) last step before the data runs out is still saved."""
+    corpus, _ = tiny.build_assets()
+    small = tmp_path / "small.txt"
+    with open(corpus) as f:
+        small.write_text(f.read()[:3000])
+    workdir = str(tmp_path / "run")
+    cfg = tiny_config(**{"data.train_files": str(small), "data.val_files": corpus,
+                         "data.num_epochs": 1, "data.val_fraction": 0.0,
+                         "eval.every_steps": 1, "eval.max_batches": 1, "ckpt.every_steps": 1000})
+    train.train_and_evaluate(cfg, workdir)
+    steps = [r["step"] for r in train.read_metrics(workdir)]
+    assert 1 < len(steps) < 30
+    assert train.Checkpointer(workdir).latest_step() == steps[-1]
