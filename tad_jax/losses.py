@@ -181,6 +181,14 @@ def _reduce(loss_bt, mask_bt, reduction):
     return total / jnp.maximum(count, 1.0)
 
 
+def _fits_big(x):
+    """x, widened to float32 when its dtype cannot hold ±2·_BIG (float16 overflows to inf there,
+    and the head push / -inf clipping then give inf·0 = NaN). Autodiff casts the gradient back."""
+    if float(jnp.finfo(jnp.result_type(x)).max) < 4 * _BIG:
+        return jnp.asarray(x).astype(jnp.float32)
+    return x
+
+
 def _scaled(x, temperature):
     """logits/τ in float32, or in float64 when given float64 (the exactness tests use it)."""
     x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -428,7 +436,8 @@ def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
     _check_reduction(reduction)
     mask_bt, *cfg = _tad_args(student_logits, teacher_logits, mask, top_k, beta, temperature,
                               eps_alpha)
-    loss_bt = _tad_per_position(student_logits, teacher_logits, mask_bt, *cfg)
+    loss_bt = _tad_per_position(_fits_big(student_logits), _fits_big(teacher_logits), mask_bt,
+                                *cfg)
     return _reduce(loss_bt, mask_bt, reduction)
 
 
@@ -449,8 +458,8 @@ def tad_components(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
     """
     mask_bt, top_k, beta, temperature, eps_alpha = _tad_args(
         student_logits, teacher_logits, mask, top_k, beta, temperature, eps_alpha)
-    student_logits = jax.lax.stop_gradient(student_logits)
-    teacher_logits = jax.lax.stop_gradient(teacher_logits)
+    student_logits = jax.lax.stop_gradient(_fits_big(student_logits))
+    teacher_logits = jax.lax.stop_gradient(_fits_big(teacher_logits))
     st = _tad_stats(student_logits, teacher_logits, top_k, temperature)
     alpha_t, alpha_s = jnp.exp(st["log_alpha_t"]), jnp.exp(st["log_alpha_s"])
     out = dict(kl1=st["kl1"], kl2=st["kl2"], alpha_t=alpha_t, alpha_s=alpha_s,
@@ -529,7 +538,8 @@ def kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
     """
     mask_bt, temperature = _common_args(student_logits, teacher_logits, mask, temperature,
                                         reduction)
-    loss_bt = _kl_per_position(student_logits, teacher_logits, mask_bt, temperature)
+    loss_bt = _kl_per_position(_fits_big(student_logits), _fits_big(teacher_logits), mask_bt,
+                               temperature)
     return _reduce(loss_bt, mask_bt, reduction)
 
 

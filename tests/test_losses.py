@@ -353,6 +353,29 @@ def test_bf16_close_to_f32():
     np.testing.assert_allclose(tad_divergence(sb, tb, m), tad_divergence(s, t, m), rtol=2e-2)
 
 
+def test_float16_matches_reference_with_vocab_padding(x64):
+    # float16 cannot hold the internal ±1e30 head push / -inf clip: it must still give the
+    # reference values (float64 of the same float16 inputs) and float16 gradients, padding or not.
+    s, t, m = _data(shape=(2, 5, 13), dtype=jnp.float16)
+    s64, t64 = s.astype(jnp.float64), t.astype(jnp.float64)
+    pad = jnp.full(s.shape[:-1] + (3,), -jnp.inf, jnp.float16)
+    sp, tp = jnp.concatenate([s, pad], -1), jnp.concatenate([t, pad], -1)
+    refs = {tad_divergence: lambda a, b: ref_tad(a, b, m, 3, 2.0),
+            kl_divergence: lambda a, b: ref_mean(ref_kl_bt(a, b), m)}
+    for fn, ref in refs.items():
+        kw = dict(top_k=3) if fn is tad_divergence else {}
+        want, want_g = jax.value_and_grad(ref)(s64, t64)
+        for a, b in ((s, t), (sp, tp)):
+            loss, g = jax.value_and_grad(fn)(a, b, m, **kw)
+            assert g.dtype == jnp.float16
+            _finite(loss, g)
+            np.testing.assert_allclose(loss, want, rtol=1e-5)
+            np.testing.assert_allclose(g[..., :13].astype(jnp.float64), want_g, rtol=1e-2,
+                                       atol=1e-5)
+        comps = tad_components(sp, tp, m, top_k=3)
+        assert all(np.all(np.isfinite(v)) for v in comps.values())
+
+
 # ---------------------------------------------------------------------------------------------
 # Transformations and sharding
 # ---------------------------------------------------------------------------------------------
