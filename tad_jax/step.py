@@ -28,6 +28,7 @@ import optax
 
 from tad_jax import losses, sharding
 
+_DECAYED = ("kernel", "embedding")  # the param names that get weight decay
 METRIC_KEYS = ("loss", "clm_loss", "div_loss", "cosine_loss", "grad_norm", "lr", "valid_tokens")
 
 
@@ -46,13 +47,20 @@ def make_optimizer(config, total_steps: int) -> tuple[optax.GradientTransformati
     schedule = optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=o.lr, warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1), end_value=o.lr * o.min_lr_ratio)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
     tx = optax.chain(
         optax.clip_by_global_norm(o.clip_norm) if o.clip_norm > 0 else optax.identity(),
         optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
-                    mask=decay_mask),
+                    mask=_decay_mask),
     )
     return tx, schedule
+
+
+def _decay_mask(params):
+    """True on weight matrices (kernels, embeddings), False on norm scales and biases: by name,
+    since rank does not tell them apart (q/k/v biases are [heads, head_dim], scanned layers
+    stack norms into [layers, d])."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: _param_key(path)[-1] in _DECAYED, params)
 
 
 def split_trainable(params, mask):

@@ -65,6 +65,29 @@ def test_one_step_equals_clipped_adamw_on_the_reference_gradient(one_step):
     assert int(new_state["step"]) == 1
 
 
+def test_weight_decay_skips_norms_and_biases_whatever_their_rank():
+    """config.opt.weight_decay: matrices only, not norms or biases, also when they are 2-D
+    (per-head q/k/v biases [heads, head_dim]; norms stacked [layers, d] by scan_layers)."""
+    cfg = tiny_config(**{"opt.warmup_steps": 0, "opt.clip_norm": 0.0})
+    tx, schedule = make_optimizer(cfg, 30)
+    shapes = {"embed": {"embedding": (16, 4)},
+              "layers": {"attn_norm": {"scale": (2, 4), "bias": (2, 4)},
+                         "attn": {"q": {"kernel": (2, 4, 2, 2), "bias": (2, 2, 2)}},
+                         "mlp": {"up": {"kernel": (2, 4, 8)}}},
+              "final_norm": {"scale": (4,)},
+              "lm_head": {"kernel": (4, 16), "bias": (16,)}}
+    params = jax.tree.map(lambda s: jnp.ones(s, jnp.float32), shapes,
+                          is_leaf=lambda x: isinstance(x, tuple))
+    zero = jax.tree.map(jnp.zeros_like, params)
+    updates, _ = tx.update(zero, tx.init(params), params)
+    new = jax.device_get(jax.tree.map(jnp.add, params, updates))
+    decayed = 1.0 - float(schedule(0)) * cfg.opt.weight_decay
+    for path, leaf in jax.tree_util.tree_leaves_with_path(new):
+        name = path[-1].key
+        want = decayed if name in ("kernel", "embedding") else 1.0
+        np.testing.assert_allclose(leaf, want, rtol=1e-6, err_msg=jax.tree_util.keystr(path))
+
+
 def test_frozen_params_have_no_optimizer_state(one_step):
     cfg, models, _, _ = one_step
     _, _, _, params, mask, _ = models
