@@ -59,7 +59,7 @@ def _tail_mass_sums(lpt_btv, mask_bt, tail_ks):
     out = {}
     for k in tail_ks:
         alpha_bt = alpha_max_bt + between_btk[..., k - 1] if k < vocab else 0.0 * alpha_max_bt
-        out[f"tail_mass_k{k}"] = jnp.sum(mask_bt * alpha_bt)
+        out[f"tail_mass_k{k}"] = _valid_sum(alpha_bt, mask_bt)
     return out
 
 
@@ -74,13 +74,19 @@ def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
     top_p_btk = jnp.exp(jax.lax.top_k(lps_btv, min(ece_bins, vocab))[0])
     top_bin_btk = _bin_of(top_p_btk, ece_bins)
     total_bt = jnp.sum(jnp.exp(lps_btv), axis=-1)  # ≈ 1; summed rather than assumed
-    weighted_btk = top_p_btk * mask_bt[..., None]
+    weighted_btk = jnp.where(mask_bt[..., None] > 0, top_p_btk, 0.0)
     conf = [jnp.sum(jnp.where(top_bin_btk == m, weighted_btk, 0.0)) for m in range(1, ece_bins)]
-    conf0 = jnp.sum(mask_bt * total_bt) - sum(conf, jnp.float32(0.0))
+    conf0 = _valid_sum(total_bt, mask_bt) - sum(conf, jnp.float32(0.0))
     tgt_p_bt = jnp.exp(jnp.take_along_axis(lps_btv, targets_bt[..., None], axis=-1)[..., 0])
     tgt_bin_bt = _bin_of(tgt_p_bt, ece_bins)
     hits = [jnp.sum(jnp.where(tgt_bin_bt == m, mask_bt, 0.0)) for m in range(ece_bins)]
     return {"ece_conf_m": jnp.stack([conf0, *conf]), "ece_hits_m": jnp.stack(hits)}
+
+
+def _valid_sum(x_bt, mask_bt):
+    """Σ x over the valid positions, by a select: a masked position's NaN or inf (all -inf
+    padding logits, or an out-of-range target such as -100) must not leak as 0·NaN."""
+    return jnp.sum(jnp.where(mask_bt > 0, x_bt, 0.0))
 
 
 def _bin_of(p, ece_bins):
@@ -139,9 +145,9 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
     kl_bt = jnp.sum(jnp.where(lpt_btv > -jnp.inf, jnp.exp(lpt_btv) * (lpt_btv - lps_btv), 0.0), -1)
     sums = {
         "count": jnp.sum(mask_bt),
-        "kl": jnp.sum(mask_bt * kl_bt),
-        "student_nll": -jnp.sum(mask_bt * _at(lps_btv, targets_bt)),
-        "teacher_nll": -jnp.sum(mask_bt * _at(lpt_btv, targets_bt)),
+        "kl": _valid_sum(kl_bt, mask_bt),
+        "student_nll": -_valid_sum(_at(lps_btv, targets_bt), mask_bt),
+        "teacher_nll": -_valid_sum(_at(lpt_btv, targets_bt), mask_bt),
         "mismatch": jnp.sum(mask_bt * (t_top_bt != targets_bt)),
         "top1_agree": jnp.sum(mask_bt * (s_top_bt == t_top_bt)),
         **tail,
@@ -151,7 +157,8 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
 
 
 def _at(lp_btv, targets_bt):
-    """lp[..., t, y_t]; a masked position's -inf is made finite so that 0·it stays 0."""
+    """lp[..., t, y_t], floored at the float32 minimum (a valid target on a -inf entry gives a
+    huge finite NLL rather than inf; masked positions are dropped by `_valid_sum`)."""
     out_bt = jnp.take_along_axis(lp_btv, targets_bt[..., None], axis=-1)[..., 0]
     return jnp.maximum(out_bt, jnp.finfo(jnp.float32).min)
 

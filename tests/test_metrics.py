@@ -129,6 +129,19 @@ def test_padded_vocabulary_and_huge_logits_stay_finite():
     _assert_close(got, want, tol=1e-4)
 
 
+def test_masked_positions_with_inf_logits_or_ignore_targets_do_not_leak():
+    # A masked position may hold all -inf logits (padding) or an out-of-range target (-100, the
+    # usual ignore index): the metrics are those of the valid positions alone.
+    s, t, y, m = _random_batch(6)
+    m[0, 1] = m[1, 2] = m[1, 4] = 0.0
+    s[0, 1], t[0, 1] = -np.inf, -np.inf
+    y[1, 2], y[1, 4] = -100, 10**6
+    got = metrics.finalize(metrics.eval_sums(s, t, y, m))
+    flat = [v for k, v in got.items() if k != "tail_mass"] + list(got["tail_mass"].values())
+    assert np.all(np.isfinite(flat))
+    _assert_close(got, reference_metrics(s, t, y, m, metrics.DEFAULT_TAIL_KS, 10))
+
+
 def test_tail_mass_is_exact_when_top_mass_is_near_one():
     # Teacher tail mass ~1e-9: 1 − Σ top-K would round to 0 (or below) in float32.
     t = np.zeros((1, 100), np.float32)
