@@ -106,8 +106,9 @@ def build_teacher(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder
         shardings = None
         if mesh is not None:
             shardings = sharding.param_shardings(_abstract_boxed(model), mesh)
+        # num_layers: only the layers `cfg` keeps (dry_run.num_layers), not the whole checkpoint.
         _, params = from_pretrained(config.teacher.path, dtype=dtype, shardings=shardings,
-                                    remat=cfg.remat)
+                                    remat=cfg.remat, num_layers=cfg.num_layers)
         return model, params
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     return model, _init_sharded(model, rng, mesh)
