@@ -116,16 +116,18 @@ def save_data_state(workdir: str, step: int, process: int, state_json: str) -> N
 
 
 def load_data_state(workdir: str, step: int, process: int, fallback: str | None) -> str:
-    """This process's saved position at `step` (`fallback`, e.g. the meta item's, if absent).
+    """This process's saved position at `step`; if its file is absent, process 0 may use
+    `fallback` (the meta item's state, which orbax writes from the primary process: it is process
+    0's position, so no other process may take it).
 
     Raises:
-      FileNotFoundError: neither a per-process file nor a fallback exists.
+      FileNotFoundError: neither a per-process file nor, for process 0, a fallback exists.
     """
     path = _data_state_path(workdir, step, process)
     if os.path.exists(path):
         with open(path) as f:
             return f.read()
-    if fallback is None:
+    if fallback is None or process != 0:
         raise FileNotFoundError(
             f"No data-iterator state for process {process} at step {step} ({path}); resume with "
             "the same number of processes that wrote the checkpoint.")

@@ -227,6 +227,9 @@ def test_data_state_files_are_per_process_and_pruned(tmp_path):
     assert checkpoint.load_data_state(w, 10, 0, fallback="meta") == "meta"
     with pytest.raises(FileNotFoundError, match="same number of processes"):
         checkpoint.load_data_state(w, 20, 2, None)
+    # The meta item's state is process 0's: another process never silently resumes from it.
+    with pytest.raises(FileNotFoundError, match="same number of processes"):
+        checkpoint.load_data_state(w, 10, 1, fallback="meta")
 
 
 @pytest.mark.slow
