@@ -76,14 +76,6 @@ def load_run_config(workdir: str | os.PathLike, step: int | None = None
     return ml_collections.ConfigDict(saved)
 
 
-def _resolved(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The tokenizer the training run used (data.tokenizer defaults to the student's/teacher's)."""
-    config = ml_collections.ConfigDict(config.to_dict())
-    if not config.data.tokenizer:
-        config.data.tokenizer = config.student.path or config.teacher.path
-    return config
-
-
 def make_metrics_step(student_model, teacher_model, vocab_size: int, *, tail_ks, ece_bins):
     """`step(student_params, teacher_params, batch) -> metrics.eval_sums(...)` (jit it)."""
 
@@ -152,10 +144,11 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     Raises:
       FileNotFoundError: no checkpoint (or not `step`) in `workdir`.
     """
+    from tad_jax.run_setup import resolved_config
     from tad_jax.train import build_teacher, restore_student
 
     step = require_checkpoint(workdir, step)
-    config = _resolved(config)
+    config = resolved_config(config)
     start = time.perf_counter()
     teacher = build_teacher(config)
     student_model, student_params, step = restore_student(config, str(workdir), step)
@@ -209,6 +202,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     from transformers import AutoTokenizer
 
     from tad_jax.models import save_pretrained
+    from tad_jax.run_setup import resolved_config
     from tad_jax.train import restore_student
 
     out = pathlib.Path(out)
@@ -216,7 +210,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
         raise FileExistsError(f"{out} exists and is not empty: choose another --out, or pass "
                               "--overwrite to replace it.")
     step = require_checkpoint(workdir, step)
-    config = _resolved(config if config is not None else load_run_config(workdir, step))
+    config = resolved_config(config if config is not None else load_run_config(workdir, step))
     model, params, step = restore_student(config, str(workdir), step)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -130,6 +130,7 @@ def test_evaluate_matches_pytorch_reference(tiny_run, tmp_path):
     from tad_jax import train
     from tad_jax.data import make_eval_iterator
     from tad_jax.models import save_pretrained
+    from tad_jax.run_setup import resolved_config
 
     config, workdir = tiny_run
     result = evaluate.evaluate(config, workdir)
@@ -141,8 +142,8 @@ def test_evaluate_matches_pytorch_reference(tiny_run, tmp_path):
 
     student_dir = evaluate.export_hf(workdir, tmp_path / "student")
     teacher_dir = tmp_path / "teacher"
-    save_pretrained(*train.build_teacher(evaluate._resolved(config)), teacher_dir)
-    batches = list(make_eval_iterator(evaluate._resolved(config).data,
+    save_pretrained(*train.build_teacher(resolved_config(config)), teacher_dir)
+    batches = list(make_eval_iterator(resolved_config(config).data,
                                       batch_size=config.eval.batch_size,
                                       max_batches=config.eval.max_batches))
     cat = lambda f: np.concatenate([f(b) for b in batches])
