@@ -76,6 +76,23 @@ def test_smaller_heads_are_teacher_slices_with_rope_pairs_kept():
     assert bool(jnp.all(jnp.isfinite(out.logits)))
 
 
+def test_fewer_query_heads_keep_their_teacher_kv_pairing():
+    """Teacher: 4 query heads over 2 KV heads (pairs 0,1→kv0 and 2,3→kv1). A student with 2 query
+    heads over the same 2 KV heads must take teacher heads 0 and 2, not 0 and 1 (head 1 would read
+    kv1's slot in the student while it was trained against kv0)."""
+    t_cfg, t_params = _teacher("qwen2", qkv_bias=True)
+    _, s_params, _ = init_student(t_cfg, t_params, {"num_layers": 1, "layer_indices": [3],
+                                                    "num_heads": 2, "head_dim": 8},
+                                  jax.random.PRNGKey(4))
+    t_attn, s_attn = t_params["layer_3"]["attn"], s_params["layer_0"]["attn"]
+    for name in ("q", "o"):
+        np.testing.assert_array_equal(s_attn[name]["kernel"],
+                                      np.asarray(t_attn[name]["kernel"])[[0, 2]] if name == "o"
+                                      else np.asarray(t_attn[name]["kernel"])[:, [0, 2]])
+    np.testing.assert_array_equal(s_attn["q"]["bias"], np.asarray(t_attn["q"]["bias"])[[0, 2]])
+    np.testing.assert_array_equal(s_attn["k"]["kernel"], t_attn["k"]["kernel"])
+
+
 def test_tied_gemma_scanned_student_and_unfrozen_embeddings():
     t_cfg, t_params = _teacher("gemma2", tie_word_embeddings=True, sliding_window=4,
                                layer_types=("sliding_attention", "full_attention") * 3,

@@ -83,18 +83,32 @@ def _qk_channels(teacher: ModelConfig, student: ModelConfig) -> np.ndarray:
     return np.concatenate([rotated, passed]).astype(np.int32)
 
 
+def _query_heads(teacher: ModelConfig, s: ModelConfig) -> np.ndarray:
+    """The teacher query heads that seed the student's, keeping each paired with its KV head.
+
+    The decoder pairs query head j with KV head j // group. Student query head j (KV head
+    j // g_s, slot j % g_s) takes teacher head (j // g_s) * g_t + j % g_s, which reads the same
+    teacher KV head that the student copies to that slot. A student with larger groups than the
+    teacher's (g_s > g_t) cannot keep every pair, and takes the first heads instead.
+    """
+    g_t = teacher.num_heads // teacher.num_kv_heads
+    g_s = s.num_heads // s.num_kv_heads
+    j = np.arange(s.num_heads)
+    return (j // g_s) * g_t + j % g_s if g_s <= g_t else j
+
+
 def _truncate_attn(t_attn: dict, teacher: ModelConfig, s: ModelConfig) -> dict:
     """The teacher layer's attention, cut to the student's d / heads / head_dim."""
-    d, h, k, e = s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim
-    qk = _qk_channels(teacher, s)
+    d, k, e = s.hidden_size, s.num_kv_heads, s.head_dim
+    qk, q_heads = _qk_channels(teacher, s), _query_heads(teacher, s)
     out = {
-        "q": {"kernel": t_attn["q"]["kernel"][:d, :h][:, :, qk]},
+        "q": {"kernel": t_attn["q"]["kernel"][:d, q_heads][:, :, qk]},
         "k": {"kernel": t_attn["k"]["kernel"][:d, :k][:, :, qk]},
         "v": {"kernel": t_attn["v"]["kernel"][:d, :k, :e]},
-        "o": {"kernel": t_attn["o"]["kernel"][:h, :e, :d]},
+        "o": {"kernel": t_attn["o"]["kernel"][q_heads, :e, :d]},
     }
     if s.qkv_bias:
-        out["q"]["bias"] = t_attn["q"]["bias"][:h][:, qk]
+        out["q"]["bias"] = t_attn["q"]["bias"][q_heads][:, qk]
         out["k"]["bias"] = t_attn["k"]["bias"][:k][:, qk]
         out["v"]["bias"] = t_attn["v"]["bias"][:k, :e]
     if s.o_bias:
