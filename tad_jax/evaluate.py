@@ -76,20 +76,6 @@ def load_run_config(workdir: str | os.PathLike, step: int | None = None
     return ml_collections.ConfigDict(saved)
 
 
-def make_metrics_step(student_model, teacher_model, vocab_size: int, *, tail_ks, ece_bins):
-    """`step(student_params, teacher_params, batch) -> metrics.eval_sums(...)` (jit it)."""
-
-    def step(student_params, teacher_params, batch):
-        fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
-        t_btv = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd).logits
-        s_btv = student_model.apply({"params": student_params}, batch["input_ids"], **fwd).logits
-        return metrics.eval_sums(s_btv[..., :vocab_size], t_btv[..., :vocab_size],
-                                 batch["targets"], batch["loss_mask"],
-                                 tail_ks=tail_ks, ece_bins=ece_bins)
-
-    return step
-
-
 def heldout_metrics(config, student, teacher, *, max_batches: int | None = None,
                     tail_ks=metrics.DEFAULT_TAIL_KS, ece_bins: int = 10, progress: bool = False
                     ) -> dict[str, Any]:
@@ -105,11 +91,12 @@ def heldout_metrics(config, student, teacher, *, max_batches: int | None = None,
       progress: print one line per batch.
     """
     from tad_jax.data import make_eval_iterator
+    from tad_jax.step import make_eval_step
     from tad_jax.train import shared_vocab_size
 
     vocab = shared_vocab_size(config, teacher[0].config, student[0].config)
-    step = jax.jit(make_metrics_step(student[0], teacher[0], vocab, tail_ks=tuple(tail_ks),
-                                     ece_bins=ece_bins))
+    step = jax.jit(make_eval_step(student[0], teacher[0], vocab, tail_ks=tail_ks,
+                                  ece_bins=ece_bins))
     if max_batches is None:
         max_batches = config.eval.max_batches
     it = make_eval_iterator(config.data, batch_size=config.eval.batch_size,

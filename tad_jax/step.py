@@ -227,20 +227,23 @@ def _split_micro(batch, accum: int, mesh):
     return jax.tree.map(split, batch)
 
 
-def make_eval_step(student_model, teacher_model, vocab_size):
+def make_eval_step(student_model, teacher_model, vocab_size, *, tail_ks=None, ece_bins=10):
     """`eval_step(student_params, teacher_params, batch) -> dict of float32 sums`.
 
     The sums are `tad_jax.metrics.eval_sums` (held-out KL, CE, top-1 agreement, mismatch, tail
-    mass, Full-ECE statistics); add them over batches, then `finalize_eval`.
+    mass for each K in `tail_ks` (None: the paper's), Full-ECE statistics over `ece_bins` bins);
+    add them over batches, then `finalize_eval` (or `metrics.finalize`).
     """
     from tad_jax import metrics
+
+    tail_ks = metrics.DEFAULT_TAIL_KS if tail_ks is None else tuple(tail_ks)
 
     def eval_step(student_params, teacher_params, batch):
         fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
         t = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd).logits
         s = student_model.apply({"params": student_params}, batch["input_ids"], **fwd).logits
         return metrics.eval_sums(s[..., :vocab_size], t[..., :vocab_size], batch["targets"],
-                                 batch["loss_mask"])
+                                 batch["loss_mask"], tail_ks=tail_ks, ece_bins=ece_bins)
 
     return eval_step
 
