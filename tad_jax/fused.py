@@ -269,11 +269,9 @@ def _teacher_stats(lt_mv, top_k: int):
 
 
 def _gamma(log_at_rt, mask_rt, cfg: _Config):
-    """β(X) − 1 per position [R, T]: β / max(ᾱ(X), eps) − 1, ᾱ over the row's valid positions."""
-    count = mask_rt.sum(-1, keepdims=True)
-    mean_alpha = (jnp.exp(log_at_rt) * mask_rt).sum(-1, keepdims=True) / jnp.maximum(count, 1.0)
-    gamma = cfg.beta / jnp.maximum(mean_alpha, cfg.eps_alpha) - 1.0
-    return jnp.broadcast_to(gamma, mask_rt.shape)
+    """β(X) − 1 per position [R, T] (`losses._beta_x`: ᾱ over the row's valid positions)."""
+    beta_x_r = losses._beta_x(log_at_rt, mask_rt, cfg.beta, cfg.eps_alpha)
+    return jnp.broadcast_to(beta_x_r[:, None] - 1.0, mask_rt.shape)
 
 
 def _div_terms(ls_mv, lt_mv, lse_t_m, idx_mk, log_at_m):
@@ -479,10 +477,7 @@ def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: boo
 
 
 def _reduce(cfg: _Config, loss_rt, mask_rt, lead_shape):
-    if cfg.reduction == "none":
-        return loss_rt.reshape(lead_shape)
-    total = loss_rt.sum()
-    return total / jnp.maximum(mask_rt.sum(), 1.0) if cfg.reduction == "mean" else total
+    return losses._reduce(loss_rt.reshape(lead_shape), mask_rt, cfg.reduction)
 
 
 def _outputs(cfg: _Config, per_tok, mask_rt, lead_shape):
