@@ -95,6 +95,7 @@ def run(folder: str | pathlib.Path, tasks: list[str], *, num_fewshot: int | None
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    logger.info("lm-evaluation-harness on %s: %s", folder, ", ".join(tasks))
     model, tok = load_hf_model(folder)
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=batch_size, device="cpu")
     specs = [local_task_config(t) if t in LOCAL_TASKS else t for t in tasks]

@@ -2,9 +2,10 @@
 
 Runs the three scripts as a user would (`scripts/train.py --config configs/demo.py`, then
 `scripts/evaluate.py` with lm-evaluation-harness on the local tasks, then `scripts/export_hf.py`)
-in subprocesses with one CPU device, as `make demo` does, and checks eval.json, the plots and the HF export (transformers loads it, its
-logits match ours, it generates). The teacher conversion is cached in $TAD_JAX_CACHE (default
-~/.cache/tad_jax), so only the first run on a machine pays for it (~30 s).
+in subprocesses with one CPU device, as `make demo` does, and checks eval.json, the plots and the
+HF export (transformers loads it, its logits match ours, it generates). The teacher conversion is
+cached in $TAD_JAX_CACHE (default ~/.cache/tad_jax), so only the first run on a machine pays for it
+(~30 s).
 """
 
 import json
