@@ -10,6 +10,7 @@ back in absl's format, as absl apps normally log.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 _OWN = "tad_jax"
@@ -82,9 +83,7 @@ def _quiet_hf_progress() -> None:
         hf_logging.set_verbosity_warning()
     except ImportError:
         pass
-    try:
-        import datasets
-
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
+    # datasets reads this when imported (importing it here would cost seconds in every script).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
