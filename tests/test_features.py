@@ -203,3 +203,15 @@ def test_template_that_rewrites_earlier_turns_is_an_error_naming_the_fix(tokeniz
         "messages %}", "messages | reverse %}", 1))
     with pytest.raises(ValueError, match="generation"):
         sft_ids(tok, {"messages": MULTI}, use_chat_template=True)
+
+
+def test_template_that_refuses_a_trailing_user_turn_still_masks_the_turns(tokenizers):
+    """Locating a turn's end renders one more user turn; a template may refuse that."""
+    refuse = ("{% if messages[-1]['role'] == 'user' and not add_generation_prompt %}"
+              "{{ raise_exception('a conversation must end with the assistant') }}{% endif %}")
+    plain = _tokenizer("byte_level", STYLES["chatml"][2], refuse + _MARKERS.sub("", _CHATML))
+    marked = _tokenizer("byte_level", STYLES["chatml"][2], refuse + _CHATML)
+    want_ids, want_mask = _reference(marked, MULTI)
+    ids, flags = sft_ids(plain, {"messages": MULTI}, use_chat_template=True)
+    np.testing.assert_array_equal(ids, want_ids)
+    np.testing.assert_array_equal(flags, want_mask)

@@ -132,9 +132,13 @@ def _assistant_spans(tok, messages: list[dict], text: str) -> list[tuple[int, in
         if message["role"] != "assistant":
             continue
         before, after = render(messages[:k], True), render(messages[: k + 1], False)
-        this, nxt = encode(after), encode(render([*messages[: k + 1], _NEXT_TURN], False))
+        this = encode(after)
+        try:
+            nxt = encode(render([*messages[: k + 1], _NEXT_TURN], False))["input_ids"]
+        except Exception:  # noqa: BLE001 (a template that refuses the extra turn: jinja's errors)
+            nxt = this["input_ids"]  # then the turn runs to the end of its rendering
         shared = 0
-        for a, b in zip(this["input_ids"], nxt["input_ids"], strict=False):
+        for a, b in zip(this["input_ids"], nxt, strict=False):
             if a != b:
                 break
             shared += 1
