@@ -28,11 +28,13 @@ corpus:
 		echo "note: could not install python3.11-doc; the corpus falls back to the licence texts"; \
 	fi
 
-# Train, then evaluate (eval.json, plots/) and export the student as an HF folder (hf/).
+# Train, export the student as an HF folder (hf/), then evaluate it (eval.json, plots/) and score
+# it and the teacher with lm-evaluation-harness on our local tasks (lm_eval.json).
 demo: venv corpus
 	$(PY) scripts/train.py --config configs/demo.py --workdir $(WORKDIR) $(DEMO_FLAGS)
-	$(PY) scripts/evaluate.py --config configs/demo.py --workdir $(WORKDIR) $(DEMO_FLAGS)
 	$(PY) scripts/export_hf.py --workdir $(WORKDIR) --out $(WORKDIR)/hf --overwrite
+	$(PY) scripts/evaluate.py --config configs/demo.py --workdir $(WORKDIR) $(DEMO_FLAGS) \
+		--lm_eval_tasks=local --lm_eval_student=$(WORKDIR)/hf
 
 test: venv corpus
 	$(PY) -m pytest -q

@@ -26,6 +26,9 @@ RUNS = (("KD", "kd", "kl"), ("TAD", "tad", "tad"))  # label, sub-folder, loss.di
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from tad_jax import console
+
+    console.setup()  # library logs: --verbosity=0
     from tad_jax import evaluate, plots, train
 
     base = _CONFIG.value

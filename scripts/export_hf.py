@@ -21,6 +21,9 @@ flags.mark_flags_as_required(["workdir", "out"])
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from tad_jax import console
+
+    console.setup()  # library logs: --verbosity=0
     from tad_jax import evaluate
 
     try:

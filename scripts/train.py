@@ -21,6 +21,9 @@ flags.mark_flag_as_required("config")
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    from tad_jax import console
+
+    console.setup()  # library logs: --verbosity=0
     from tad_jax import train
 
     if _DRY_RUN.value:

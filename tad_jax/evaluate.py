@@ -14,6 +14,7 @@ Shapes: `_bt` = [batch, T], `_btv` = [batch, T, V].
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -26,6 +27,7 @@ import ml_collections
 from tad_jax import metrics, plots
 
 EVAL_FILE = "eval.json"
+logger = logging.getLogger(__name__)
 PLOTS_DIR = "plots"
 
 
@@ -137,6 +139,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     step = require_checkpoint(workdir, step)
     config = resolved_config(config)
     start = time.perf_counter()
+    logger.info("Loading the teacher (%s) and the student of step %d", config.teacher.path, step)
     teacher = build_teacher(config)
     student_model, student_params, step = restore_student(config, str(workdir), step)
     result = heldout_metrics(config, (student_model, student_params), teacher,
@@ -198,6 +201,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
                               "--overwrite to replace it.")
     step = require_checkpoint(workdir, step)
     config = resolved_config(config if config is not None else load_run_config(workdir, step))
+    logger.info("Exporting the student of step %d to %s", step, out)
     model, params, step = restore_student(config, str(workdir), step)
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"

@@ -9,6 +9,8 @@ Public API:
 
 from __future__ import annotations
 
+import logging
+
 import flax.linen as nn
 import jax
 import ml_collections
@@ -24,6 +26,8 @@ from tad_jax.step import (
     make_train_step,
     state_shardings,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class Run:
@@ -91,8 +95,11 @@ def setup_run(config, workdir: str) -> Run:
                           workdir=workdir, allow_change=config.ckpt.allow_config_change)
     from tad_jax.data import make_train_iterator, restore_iterator_state
 
+    logger.info("Reading the data: %s", config.data.prepared_dir or config.data.train_files)
     data_iter = make_train_iterator(config.data, seed=config.seed)  # fails early on bad data paths
     with mesh_context(mesh):
+        logger.info("Loading the teacher (%s) and building the student",
+                    config.teacher.path or "random init")
         models = build_models(config, mesh)
         total = num_steps(config)
         tx, schedule = make_optimizer(config, total)
@@ -103,9 +110,11 @@ def setup_run(config, workdir: str) -> Run:
         if latest is not None:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, state_sh)
+            logger.info("Resuming from the checkpoint of step %d in %s", latest, workdir)
             state, meta = ckpt.restore(latest, abstract)
             restore_iterator_state(data_iter, load_data_state(
                 workdir, latest, jax.process_index(), meta.get("data_state")))
+        logger.info("Compiling the training and evaluation steps")
         step_fn, eval_fn, batch_sh = _compile_steps(config, models, tx, schedule, state_sh, mesh)
     return Run(config=config, workdir=workdir, mesh=mesh, models=models, state=state,
                step_fn=step_fn, eval_fn=eval_fn, batch_sh=batch_sh, ckpt=ckpt,

@@ -17,6 +17,7 @@ Workdir layout: `checkpoints/<step>/` (orbax: state + meta JSON with the config)
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -62,6 +63,9 @@ __all__ = [
     "restore_student", "setup_run", "shared_vocab_size", "split_trainable", "state_shardings",
     "teacher_model_config", "train_and_evaluate",
 ]
+
+
+logger = logging.getLogger(__name__)
 
 
 class _Stop:
@@ -146,6 +150,10 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         do_save = step % cfg.ckpt.every_steps == 0 or boundary
         if do_eval or do_save:
             extra = _evaluate(run) if do_eval else {}
+            if extra:
+                logger.info("step %d: held-out KL %.4f, student CE %.4f, top-1 agreement %.3f, "
+                            "Full-ECE %.4f", step, extra["eval_kl"], extra["eval_ce"],
+                            extra["eval_top1_agreement"], extra["eval_full_ece"])
             last = _finish_step(run, writer, clock, bar, step, metrics, extra,
                                 force=do_eval) or last
             pending = None

@@ -206,8 +206,10 @@ def test_restore_mid_epoch_gives_the_same_next_10_batches(tok_dir, jsonl_docs):
 
 
 def _sft_examples(rng, n):
+    # The response starts with a space, as a prompt/response record should: without a template
+    # the text is prompt + response + EOS, tokenised once.
     return [{"prompt": f"q{i}: " + _random_text(rng, int(rng.integers(2, 12))),
-             "response": _random_text(rng, int(rng.integers(1, 10)))} for i in range(n)]
+             "response": " " + _random_text(rng, int(rng.integers(1, 10)))} for i in range(n)]
 
 
 def _segments(batches):
@@ -241,6 +243,7 @@ def test_sft_prompt_response_masks_exactly_the_response(tmp_path, tok_dir, pack)
     got = collections.Counter(_example_view(*seg) for seg in _segments(batches))
     want = collections.Counter()
     for e in examples:
+        # The byte-level pre-tokenizer cuts before " word": the pieces tokenise as the whole text.
         response = tok(e["response"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
         want[(tuple(tok(e["prompt"])["input_ids"] + response), tuple(response))] += 1
     assert got == want
@@ -268,9 +271,10 @@ def test_sft_chat_template_masks_exactly_the_assistant_turns(tmp_path, chat_tok_
     want = collections.Counter()
     for conv in convs:
         # The template written out by hand: the reference does not call apply_chat_template.
+        # The answer is the content and <|im_end|>; the "\n" after it is never generated.
         text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in conv)
         answers = [t for m in conv if m["role"] == "assistant"
-                   for t in tok(m["content"] + "<|im_end|>\n",
+                   for t in tok(m["content"] + "<|im_end|>",
                                 add_special_tokens=False)["input_ids"]]
         want[(tuple(tok(text, add_special_tokens=False)["input_ids"]), tuple(answers))] += 1
     assert got == want
@@ -288,10 +292,11 @@ def test_sft_messages_without_a_chat_template(tmp_path, tok_dir):
     (seg,) = _segments(_all(make_train_iterator(cfg, seed=0, process_index=0, process_count=1)))
     enc = lambda text, special=False: tok(text, add_special_tokens=special)["input_ids"]
     eos = [tok.eos_token_id]
-    answers = enc("a list value") + eos + enc("one dict") + eos
-    tokens = (enc("user: list the value\n", True) + enc("assistant: ") + enc("a list value") + eos
-              + enc("\n") + enc("user: and the dict\n") + enc("assistant: ") + enc("one dict")
-              + eos + enc("\n"))
+    # The whole text tokenised once; " a" and " one" are single tokens that straddle the start of
+    # the answers (their space belongs to "assistant: "), so they count, as in transformers.
+    answers = enc(" a list value") + eos + enc(" one dict") + eos
+    tokens = enc(f"user: list the value\nassistant: a list value{EOS}\nuser: and the dict\n"
+                 f"assistant: one dict{EOS}\n", True)
     assert _example_view(*seg) == (tuple(tokens), tuple(answers))
 
 

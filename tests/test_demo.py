@@ -1,10 +1,11 @@
 """The README's demo, reduced: real SmolLM2 teacher, a tiny slice of the real corpus, a few steps.
 
 Runs the three scripts as a user would (`scripts/train.py --config configs/demo.py`, then
-`scripts/evaluate.py`, then `scripts/export_hf.py`) in subprocesses with one CPU device, as
-`make demo` does, and checks eval.json, the plots and the HF export (transformers loads it, its
-logits match ours, it generates). The teacher conversion is cached in $TAD_JAX_CACHE (default
-~/.cache/tad_jax), so only the first run on a machine pays for it (~30 s).
+`scripts/evaluate.py` with lm-evaluation-harness on the local tasks, then `scripts/export_hf.py`)
+in subprocesses with one CPU device, as `make demo` does, and checks eval.json, the plots and the
+HF export (transformers loads it, its logits match ours, it generates). The teacher conversion is
+cached in $TAD_JAX_CACHE (default ~/.cache/tad_jax), so only the first run on a machine pays for it
+(~30 s).
 """
 
 import json
@@ -57,7 +58,16 @@ def test_demo_pipeline_reduced(corpus_slice, tmp_path):
     assert [r["step"] for r in rows if "eval_kl" in r] == [1, 2]
     assert all(np.isfinite(r["loss"]) for r in rows)
 
-    _run("scripts/evaluate.py", "--config", "configs/demo.py", "--workdir", str(workdir), *reduced)
+    # As `make demo` ends: lm-evaluation-harness on the local tasks, student (exported to a
+    # temporary folder here) and teacher.
+    _run("scripts/evaluate.py", "--config", "configs/demo.py", "--workdir", str(workdir), *reduced,
+         "--lm_eval_tasks=local")
+    harness = json.loads((workdir / "lm_eval.json").read_text())
+    for who in ("student", "teacher"):
+        assert 0 <= harness[who]["tad_mc"]["acc"] <= 1
+    # The real teacher reads our English paragraphs far better than a 2-step 8-layer student.
+    ppl = {who: harness[who]["tad_text_ppl"]["word_perplexity"] for who in ("student", "teacher")}
+    assert ppl["teacher"] < ppl["student"] / 2, ppl
     result = json.loads((workdir / "eval.json").read_text())
     assert result["step"] == 2 and result["tokens"] > 0
     assert 0 < result["kl"] < 20 and 0 <= result["full_ece"] <= 2

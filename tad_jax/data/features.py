@@ -6,8 +6,9 @@ counts). Shifting per document, before packing, means a target never belongs to 
 document, and a document split across two rows keeps every (input, target) pair exactly once.
 
 Pretraining: ``ids_n`` = the tokenizer's own encoding (its BOS, if it adds one) + EOS; every target
-counts. Supervised: the conversation is rendered into pieces (with the tokenizer's chat template
-when it has one), each piece tokenised on its own, and only targets inside response pieces count.
+counts. Supervised: the whole conversation is rendered once (with the tokenizer's chat template
+when it has one) and tokenised once, so the ids are those the model sees at inference; only
+targets inside the assistant turns count (see ``sft_ids``).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import logging
 import os
 import queue
+import re
 import threading
 
 import grain
@@ -92,69 +94,143 @@ def pretrain_ids(tok, text: str) -> np.ndarray:
     return np.asarray(ids, np.int32)
 
 
-def _template_pieces(tok, messages: list[dict]) -> list[tuple[str, bool]]:
-    """(text, is_response) pieces of a conversation rendered by the tokenizer's chat template.
+# Jinja's generation block, as transformers detects it: the template marks what the model writes.
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
 
-    Each assistant turn is the difference between the rendering that ends with that turn and the
-    one that ends with the generation prompt just before it, so the mask covers exactly what the
-    model must generate (content and end-of-turn marker).
+
+def _has_generation_block(template: str) -> bool:
+    return bool(_GENERATION_BLOCK.search(template))
+
+
+# A user turn appended after an assistant turn to see where the template ends that turn.
+_NEXT_TURN = {"role": "user", "content": "next"}
+
+
+def _assistant_spans(tok, messages: list[dict], text: str) -> list[tuple[int, int]]:
+    """Character spans [start, end) of the assistant turns in ``text``, the rendered conversation.
+
+    A turn starts where the rendering of the conversation before it, with the generation prompt,
+    ends. It ends where two renderings that share it part: the one ending with the turn and the
+    one that continues with another user turn (compared token by token, so a special token is
+    never cut), which leaves out what a template writes after the last turn only (Phi-3's EOS).
+    The whitespace after the end-of-turn marker is left out too: generation stops at the marker,
+    so the model never writes it. So a span is the content and the end-of-turn marker.
+
+    Raises:
+        ValueError: the template does not render a conversation as a prefix of its continuation.
     """
     def render(msgs, gen):
         if not msgs:
             return ""
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
 
-    pieces, done = [], ""
+    def encode(s):
+        return tok(s, add_special_tokens=False, return_offsets_mapping=True)
+
+    spans = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         before, after = render(messages[:k], True), render(messages[: k + 1], False)
-        if not (before.startswith(done) and after.startswith(before)):
-            raise ValueError("the tokenizer's chat template does not render a conversation as a "
-                             "prefix of its continuation; set data.use_chat_template=False.")
-        pieces += [(before[len(done):], False), (after[len(before):], True)]
-        done = after
-    full = render(messages, False)
-    if not full.startswith(done):
-        raise ValueError("the chat template renders the whole conversation differently from its "
-                         "turns; set data.use_chat_template=False.")
-    return [*pieces, (full[len(done):], False)]
+        this = encode(after)
+        try:
+            nxt = encode(render([*messages[: k + 1], _NEXT_TURN], False))["input_ids"]
+        except Exception:  # noqa: BLE001 (a template that refuses the extra turn: jinja's errors)
+            nxt = this["input_ids"]  # then the turn runs to the end of its rendering
+        shared = 0
+        for a, b in zip(this["input_ids"], nxt, strict=False):
+            if a != b:
+                break
+            shared += 1
+        end = this["offset_mapping"][shared - 1][1] if shared else 0
+        end = max(len(after[:end].rstrip()), len(before))
+        if not (after.startswith(before) and text.startswith(after[:end])):
+            raise ValueError(
+                "the tokenizer's chat template does not render a conversation as a prefix of its "
+                "continuation, so the assistant turns cannot be located; mark them in the template "
+                "with {% generation %}...{% endgeneration %}, or set data.use_chat_template=False.")
+        spans.append((len(before), end))
+    return spans
 
 
-def _plain_pieces(tok, doc: dict) -> list[tuple[str | int, bool]]:
-    """Pieces without a chat template: "role: content" lines, responses ended by EOS."""
+def _plain_render(tok, doc: dict) -> tuple[str, list[tuple[int, int]]]:
+    """The text of an example without a chat template, and the character spans of its responses.
+
+    A prompt/response pair is ``prompt + response + EOS`` (no separator is added: the data decides
+    the spacing); messages are "role: content" lines, each assistant content ended by EOS.
+    """
+    eos = tok.eos_token
     if "prompt" in doc:
-        return [(doc["prompt"], False), (doc["response"], True), (tok.eos_token_id, True)]
-    pieces: list[tuple[str | int, bool]] = []
+        start = len(doc["prompt"])
+        text = doc["prompt"] + doc["response"] + eos
+        return text, [(start, len(text))]
+    text, spans = "", []
     for m in doc["messages"]:
         if m["role"] == "assistant":
-            pieces += [("assistant: ", False), (m["content"], True), (tok.eos_token_id, True),
-                       ("\n", False)]
+            text += "assistant: "
+            spans.append((len(text), len(text) + len(m["content"]) + len(eos)))
+            text += m["content"] + eos + "\n"
         else:
-            pieces.append((f"{m['role']}: {m['content']}\n", False))
-    return pieces
+            text += f"{m['role']}: {m['content']}\n"
+    return text, spans
+
+
+def _tokens_in_spans(offsets, spans: list[tuple[int, int]]) -> np.ndarray:
+    """Per-token flags: True where a token's characters overlap a span.
+
+    The same rule as transformers' ``return_assistant_tokens_mask``: a token that straddles a
+    span's edge counts, and a token without characters (an added BOS) never does.
+    """
+    flags = np.zeros(len(offsets), bool)
+    for start, end in spans:
+        for i, (a, b) in enumerate(offsets):
+            if a < end and b > start:
+                flags[i] = True
+    return flags
 
 
 def sft_ids(tok, doc: dict, use_chat_template: bool) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids and per-token response flags of one supervised example."""
+    """Token ids and per-token response flags of one supervised example.
+
+    The ids are the tokenizer's own tokenisation of the whole rendered conversation, exactly
+    ``tok.apply_chat_template(messages, tokenize=True)`` with a chat template (the text is
+    tokenised once: pieces tokenised apart would each get their own word-start marker, e.g. a
+    doubled "▁" with SentencePiece-style tokenizers). The flags mark the assistant turns (content
+    and end-of-turn marker): transformers' ``return_assistant_tokens_mask`` when the template
+    marks them with ``{% generation %}``, else the characters of each turn (``_assistant_spans``)
+    mapped to tokens through the offsets of the one tokenisation.
+
+    Without a chat template (or ``use_chat_template=False``) the text is ``_plain_render``'s,
+    tokenised with the tokenizer's special tokens (its BOS, if it adds one).
+
+    Returns:
+        ``(ids_n, flags_n)``: int32 and bool arrays of the same length.
+
+    Raises:
+        ValueError: the EOS token is not a special token of the tokenizer (plain rendering writes it
+            as text), or the chat template cannot locate the assistant turns.
+    """
     if use_chat_template and tok.chat_template:
         messages = doc.get("messages") or [
             {"role": "user", "content": doc["prompt"]},
             {"role": "assistant", "content": doc["response"]}]
-        pieces = _template_pieces(tok, messages)
-        first_special = False  # The template writes BOS itself when the model wants one.
+        if _has_generation_block(tok.chat_template):
+            out = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                          return_assistant_tokens_mask=True)
+            return (np.asarray(out["input_ids"], np.int32),
+                    np.asarray(out["assistant_masks"], bool))
+        text = tok.apply_chat_template(messages, tokenize=False)
+        spans = _assistant_spans(tok, messages, text)
+        special = False  # As apply_chat_template: the template writes BOS itself.
     else:
-        pieces = _plain_pieces(tok, doc)
-        first_special = True
-    ids, flags = [], []
-    for i, (piece, is_response) in enumerate(pieces):
-        if isinstance(piece, int):
-            piece_ids = [piece]
-        else:
-            piece_ids = tok(piece, add_special_tokens=first_special and i == 0)["input_ids"]
-        ids += piece_ids
-        flags += [is_response] * len(piece_ids)
-    return np.asarray(ids, np.int32), np.asarray(flags, bool)
+        if tok.eos_token not in tok.all_special_tokens:
+            raise ValueError(f"the EOS token {tok.eos_token!r} is not a special token of the "
+                             "tokenizer; register it as one (eos_token in tokenizer_config.json).")
+        text, spans = _plain_render(tok, doc)
+        special = True
+    enc = tok(text, add_special_tokens=special, return_offsets_mapping=True)
+    return (np.asarray(enc["input_ids"], np.int32),
+            _tokens_in_spans(enc["offset_mapping"], spans))
 
 
 def truncate_example(ids_n: np.ndarray, flags_n: np.ndarray, seq_len: int):

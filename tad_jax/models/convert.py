@@ -105,7 +105,7 @@ def _ends(final_norm: str = "model.norm", head_bias: bool = False) -> list[Rule]
              Rule("lm_head.weight", ("lm_head/kernel",), "transpose", _untied)]
     if head_bias:
         rules += [Rule(f"{final_norm}.bias", ("final_norm/bias",)),
-                  Rule("lm_head.bias", ("lm_head/bias",), when=_untied)]
+                  Rule("lm_head.bias", ("lm_head/bias",))]  # kept when tied, as in HF
     return rules
 
 

@@ -8,7 +8,8 @@ Parameter tree (boxed with logical axes by `init`; `from_pretrained` gives plain
     attn_norm, mlp_norm (absent for Phi-2's parallel block), attn_post_norm, mlp_post_norm (Gemma2)
     attn/q,k,v/kernel [d, heads, head_dim] (+ bias), attn/o/kernel [heads, head_dim, d] (+ bias)
     mlp/gate, mlp/up /kernel [d, f], mlp/down/kernel [f, d] (+ biases for Phi-2)
-  final_norm/scale (+ bias), lm_head/kernel [d, v] (+ bias) unless the head is tied.
+  final_norm/scale (+ bias), lm_head/kernel [d, v] unless the head is tied, lm_head/bias [v]
+  when `lm_head_bias` (tied or not: transformers ties only the weight).
 """
 
 from __future__ import annotations
@@ -162,8 +163,12 @@ class Decoder(nn.Module):
         x, outs = self._layers(x, cos, sin, mask, mask_sliding, output_hidden_states)
         h = Norm(c.traits["norm"], c.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
         # The head's params exist even when the logits are not computed (the fused loss reads them).
-        w_dv, b_v = (embed.embedding.T, None) if c.tie_word_embeddings else Head(
-            c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype, name="lm_head")()
+        w_dv, b_v = (None, None)
+        if c.lm_head_bias or not c.tie_word_embeddings:
+            w_dv, b_v = Head(c.hidden_size, c.vocab_size, c.lm_head_bias, self.param_dtype,
+                             use_kernel=not c.tie_word_embeddings, name="lm_head")()
+        if c.tie_word_embeddings:
+            w_dv = embed.embedding.T
         logits = head_logits(c, h, w_dv, b_v) if return_logits else None
         all_h = (x0, *outs[:-1], h) if output_hidden_states else None
         return DecoderOutput(logits, h, all_h)
@@ -185,18 +190,23 @@ class Embed(nn.Module):
 
 
 class Head(nn.Module):
-    """Untied LM head: returns (kernel [d, V], bias [V] or None); no computation here."""
+    """LM head params: returns (kernel [d, V] or None, bias [V] or None); no computation here.
+
+    A tied head has no kernel (the embedding is the weight) but keeps its bias, as transformers'
+    Phi does.
+    """
 
     hidden_size: int
     vocab_size: int
     use_bias: bool = False
     param_dtype: Dtype = jnp.float32
+    use_kernel: bool = True
 
     @nn.compact
     def __call__(self):
         init = nn.initializers.normal(self.hidden_size**-0.5)
         w = _param(self, "kernel", (self.hidden_size, self.vocab_size), ("embed", "vocab"), init,
-                   self.param_dtype)
+                   self.param_dtype) if self.use_kernel else None
         b = _param(self, "bias", (self.vocab_size,), ("vocab",), nn.initializers.zeros,
                    self.param_dtype) if self.use_bias else None
         return w, b
@@ -226,9 +236,9 @@ def lm_head(config: ModelConfig, params) -> tuple[jax.Array, jax.Array | None]:
       params: the model's params (plain or boxed), without the {"params": ...} wrapper.
     """
     params = unbox(params)
+    head = params.get("lm_head", {})
     if config.tie_word_embeddings:
-        return params["embed"]["embedding"].T, None
-    head = params["lm_head"]
+        return params["embed"]["embedding"].T, head.get("bias")
     return head["kernel"], head.get("bias")
 
 

@@ -10,6 +10,7 @@ parameter's worth of memory, not the model's).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pathlib
 from typing import Any
@@ -24,6 +25,8 @@ from safetensors.numpy import save_file
 from tad_jax.models.config import ModelConfig
 from tad_jax.models.convert import HOOKS, expand_rules
 from tad_jax.models.decoder import Decoder, init_params, unbox
+
+logger = logging.getLogger(__name__)
 
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved
 _DEFAULT_SHARD_BYTES = 5 * 1024**3
@@ -81,7 +84,7 @@ def _check_names(rules, files, config, first_layers: int | None = None) -> None:
             "a partial download, or config.json describes another model (check num_hidden_layers, "
             "tie_word_embeddings and the bias flags).")
     extra = sorted(n for n in set(files) - wanted if not n.endswith(_IGNORED_SUFFIXES)
-                   and not (n.startswith("lm_head.") and config.tie_word_embeddings)
+                   and not (n == _HEAD and config.tie_word_embeddings)
                    and not _dropped_layer(n, first_layers))
     if extra:
         raise ValueError(
@@ -89,20 +92,66 @@ def _check_names(rules, files, config, first_layers: int | None = None) -> None:
             "config.json and the weights disagree (layer count, biases, model_type).")
 
 
+_EMBED, _HEAD = "model.embed_tokens.weight", "lm_head.weight"
+
+
+def _read_tensor(files, name) -> np.ndarray:
+    with safe_open(files[name], framework="numpy") as f:
+        return f.get_tensor(name)
+
+
+def _resolve_head(config: ModelConfig, files: dict) -> tuple[ModelConfig, dict[str, str]]:
+    """Settles what config.json's `tie_word_embeddings` and the stored head tensors disagree on.
+
+    As transformers 5 loads such folders (checked against 5.24 in tests/test_hf_io.py):
+      * tied, but an `lm_head.weight` that differs from the embedding is stored: the stored head
+        is used, untied (transformers warns and does not tie); an equal one is the tied head.
+      * tied, and only `lm_head.weight` stored (no embedding): the embedding is that tensor.
+      * untied, and no `lm_head.weight` stored: an error (transformers would start a random head).
+
+    Returns:
+      (the config to build, {HF name a rule reads: the stored name to read it from}).
+
+    Raises:
+      ValueError: untied without a stored head.
+    """
+    aliases: dict[str, str] = {}
+    if not config.tie_word_embeddings:
+        if _HEAD not in files and _EMBED in files:
+            raise ValueError(
+                "config.json says tie_word_embeddings: false but the checkpoint stores no "
+                f"{_HEAD} (transformers would start a random output head). If the head is the "
+                "embedding, set tie_word_embeddings: true in config.json; else the download is "
+                "incomplete.")
+        return config, aliases
+    if _HEAD in files and _EMBED not in files:
+        aliases[_EMBED] = _HEAD
+    elif _HEAD in files and not np.array_equal(_read_tensor(files, _HEAD),
+                                               _read_tensor(files, _EMBED)):
+        logger.warning(
+            "config.json says tie_word_embeddings: true but the checkpoint stores an %s that "
+            "differs from the embedding: using the stored head, untied, as transformers does. "
+            "Set tie_word_embeddings: false in config.json to silence this.", _HEAD)
+        config = config.replace(tie_word_embeddings=False)
+    return config, aliases
+
+
 def _place(x, dtype, sharding):
     x = np.asarray(x).astype(jnp.dtype(dtype)) if dtype is not None else np.asarray(x)
     return jax.device_put(x, sharding) if sharding is not None else jnp.asarray(x)
 
 
-def _read_converted(rules, files, config, shapes):
+def _read_converted(rules, files, config, shapes, aliases=None):
     """Yields ('a/b', numpy value) for every Flax parameter, one HF tensor at a time."""
     handles: dict[pathlib.Path, Any] = {}
+    aliases = aliases or {}
     try:
         for rule in rules:
-            fpath = files[rule.hf]
+            name = aliases.get(rule.hf, rule.hf)
+            fpath = files[name]
             if fpath not in handles:
                 handles[fpath] = safe_open(fpath, framework="numpy").__enter__()
-            tensor = handles[fpath].get_tensor(rule.hf)
+            tensor = handles[fpath].get_tensor(name)
             expected = _expected_hf_shape(rule, shapes, config)
             if tuple(tensor.shape) != expected:
                 raise ValueError(
@@ -134,21 +183,25 @@ def from_pretrained(path, dtype=jnp.float32, shardings=None, **config_overrides)
     Raises:
       FileNotFoundError: no config.json / weights, or shard files missing.
       ValueError: unsupported model_type, missing or unexpected tensors, shapes that disagree.
+        Where config.json and the stored head disagree, see `_resolve_head` (transformers'
+        behaviour, or an error).
     """
     path = pathlib.Path(path)
     if not (path / "config.json").exists():
         raise FileNotFoundError(f"{path / 'config.json'} does not exist: pass an HF model folder.")
     config = _config_with_overrides(json.loads((path / "config.json").read_text()),
                                     config_overrides)
+    files = _weight_files(path)
+    config, aliases = _resolve_head(config, files)
     compute = jnp.float32 if dtype is None else dtype
     model = Decoder(config, dtype=compute, param_dtype=compute)
-    files = _weight_files(path)
     rules = expand_rules(config)
-    _check_names(rules, files, config, config_overrides.get("num_layers"))
+    _check_names(rules, {**files, **{a: files[b] for a, b in aliases.items()}}, config,
+                 config_overrides.get("num_layers"))
     shapes = _flax_shapes(model)
     flat_shardings = _flat_shardings(shardings, config)
     flat = {}
-    for key, value in _read_converted(rules, files, config, shapes):
+    for key, value in _read_converted(rules, files, config, shapes, aliases):
         if config.scan_layers and key.startswith("layer_"):
             flat[key] = value  # stacked below, then placed
         else:
