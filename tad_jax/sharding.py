@@ -13,6 +13,7 @@ Batches are split over `data` x `fsdp`. Shapes: `_bt` = [batch, T].
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -133,6 +134,33 @@ def maybe_initialize_distributed(mode: str = "auto", *, init_timeout_s: int = 30
     jax.distributed.initialize(**_hand_set_coordinator(), initialization_timeout=init_timeout_s,
                                heartbeat_timeout_seconds=heartbeat_timeout_s)
     return True
+
+
+class PeerFailure(RuntimeError):
+    """A cross-process operation failed: another process of the run has most likely died."""
+
+
+@contextlib.contextmanager
+def peer_failures(what: str):
+    """Turns a runtime error of a multi-process run into a `PeerFailure` that says what to do.
+
+    When a process dies (SIGKILL, OOM, a lost host), the survivors' next collective fails
+    (gloo: "connection reset by peer") or, after `heartbeat_timeout_s`, the coordination service
+    stops them; this names the likely cause instead of leaving a bare transport error.
+
+    Args:
+      what: what the processes were doing (for the message), e.g. "training".
+    """
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise PeerFailure(
+            f"process {jax.process_index()} of {jax.process_count()}: a cross-process operation "
+            f"failed during {what}, most likely because another process of the run died (its "
+            "log has the cause). Every process stops; rerun the same command on every host to "
+            f"resume from the newest complete checkpoint. The error: {e}") from e
 
 
 def any_process(flag: bool) -> bool:
