@@ -201,3 +201,15 @@ def test_evaluate_and_export_as_two_processes(runs):
     assert exported.keys() == reference.keys()
     for k in reference:
         np.testing.assert_array_equal(exported[k], reference[k])
+
+
+def test_readme_recipe_is_the_one_these_tests_run():
+    import re
+
+    with open(os.path.join(ROOT, "README.md")) as f:
+        readme = f.read()
+    flags = re.search(r'^MP="(.*)"$', readme, re.M).group(1).split()
+    assert set(flags) <= set(OVERRIDES)
+    for script in ("scripts/train.py", "scripts/evaluate.py", "scripts/export_hf.py"):
+        assert re.search(r"python -m tad_jax\.launch --num_processes 2 --devices_per_process 2 "
+                         rf"-- \\\n\s+{script}", readme), script
