@@ -246,7 +246,6 @@ def heldout_sums(eval_fn, student_params, teacher_params, data_cfg, *, batch_siz
     Raises:
       ValueError: the held-out split is empty.
     """
-    from tad_jax import sharding
     from tad_jax.data import make_eval_iterator, masked_like, to_global_batch
 
     n_proc = jax.process_count()
