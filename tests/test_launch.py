@@ -10,6 +10,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from tad_jax import launch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,3 +69,46 @@ def test_process_env_sets_the_coordinator_devices_and_collectives():
     assert env["XLA_FLAGS"] == "--foo --xla_force_host_platform_device_count=3"
     assert env["JAX_PLATFORMS"] == "cpu"
     assert env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"] == "gloo"
+
+
+# What a survivor prints: tad_jax's PeerFailure, or jax's own stop after missed heartbeats.
+DEATH_MESSAGES = ("another process of the run died", "another task died")
+DIE = textwrap.dedent("""
+    import os, signal, jax, numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec as P
+    from tad_jax import sharding
+    sharding.maybe_initialize_distributed("auto", heartbeat_timeout_s=5)
+    mesh = jax.make_mesh((jax.device_count(),), ("x",))
+    x = jax.make_array_from_process_local_data(NamedSharding(mesh, P("x")), np.ones(2, np.float32))
+    total = jax.jit(lambda a: a.sum(), out_shardings=NamedSharding(mesh, P()))
+    for i in range(10**6):
+        with sharding.peer_failures("a test loop"):
+            float(total(x))
+        if i == 20 and jax.process_index() == int(os.environ["VICTIM"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+""")
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_killed_process_stops_the_survivor_within_bounded_time(tmp_path, victim):
+    # The survivor stops either at its next collective (gloo: connection reset; tad_jax's
+    # PeerFailure names the cause) or, when the coordination service misses the dead process's
+    # heartbeats (5 s here), by jax itself ("another task died"); which comes first is a race.
+    path = tmp_path / "die.py"
+    path.write_text(DIE)
+    port = launch.free_port()
+    env = lambda i: launch.process_env(i, 2, port, 2, dict(ENV, VICTIM=str(victim)))
+    procs = [subprocess.Popen([sys.executable, str(path)], env=env(i), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    start = time.monotonic()
+    try:
+        outs = [p.communicate(timeout=60)[0] for p in procs]
+        seconds = time.monotonic() - start
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert procs[victim].returncode == -9
+    survivor = procs[1 - victim]
+    assert survivor.returncode != 0 and seconds < 60, outs[1 - victim][-2000:]
+    assert any(m in outs[1 - victim] for m in DEATH_MESSAGES), outs[1 - victim][-3000:]

@@ -169,8 +169,9 @@ def test_sigkill_one_process_the_other_stops_and_a_rerun_resumes_bitwise(runs):
                 p.wait()
     survivor_log = logs[0].read_text()
     assert code != 0 and seconds < 60
-    assert "most likely because another process of the run died" in survivor_log, \
-        survivor_log[-3000:]
+    # tad_jax's PeerFailure (the next collective failed) or jax's own stop (missed heartbeats).
+    assert any(m in survivor_log for m in ("another process of the run died",
+                                           "another task died")), survivor_log[-3000:]
     print(f"killed process 1 after step {killed_after}; process 0 exited with {code} "
           f"after {seconds:.1f} s")
     # Rerun both: resumes from the last complete checkpoint and ends where the uninterrupted
