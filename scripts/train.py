@@ -8,6 +8,9 @@ Rerunning the same command with the same --workdir resumes from the newest check
 Thin on purpose: everything lives in tad_jax.train.
 """
 
+import os
+import sys
+
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -25,13 +28,18 @@ def main(argv):
 
     console.setup()  # library logs: --verbosity=0
     from tad_jax import train
+    from tad_jax.sharding import PeerFailure
 
     if _DRY_RUN.value:
         train.dry_run(_CONFIG.value)
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (or pass --dry_run).")
-    train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    try:
+        train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+    except PeerFailure as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        os._exit(1)  # not sys.exit: jax's exit handler would wait for the dead process
 
 
 def _check_overrides(argv):
@@ -47,7 +55,5 @@ def _check_overrides(argv):
 
 
 if __name__ == "__main__":
-    import sys
-
     _check_overrides(sys.argv)
     app.run(main)

@@ -27,6 +27,12 @@ class Checkpointer:
           keep: number of newest checkpoints kept.
           async_save: write in a background thread.
         """
+        if "://" in str(workdir):
+            # orbax itself writes gs:// (tensorstore; etils needs gcsfs), but the run's
+            # metrics.jsonl and data positions go through local file APIs.
+            raise ValueError(f"workdir {workdir}: URLs are not supported; use a filesystem "
+                             "path every host sees (NFS, Filestore, or a bucket mounted with "
+                             "gcsfuse).")
         self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, enable_async_checkpointing=async_save, create=True)

@@ -128,6 +128,8 @@ def _mesh_defaults() -> ml_collections.ConfigDict:
     m.tensor = 1  # tensor-parallel axis (heads, MLP, vocabulary).
     m.num_devices = 0  # use the first this many devices; 0 = all of them.
     m.distributed = "auto"  # jax.distributed.initialize(): "auto" (when multi-host), "on", "off".
+    m.init_timeout_s = 300  # multi-process: seconds to wait for every process to connect.
+    m.heartbeat_timeout_s = 100  # multi-process: a silent peer counts as dead after this; all stop.
     return m
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from tad_jax import metrics, plots
+from tad_jax import metrics, plots, sharding
 
 EVAL_FILE = "eval.json"
 logger = logging.getLogger(__name__)
@@ -136,20 +136,60 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     from tad_jax.run_setup import resolved_config
     from tad_jax.train import build_teacher, restore_student
 
+    _initialize_distributed(config)
     step = require_checkpoint(workdir, step)
     config = resolved_config(config)
     start = time.perf_counter()
     logger.info("Loading the teacher (%s) and the student of step %d", config.teacher.path, step)
-    teacher = build_teacher(config)
-    student_model, student_params, step = restore_student(config, str(workdir), step)
-    result = heldout_metrics(config, (student_model, student_params), teacher,
-                             max_batches=max_batches, progress=progress)
+    if jax.process_count() > 1:
+        with sharding.peer_failures("evaluation"):
+            result = _heldout_metrics_sharded(config, workdir, step, max_batches, progress)
+    else:
+        teacher = build_teacher(config)
+        student_model, student_params, step = restore_student(config, str(workdir), step)
+        result = heldout_metrics(config, (student_model, student_params), teacher,
+                                 max_batches=max_batches, progress=progress)
     result = {"step": int(step), **result, "eval_seconds": time.perf_counter() - start}
-    if write:
+    if write and jax.process_index() == 0:  # one writer; the figures are the same everywhere
         result["plots"] = draw_plots(workdir, result, config)
         path = pathlib.Path(workdir) / EVAL_FILE
         path.write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _initialize_distributed(config=None) -> None:
+    """`jax.distributed.initialize` when the run spans several processes (before any jax work)."""
+    mesh_cfg = config.mesh if config is not None else {}
+    sharding.maybe_initialize_distributed(
+        mesh_cfg.get("distributed", "auto"), init_timeout_s=mesh_cfg.get("init_timeout_s", 300),
+        heartbeat_timeout_s=mesh_cfg.get("heartbeat_timeout_s", 100))
+
+
+def _heldout_metrics_sharded(config, workdir, step, max_batches, progress) -> dict[str, Any]:
+    """`heldout_metrics` across processes: the models sharded over the config's mesh, each process
+    feeding its shards of the split (`tad_jax.train.heldout_sums`)."""
+    from tad_jax.run_setup import mesh_context
+    from tad_jax.step import make_eval_step
+    from tad_jax.train import build_teacher, heldout_sums, restore_student, shared_vocab_size
+
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
+    with mesh_context(mesh):
+        teacher_model, teacher_params = build_teacher(config, mesh)
+        student_model, student_params, _ = restore_student(config, str(workdir), step, mesh)
+        vocab = shared_vocab_size(config, teacher_model.config, student_model.config)
+        shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+        batch_sh = sharding.batch_sharding(mesh)
+        eval_fn = jax.jit(make_eval_step(student_model, teacher_model, vocab),
+                          in_shardings=(shardings(student_params), shardings(teacher_params),
+                                        batch_sh),
+                          out_shardings=sharding.replicated(mesh))
+        if max_batches is None:
+            max_batches = config.eval.max_batches
+        sums = heldout_sums(eval_fn, student_params, teacher_params, config.data,
+                            batch_size=config.eval.batch_size, max_batches=max_batches,
+                            batch_sharding=batch_sh, progress=progress)
+    return metrics.finalize(sums)
 
 
 def draw_plots(workdir, result: dict[str, Any], config) -> list[str]:
@@ -195,6 +235,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     from tad_jax.run_setup import resolved_config
     from tad_jax.train import restore_student
 
+    _initialize_distributed(config)
     out = pathlib.Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty: choose another --out, or pass "
@@ -202,7 +243,17 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     step = require_checkpoint(workdir, step)
     config = resolved_config(config if config is not None else load_run_config(workdir, step))
     logger.info("Exporting the student of step %d to %s", step, out)
-    model, params, step = restore_student(config, str(workdir), step)
+    if jax.process_count() == 1:
+        model, params, step = restore_student(config, str(workdir), step)
+    else:  # each process restores its shards; all gather the whole student; process 0 writes
+        from jax.experimental import multihost_utils
+
+        with sharding.peer_failures("export"):
+            model, params, step = restore_student(config, str(workdir), step,
+                                                  sharding.make_mesh(config.mesh))
+            params = multihost_utils.process_allgather(params, tiled=True)
+        if jax.process_index() != 0:
+            return out
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)

@@ -85,7 +85,9 @@ def setup_run(config, workdir: str) -> Run:
     """
     validate_config(config)
     config = resolved_config(config)
-    sharding.maybe_initialize_distributed(config.mesh.distributed)
+    sharding.maybe_initialize_distributed(
+        config.mesh.distributed, init_timeout_s=config.mesh.init_timeout_s,
+        heartbeat_timeout_s=config.mesh.heartbeat_timeout_s)
     mesh = sharding.make_mesh(config.mesh)
     check_batches(config, mesh)
     ckpt = Checkpointer(workdir, keep=config.ckpt.keep, async_save=config.ckpt.async_save)

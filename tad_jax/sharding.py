@@ -13,6 +13,7 @@ Batches are split over `data` x `fsdp`. Shapes: `_bt` = [batch, T].
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -101,18 +102,28 @@ def make_mesh(mesh_cfg: Mapping[str, int], devices: Sequence[Any] | None = None)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES, axis_types=auto)
 
 
-def maybe_initialize_distributed(mode: str = "auto") -> bool:
-    """Calls `jax.distributed.initialize()` when the run spans several processes.
+def maybe_initialize_distributed(mode: str = "auto", *, init_timeout_s: int = 300,
+                                 heartbeat_timeout_s: int = 100) -> bool:
+    """Calls `jax.distributed.initialize` when the run spans several processes.
+
+    A coordinator set by hand (`JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID`,
+    as `python -m tad_jax.launch` sets them) is passed explicitly, so jax does not probe for a
+    cluster; otherwise jax's own detection (SLURM, Open MPI, TPU pods) fills in the values.
 
     Args:
       mode: "auto" (initialize when the environment names a coordinator, a multi-task SLURM job,
         a multi-process MPI job or a multi-host TPU slice), "on" (always) or "off" (never).
+      init_timeout_s: seconds to wait for every process to connect before failing.
+      heartbeat_timeout_s: seconds without a heartbeat after which a process counts as dead;
+        the coordination service then stops the survivors with an error (a dead peer never
+        leaves the others hanging for longer than about this).
 
     Returns:
       True if `jax.distributed.initialize()` was called.
 
     Raises:
-      ValueError: unknown mode.
+      ValueError: unknown mode, or a partial hand-set coordinator (the message names the missing
+        variable).
     """
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"mesh.distributed={mode!r}: use 'auto', 'on' or 'off'.")
@@ -120,8 +131,60 @@ def maybe_initialize_distributed(mode: str = "auto") -> bool:
         return False
     if jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize()
+    jax.distributed.initialize(**_hand_set_coordinator(), initialization_timeout=init_timeout_s,
+                               heartbeat_timeout_seconds=heartbeat_timeout_s)
     return True
+
+
+class PeerFailure(RuntimeError):
+    """A cross-process operation failed: another process of the run has most likely died."""
+
+
+@contextlib.contextmanager
+def peer_failures(what: str):
+    """Turns a runtime error of a multi-process run into a `PeerFailure` that says what to do.
+
+    When a process dies (SIGKILL, OOM, a lost host), the survivors' next collective fails
+    (gloo: "connection reset by peer") or, after `heartbeat_timeout_s`, the coordination service
+    stops them; this names the likely cause instead of leaving a bare transport error.
+
+    Args:
+      what: what the processes were doing (for the message), e.g. "training".
+    """
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if jax.process_count() == 1:
+            raise
+        raise PeerFailure(
+            f"process {jax.process_index()} of {jax.process_count()}: a cross-process operation "
+            f"failed during {what}, most likely because another process of the run died (its "
+            "log has the cause). Every process stops; rerun the same command on every host to "
+            f"resume from the newest complete checkpoint. The error: {e}") from e
+
+
+def any_process(flag: bool) -> bool:
+    """True when `flag` is True in any process of the run (a collective: every process must call
+    it, in the same order). With one process, `flag` itself; no device work."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.any(multihost_utils.process_allgather(np.asarray([flag], np.int32))))
+
+
+def _hand_set_coordinator() -> dict[str, Any]:
+    """The coordinator, process count and index set by hand in the environment ({} if none)."""
+    names = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
+    values = [os.environ.get(n) for n in names]
+    if not any(values[1:]):
+        return {}  # jax's cluster detection (or JAX_COORDINATOR_ADDRESS alone) decides
+    if not all(values):
+        missing = [n for n, v in zip(names, values, strict=True) if not v]
+        raise ValueError(f"{', '.join(missing)} not set: a hand-set coordinator needs all of "
+                         f"{', '.join(names)} (python -m tad_jax.launch sets them).")
+    return dict(coordinator_address=values[0], num_processes=int(values[1]),
+                process_id=int(values[2]))
 
 
 def _environment_is_multihost() -> bool:
@@ -130,7 +193,12 @@ def _environment_is_multihost() -> bool:
         return True
     if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return True
-    # A multi-host TPU slice lists several workers, comma separated.
+    # A multi-host TPU slice lists several workers, comma separated. Only a process that may
+    # use TPUs counts it: TPU runtime variables left in the environment of a CPU-only process
+    # (JAX_PLATFORMS=cpu, as the tests and tad_jax.launch set) say nothing about this run.
+    platforms = env.get("JAX_PLATFORMS", "")
+    if platforms and "tpu" not in platforms.lower().split(","):
+        return False
     return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
 
 

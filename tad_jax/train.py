@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from tad_jax import sharding
 from tad_jax.builders import (
     abstract_student,
     abstract_teacher,
@@ -58,7 +59,7 @@ from tad_jax.step import (
 
 __all__ = [
     "METRIC_KEYS", "Checkpointer", "MetricsWriter", "Run", "build_models", "build_student",
-    "build_teacher", "check_tokenizers", "dry_run", "finalize_eval", "init_state",
+    "build_teacher", "check_tokenizers", "dry_run", "finalize_eval", "heldout_sums", "init_state",
     "make_eval_step", "make_optimizer", "make_train_step", "merge_trainable", "read_metrics",
     "restore_student", "setup_run", "shared_vocab_size", "split_trainable", "state_shardings",
     "teacher_model_config", "train_and_evaluate",
@@ -94,6 +95,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     Raises:
       FloatingPointError: a non-finite loss or gradient norm (the message names the step; the
         checkpoints written before it are kept).
+      sharding.PeerFailure: another process of a multi-process run died.
       ValueError / FileNotFoundError: bad config or paths (see `setup_run`).
     """
     os.makedirs(workdir, exist_ok=True)
@@ -103,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     stop = _Stop()
     previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
     try:
-        with _mesh_context(run.mesh):
+        with _mesh_context(run.mesh), sharding.peer_failures("training"):
             return _loop(run, writer, stop)
     finally:
         if previous is not None:
@@ -133,7 +135,10 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         stop_at = min(stop_at, run.start_step + cfg.max_steps_per_run)
     for step in range(run.start_step + 1, stop_at + 1):
         local = next(run.data_iter, None)
-        if local is None:  # a finite pipeline (data.num_epochs) ran out before `steps`
+        ended = local is None
+        if cfg.data.num_epochs is not None:  # the hosts' shards may end at different steps
+            ended = sharding.any_process(ended)
+        if ended:  # a finite pipeline (data.num_epochs) ran out before `steps`
             if pending is not None:
                 last = _finish_step(run, writer, clock, bar, *pending, force=True) or last
             if step - 1 > saved:  # the last step may have been evaluated but not saved
@@ -217,37 +222,82 @@ def _save(run: Run, step: int) -> None:
 
 def _evaluate(run: Run) -> dict[str, float]:
     """Held-out metrics of the current student (sums on device, one fetch at the end)."""
-    from tad_jax.data import make_eval_iterator, to_global_batch
-
     cfg = run.config
+    total = heldout_sums(run.eval_fn, run.state["params"], run.models[1], cfg.data,
+                         batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
+                         batch_sharding=run.batch_sh)
+    return finalize_eval(total)
+
+
+def heldout_sums(eval_fn, student_params, teacher_params, data_cfg, *, batch_size: int,
+                 max_batches: int, batch_sharding, progress: bool = False) -> dict:
+    """Streams the held-out split through `eval_fn`; every process calls it together.
+
+    Each process reads its own shards of the split. With `max_batches=0` (the whole split) they
+    may hold different numbers of batches, so before each batch the processes agree whether any
+    has one left (`sharding.any_process`); a process whose shards have ended feeds fully masked
+    rows, which add nothing to the sums. The figures equal a single process's over the same
+    `data.num_shards`, up to float32 summation order.
+
+    Args:
+      eval_fn: `(student_params, teacher_params, global_batch) -> sums` (jitted, sharded).
+      student_params, teacher_params: the models' params.
+      data_cfg: the run config's `data` section.
+      batch_size: rows per global evaluation batch (`eval.batch_size`).
+      max_batches: batches per process (0 = the whole split).
+      batch_sharding: the sharding of a global batch.
+      progress: print one line per batch (process 0).
+
+    Returns:
+      The summed metrics on the host (see `tad_jax.metrics`).
+
+    Raises:
+      ValueError: the held-out split is empty.
+    """
+    from tad_jax.data import make_eval_iterator, masked_like, to_global_batch
+
     n_proc = jax.process_count()
-    it = make_eval_iterator(cfg.data, batch_size=cfg.eval.batch_size // n_proc,
-                            max_batches=cfg.eval.max_batches or None,
+    it = make_eval_iterator(data_cfg, batch_size=batch_size // n_proc,
+                            max_batches=max_batches or None,
                             process_index=jax.process_index(), process_count=n_proc)
-    total = None
-    for local in it:
-        sums = run.eval_fn(run.state["params"], run.models[1], to_global_batch(local, run.batch_sh))
+    total, template, start = None, None, time.perf_counter()
+    while True:
+        local = next(it, None)
+        if not sharding.any_process(local is not None):
+            break
+        if local is None:
+            if template is None:  # the split is too small to give this process a batch
+                raise ValueError(f"Process {jax.process_index()} has no held-out batch; raise "
+                                 "data.val_fraction or use fewer processes.")
+            local = template
+        template = masked_like(local)
+        sums = eval_fn(student_params, teacher_params, to_global_batch(local, batch_sharding))
         total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        if progress and jax.process_index() == 0:
+            print(f"eval batch: {time.perf_counter() - start:.1f} s", flush=True)
     if total is None:
         raise ValueError(
             "The held-out split is empty: set data.val_files or raise data.val_fraction.")
-    return finalize_eval(jax.device_get(total))
+    return jax.device_get(total)
 
 
 # ---------------------------------------------------------------------------------------------
 # Restoring a trained student (for evaluation and export)
 
 
-def restore_student(config, workdir: str, step: int | None = None):
+def restore_student(config, workdir: str, step: int | None = None, mesh=None):
     """The student of a run's checkpoint, without loading the teacher's weights.
 
     Args:
       config: the run's config (the one it was trained with).
       workdir: the run folder.
       step: the checkpoint step; None = the newest.
+      mesh: restore straight into the training shardings over this mesh (required when the
+        run spans several processes); None = the default device.
 
     Returns:
-      (student_model, student_params, step): params are plain arrays on the default device.
+      (student_model, student_params, step): params are plain arrays on the default device, or
+      sharded over `mesh`.
 
     Raises:
       FileNotFoundError: no checkpoint in `workdir`.
@@ -261,10 +311,17 @@ def restore_student(config, workdir: str, step: int | None = None):
     if step is None:
         raise FileNotFoundError(
             f"No checkpoint in {ckpt.directory}: train first (scripts/train.py).")
-    teacher_model, teacher_abs, _ = abstract_teacher(config, None)
-    student_model, params_abs, mask = abstract_student(config, teacher_model, teacher_abs, None)
+    teacher_model, teacher_abs, _ = abstract_teacher(config, mesh)
+    student_model, params_abs, mask = abstract_student(config, teacher_model, teacher_abs, mesh)
     tx, _ = make_optimizer(config, num_steps(config))
     abstract = jax.eval_shape(lambda p: init_state(p, mask, tx), params_abs)
+    if mesh is not None:
+        shardings = state_shardings(abstract, jax.tree.map(lambda x: x.sharding, params_abs), mesh)
+    else:  # explicit: the checkpoint's own shardings may name devices of other processes
+        one = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: one, abstract)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, shardings)
     state, _ = ckpt.restore(step, abstract)
     ckpt.close()
     return student_model, state["params"], step

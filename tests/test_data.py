@@ -188,6 +188,61 @@ def test_two_processes_read_disjoint_shards_whose_union_is_the_corpus(tok_dir, j
     assert shards[0] + shards[1] == _expected_docs(tok, jsonl_docs[1])
 
 
+def test_restore_through_json_at_every_position_of_the_first_batches(tok_dir, jsonl_docs):
+    # Regression: JSON turned grain's "no partial document" sentinel (-1, -1) into [-1, -1], and
+    # a resume at such a position (e.g. step 0) silently dropped a document.
+    cfg = _cfg(jsonl_docs[0], tok_dir[0], num_epochs=None, global_batch_size=2)
+    reference = make_train_iterator(cfg, seed=1, process_index=0, process_count=1)
+    states, batches = [], []
+    for _ in range(8):
+        states.append(iterator_state_to_json(reference))
+        batches.append(next(reference))
+    for n in range(7):
+        fresh = make_train_iterator(cfg, seed=1, process_index=0, process_count=1)
+        restore_iterator_state(fresh, states[n])
+        for want in batches[n:n + 2]:
+            np.testing.assert_array_equal(next(fresh)["input_ids"], want["input_ids"])
+
+
+def test_fixed_num_shards_give_the_same_global_batches_for_any_process_count(tok_dir,
+                                                                          jsonl_docs):
+    # data.num_shards=4: one process reads all four shards side by side; two processes read
+    # two each; together (process 0's rows, then process 1's) they are the one process's batches.
+    cfg = _cfg(jsonl_docs[0], tok_dir[0], num_epochs=None, num_shards=4, global_batch_size=8)
+    one = make_train_iterator(cfg, seed=2, process_index=0, process_count=1)
+    two = [make_train_iterator(cfg, seed=2, process_index=p, process_count=2) for p in range(2)]
+    for _ in range(6):
+        whole, halves = next(one), [next(it) for it in two]
+        for key in BATCH_KEYS:
+            assert halves[0][key].shape == (4, 32)
+            np.testing.assert_array_equal(whole[key], np.concatenate([h[key] for h in halves]))
+    # Each shard is its own stream: process 1's rows are those of shards 2 and 3 alone.
+    solo = make_train_iterator(cfg, seed=2, process_index=1, process_count=2)
+    restore_iterator_state(solo, iterator_state_to_json(two[1]))
+    for want, got in zip((next(two[1]) for _ in range(3)), (next(solo) for _ in range(3)),
+                         strict=True):
+        np.testing.assert_array_equal(got["input_ids"], want["input_ids"])
+    with pytest.raises(ValueError, match="num_shards=3 is not a multiple of the 2 processes"):
+        make_train_iterator(_cfg(jsonl_docs[0], tok_dir[0], num_shards=3), seed=0,
+                            process_index=0, process_count=2)
+
+
+def test_eval_shards_pad_an_ended_shard_with_masked_rows(tok_dir, jsonl_docs):
+    # Uneven shards: the shard that ends first gives fully masked rows until the other ends, and
+    # every held-out document is read exactly once.
+    path, tok = tok_dir
+    cfg = _cfg(jsonl_docs[0], path, num_shards=2, val_fraction=0.3)
+    batches = _all(make_eval_iterator(cfg, batch_size=2))
+    parts = [_all(make_eval_iterator(cfg, batch_size=1, process_index=p, process_count=2))
+             for p in range(2)]
+    assert len(batches) == max(len(p) for p in parts) and len(parts[0]) != len(parts[1])
+    for i, batch in enumerate(batches):
+        for r, part in enumerate(parts):
+            want = part[i] if i < len(part) else {k: np.zeros_like(v) for k, v in part[0].items()}
+            for key in BATCH_KEYS:
+                np.testing.assert_array_equal(batch[key][r:r + 1], want[key])
+
+
 def test_restore_mid_epoch_gives_the_same_next_10_batches(tok_dir, jsonl_docs):
     cfg = _cfg(jsonl_docs[0], tok_dir[0], num_epochs=None)
     it = make_train_iterator(cfg, seed=1, process_index=0, process_count=1)

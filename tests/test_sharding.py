@@ -92,16 +92,49 @@ def test_batch_sharding_splits_rows_over_data_and_fsdp():
 
 def test_distributed_init_only_when_the_environment_says_so(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
-                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES"):
+                "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_NUM_PROCESSES",
+                "JAX_PROCESS_ID"):
         monkeypatch.delenv(var, raising=False)
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
     assert not sharding.maybe_initialize_distributed("auto") and not calls
     assert not sharding.maybe_initialize_distributed("off")
     monkeypatch.setenv("SLURM_NTASKS", "4")
-    assert sharding.maybe_initialize_distributed("auto") and calls == [1]
+    assert sharding.maybe_initialize_distributed("auto") and len(calls) == 1
+    assert "coordinator_address" not in calls[0]  # jax's SLURM detection fills it in
     monkeypatch.setenv("SLURM_NTASKS", "1")
     monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-a,host-b")
-    assert sharding.maybe_initialize_distributed("auto") and calls == [1, 1]
+    monkeypatch.setenv("JAX_PLATFORMS", "")
+    assert sharding.maybe_initialize_distributed("auto") and len(calls) == 2
     with pytest.raises(ValueError, match="'auto', 'on' or 'off'"):
         sharding.maybe_initialize_distributed("yes")
+
+
+def test_tpu_variables_do_not_make_a_cpu_process_multihost(monkeypatch):
+    # TPU runtime variables left in a CPU-only process's environment say nothing about the run.
+    for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(var, raising=False)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "host-a,host-b")
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    assert not sharding.maybe_initialize_distributed("auto") and not calls
+    monkeypatch.setenv("JAX_PLATFORMS", "tpu,cpu")
+    assert sharding.maybe_initialize_distributed("auto") and len(calls) == 1
+
+
+def test_hand_set_coordinator_is_passed_explicitly(monkeypatch):
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "127.0.0.1:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "a,b,c")  # ignored: the hand-set values win
+    assert sharding.maybe_initialize_distributed("auto", heartbeat_timeout_s=7)
+    assert calls == [dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1,
+                          initialization_timeout=300, heartbeat_timeout_seconds=7)]
+    monkeypatch.delenv("JAX_PROCESS_ID")
+    with pytest.raises(ValueError, match="JAX_PROCESS_ID not set"):
+        sharding.maybe_initialize_distributed("auto")

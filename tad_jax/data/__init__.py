@@ -11,6 +11,7 @@ from tad_jax.data.pipeline import (
     iterator_state_to_json,
     make_eval_iterator,
     make_train_iterator,
+    masked_like,
     restore_iterator_state,
     to_global_batch,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "iterator_state_to_json",
     "make_eval_iterator",
     "make_train_iterator",
+    "masked_like",
     "prepare",
     "restore_iterator_state",
     "to_global_batch",

@@ -7,10 +7,16 @@ each segment, including the continuation of a document split across rows.
 
 Pipeline (``make_train_iterator``)::
 
-    MapDataset.source(documents)[process_index::process_count]   # disjoint per-host shards
+    MapDataset.source(documents)[shard::num_shards]              # disjoint shards
       .shuffle(seed).repeat(num_epochs)                          # reshuffled every epoch
       .map(TokenizeDocument)                                     # in worker processes
       .to_iter_dataset() → pack (ConcatThenSplit / FirstFit) or pad → batch → mp_prefetch
+
+Shards: the documents are split into ``data.num_shards`` strided shards (0 = one per process),
+each packed and batched on its own into ``global_batch_size / num_shards`` rows. Process ``p`` of
+``P`` reads the consecutive shards ``p·S/P … (p+1)·S/P − 1`` and concatenates their rows, so the
+global batch (processes in order) is shard 0's rows, then shard 1's, ...: with ``num_shards``
+fixed, the global batches are the same whatever the number of processes.
 """
 
 from __future__ import annotations
@@ -50,6 +56,10 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.prepared_dir = ""  # folder of scripts/prepare_data.py; if set, read instead of the files
     c.seq_len = 512  # tokens per row (input/target pairs)
     c.global_batch_size = 8  # rows per step over all processes
+    # documents split into this many shards, each packed on its own; a process reads
+    # num_shards / process_count of them. 0 = one per process; a fixed number (a multiple of the
+    # process count) gives the same global batches whatever the number of processes.
+    c.num_shards = 0
     c.pack = True  # sft: pack several examples per row (True) or one padded example per row
     c.packing_bins = 0  # sft packing: first-fit bins (0 = the per-host batch size)
     c.shuffle = True  # shuffle documents (from the seed given to make_train_iterator)
@@ -70,9 +80,14 @@ def _check(cfg, process_index: int, process_count: int) -> None:
         raise ValueError(f"data.seq_len={cfg.seq_len}; use at least 2.")
     if cfg.mode not in ("pretrain", "sft"):
         raise ValueError(f"data.mode={cfg.mode!r}; use 'pretrain' or 'sft'.")
-    if cfg.global_batch_size % process_count:
+    shards = cfg.num_shards or process_count
+    if cfg.num_shards < 0 or shards % process_count:
+        raise ValueError(f"data.num_shards={cfg.num_shards} is not a multiple of the "
+                         f"{process_count} processes; use 0 (one shard per process) or a multiple.")
+    if cfg.global_batch_size % shards:
         raise ValueError(f"data.global_batch_size={cfg.global_batch_size} is not divisible by "
-                         f"the {process_count} processes; make it a multiple.")
+                         f"the {shards} data shards (one per process unless data.num_shards is "
+                         "set); make it a multiple.")
     if not cfg.prepared_dir:
         check_tokenizer(cfg.tokenizer)
 
@@ -183,10 +198,12 @@ def make_train_iterator(data_cfg, *, seed: int, process_index: int | None = None
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
     _check(data_cfg, process_index, process_count)
-    ds = _pipeline("train", data_cfg, batch_size=data_cfg.global_batch_size // process_count,
-                   seed=seed, shard=(process_index, process_count), shuffle=data_cfg.shuffle,
-                   num_epochs=data_cfg.num_epochs, num_workers=data_cfg.num_workers)
-    return iter(ds)
+    shards = _process_shards(data_cfg, process_index, process_count)
+    iters = [iter(_pipeline("train", data_cfg, batch_size=data_cfg.global_batch_size // count,
+                            seed=seed, shard=(k, count), shuffle=data_cfg.shuffle,
+                            num_epochs=data_cfg.num_epochs, num_workers=data_cfg.num_workers))
+             for k, count in shards]
+    return iters[0] if len(iters) == 1 else ShardsIterator(iters, pad=False)
 
 
 def make_eval_iterator(data_cfg, *, batch_size: int, max_batches: int | None = None,
@@ -195,22 +212,87 @@ def make_eval_iterator(data_cfg, *, batch_size: int, max_batches: int | None = N
 
     Args:
         data_cfg: the run config's ``data`` section.
-        batch_size: rows per batch (per host).
+        batch_size: rows per batch (per host), split evenly over this host's data shards.
         max_batches: stop after this many batches (None = the whole split).
-        process_index: this host's shard of the split (default: the whole split).
-        process_count: number of shards.
+        process_index: this host's index (default: the only host).
+        process_count: number of hosts.
 
     Returns:
-        An iterator of the same dicts as ``make_train_iterator``; the last batch is padded.
+        An iterator of the same dicts as ``make_train_iterator``; the last batch is padded. When
+        a host reads several shards, one that ends first contributes fully masked rows
+        (``loss_mask`` 0, ``segment_ids`` 0) until the last of them ends. Hosts may still hold
+        different numbers of batches: a collective evaluation must agree on a count (see
+        ``tad_jax.sharding.any_process``) and feed ``masked_like(batch)`` after its end.
     """
     _check(data_cfg, process_index, process_count)
-    # In-process: eval batches must not depend on the worker count, and the split is small.
-    ds = _pipeline("validation", data_cfg, batch_size=batch_size, seed=0,
-                   shard=(process_index, process_count), shuffle=False, num_epochs=1,
-                   num_workers=0)
-    if max_batches is not None:
-        ds = grain.experimental.LimitIterDataset(ds, count=max_batches)
-    return iter(ds)
+    shards = _process_shards(data_cfg, process_index, process_count)
+    if batch_size % len(shards):
+        raise ValueError(f"eval.batch_size per process ({batch_size}) is not divisible by its "
+                         f"{len(shards)} data shards (data.num_shards); make it a multiple.")
+    iters = []
+    for k, count in shards:
+        # In-process: eval batches must not depend on the worker count, and the split is small.
+        ds = _pipeline("validation", data_cfg, batch_size=batch_size // len(shards), seed=0,
+                       shard=(k, count), shuffle=False, num_epochs=1, num_workers=0)
+        if max_batches is not None:
+            ds = grain.experimental.LimitIterDataset(ds, count=max_batches)
+        iters.append(iter(ds))
+    return iters[0] if len(iters) == 1 else ShardsIterator(iters, pad=True)
+
+
+def _process_shards(cfg, process_index: int, process_count: int) -> list[tuple[int, int]]:
+    """(shard, num_shards) of each shard this process reads, in global-batch order."""
+    count = cfg.num_shards or process_count
+    per = count // process_count
+    return [(k, count) for k in range(process_index * per, (process_index + 1) * per)]
+
+
+def masked_like(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A batch of the same shapes whose rows are all padding (nothing counts, nothing attends)."""
+    return {k: np.zeros_like(v) for k, v in batch.items()}
+
+
+class ShardsIterator:
+    """The rows of several shards' iterators side by side, checkpointable like a grain iterator.
+
+    Args:
+        iterators: one grain iterator per shard, in global-batch order.
+        pad: False (training): stop as soon as any shard ends. True (evaluation): go on until
+            every shard ends, an ended shard giving masked rows.
+    """
+
+    def __init__(self, iterators: list, *, pad: bool):
+        self._iters, self._pad = iterators, pad
+        self._done = [False] * len(iterators)
+        self._template = None
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        parts = []
+        for i, it in enumerate(self._iters):
+            batch = None if self._done[i] else next(it, None)
+            if batch is None:
+                self._done[i] = True
+                if not self._pad or all(self._done):
+                    raise StopIteration
+            elif self._template is None:
+                self._template = masked_like(batch)
+            parts.append(batch)
+        parts = [self._template if b is None else b for b in parts]
+        return {k: np.concatenate([b[k] for b in parts]) for k in parts[0]}
+
+    def get_state(self) -> dict[str, Any]:
+        return {"shards": [it.get_state() for it in self._iters]}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        if len(state.get("shards", ())) != len(self._iters):
+            raise ValueError(f"The saved data position holds {len(state.get('shards', ()))} "
+                             f"shards but this process reads {len(self._iters)}: resume with the "
+                             "same data.num_shards and number of processes.")
+        for it, s in zip(self._iters, state["shards"], strict=True):
+            it.set_state(s)
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, Any]:
@@ -237,4 +319,15 @@ def iterator_state_to_json(iterator) -> str:
 
 def restore_iterator_state(iterator, state_json: str) -> None:
     """Moves a freshly made iterator (same config and seed) to a saved position."""
-    iterator.set_state(json.loads(state_json))
+    iterator.set_state(_lists_to_tuples(json.loads(state_json)))
+
+
+def _lists_to_tuples(x):
+    """JSON has no tuples, but grain's states hold some and compare them with tuples: concat-then-
+    split's "no remainder" sentinel is `(-1, -1)`, and a restored `[-1, -1]` != `(-1, -1)` made it
+    consume (and lose) one document at every resume that had no partial document pending."""
+    if isinstance(x, dict):
+        return {k: _lists_to_tuples(v) for k, v in x.items()}
+    if isinstance(x, list):
+        return tuple(_lists_to_tuples(v) for v in x)
+    return x
