@@ -285,3 +285,51 @@ def kl_divergence_cached(student_logits, cache_batch: TeacherStats, mask=None, *
     ones_b = jnp.ones(mask_bt.shape[:-1], jnp.float32)
     loss_bt = _cached_per_position(student_logits, targets, ones_b, mask_bt, temperature)
     return _reduce(loss_bt, mask_bt, reduction)
+
+
+_CACHED_DIVERGENCES = ("tad", "kl")
+
+
+def check_loss_config(loss_cfg) -> None:
+    """Raises unless the run's `loss` section can be computed from a teacher cache.
+
+    Raises:
+      ValueError: a divergence other than TAD / KL, the cosine term, or the fused loss (each
+        needs the teacher's full logits or hidden states, which a cache does not keep).
+    """
+    if loss_cfg.divergence not in _CACHED_DIVERGENCES:
+        raise ValueError(f"loss.divergence={loss_cfg.divergence!r} needs the teacher's full "
+                         f"distribution; a teacher cache serves {_CACHED_DIVERGENCES}. Unset "
+                         "data.teacher_cache or change the divergence.")
+    if loss_cfg.cosine_weight > 0:
+        raise ValueError("loss.cosine_weight > 0 needs the teacher's hidden states, which the "
+                         "teacher cache does not keep: set it to 0 or unset data.teacher_cache.")
+    if loss_cfg.fused:
+        raise ValueError("loss.fused=True is not implemented with data.teacher_cache yet: set "
+                         "--config.loss.fused=False (the student's logits are materialised).")
+
+
+def cached_distillation_loss(student_logits, batch: dict, loss_cfg, *, reduction="sum"):
+    """Eq. 4 with the divergence from the batch's cached teacher: (total, {"clm", "div",
+    "cosine"}), like `tad_jax.losses.distillation_loss` (cosine is 0; see `check_loss_config`).
+
+    Args:
+      student_logits: float `[B, T, V]`.
+      batch: a cached batch (`reader.CACHE_KEYS` beside `targets` and `loss_mask`).
+      loss_cfg: the run config's `loss` section.
+      reduction: "none", "sum" or "mean".
+    """
+    from tad_jax.losses import causal_lm_loss
+    from tad_jax.teacher_cache.reader import cache_batch
+
+    check_loss_config(loss_cfg)
+    stats, mask = cache_batch(batch), batch["loss_mask"]
+    clm = causal_lm_loss(student_logits, batch["targets"], mask, reduction)
+    if loss_cfg.divergence == "tad":
+        div = tad_divergence_cached(student_logits, stats, mask, top_k=int(loss_cfg.top_k),
+                                    beta=loss_cfg.beta, temperature=loss_cfg.temperature,
+                                    eps_alpha=loss_cfg.eps_alpha, reduction=reduction)
+    else:
+        div = kl_divergence_cached(student_logits, stats, mask,
+                                   temperature=loss_cfg.temperature, reduction=reduction)
+    return clm + div, {"clm": clm, "div": div, "cosine": jnp.zeros_like(clm)}

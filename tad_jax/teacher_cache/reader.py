@@ -155,6 +155,9 @@ def make_cached_train_iterator(config, *, seed: int, process_index: int | None =
     if data.global_batch_size % pc:
         raise ValueError(f"data.global_batch_size={data.global_batch_size} is not divisible by "
                          f"the {pc} processes.")
+    from tad_jax.teacher_cache.loss import check_loss_config
+
+    check_loss_config(config.loss)
     cache = open_cache(config)
     ds = grain.MapDataset.source(CachedRows(packed_rows(data, "train"), cache))[pi::pc]
     if data.shuffle:
