@@ -11,12 +11,15 @@ the suite's outcome is deterministic; a fresh seed would fail a correct implemen
 probability ≈ 0.27% × (statistics checked) ≈ 1-2% over the whole file.
 """
 
+import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from tiny_setup import tiny, tiny_config
 
 from tad_jax import kl_divergence, tad_components, tad_divergence
 from tad_jax.teacher_cache import format as fmt
@@ -27,6 +30,8 @@ from tad_jax.teacher_cache import (
     teacher_stats,
 )
 from tad_jax.teacher_cache import loss as cl
+from tad_jax.teacher_cache import reader as rd
+from tad_jax.teacher_cache import writer as wr
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXACT = dict(rtol=1e-10, atol=1e-12)  # float64
@@ -303,3 +308,187 @@ def test_format_round_trip():
     for field in ("head_ids", "sample_ids", "log_alpha", "tail_entropy"):
         np.testing.assert_array_equal(getattr(back, field), getattr(stats, field))
     np.testing.assert_array_equal(back.head_logp, stats.head_logp.astype(np.float16))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rows, writer, reader, training (a tiny random teacher over a small prepared corpus)
+# ---------------------------------------------------------------------------------------------
+
+K_MAX, SAMPLES, ROWS_PER_SHARD = 12, 4, 16
+
+
+def _small_config(root):
+    """configs/tiny.py over the first 30,000 characters of its corpus, prepared in root/prep."""
+    from tad_jax.data.prepared import prepare
+
+    corpus, _ = tiny.build_assets()
+    small = os.path.join(root, "corpus.txt")
+    with open(corpus) as f, open(small, "w") as g:
+        g.write(f.read()[:30_000])
+    cfg = tiny_config(**{"data.train_files": small, "data.val_fraction": 0.2,
+                         "data.prepared_dir": os.path.join(root, "prep")})
+    prepare(cfg.data, cfg.data.prepared_dir)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """(config, cache folder, manifest) of a whole cache written in one go."""
+    root = str(tmp_path_factory.mktemp("teacher_cache"))
+    cfg = _small_config(root)
+    out = os.path.join(root, "cache")
+    manifest = wr.write_cache(cfg, out, k_max=K_MAX, num_samples=SAMPLES,
+                              rows_per_shard=ROWS_PER_SHARD, batch_size=8, log=lambda _: None)
+    cfg.data.teacher_cache = out
+    return cfg, out, manifest
+
+
+def test_rows_are_the_online_pipelines_unshuffled_rows(written):
+    """PackedRows (rows by index) = the online concat-then-split rows of unshuffled documents."""
+    from tad_jax.data import make_train_iterator
+    from tad_jax.teacher_cache.rows import packed_rows
+
+    cfg, _, _ = written
+    data = cfg.data.copy_and_resolve_references()
+    data.shuffle, data.num_epochs = False, 1
+    rows = packed_rows(data)
+    online = [b for b in make_train_iterator(data, seed=0, process_index=0, process_count=1)]
+    flat = {k: np.concatenate([b[k] for b in online]) for k in online[0]}
+    assert len(rows) > 2 * ROWS_PER_SHARD
+    for r in range(len(rows)):
+        for k, v in rows[r].items():
+            np.testing.assert_array_equal(v, flat[k][r], err_msg=f"row {r} {k}")
+    assert not flat["loss_mask"][len(rows):].any()
+
+
+def _teacher_stats_of(cfg, batch):
+    from tad_jax.builders import build_teacher
+    from tad_jax.run_setup import resolved_config
+
+    model, params = build_teacher(resolved_config(cfg))
+    logits = model.apply({"params": params}, jnp.asarray(batch["input_ids"]),
+                         segment_ids=jnp.asarray(batch["segment_ids"]),
+                         positions=jnp.asarray(batch["positions"])).logits
+    return teacher_stats(logits, jax.random.PRNGKey(0), k_max=K_MAX, num_samples=SAMPLES)
+
+
+def test_reader_batches_carry_their_rows_teacher(written):
+    """After shuffling, each row's cached head ids / log-probs / α_T are the teacher's on that
+    row's tokens (a teacher forward on the batch), and the draws lie in the tail."""
+    cfg, _, manifest = written
+    assert manifest["bytes_per_token"] == K_MAX * 4 + 8 + SAMPLES * 2  # V = 512: 2-byte ids
+    assert len(manifest["shards"]) == manifest["num_shards"] > 2
+    it = rd.make_cached_train_iterator(cfg, seed=3, process_index=0, process_count=1)
+    batch = next(it)
+    want = _teacher_stats_of(cfg, batch)
+    got = rd.cache_batch(batch)
+    np.testing.assert_array_equal(got.head_ids, want.head_ids)
+    np.testing.assert_allclose(got.head_logp, np.asarray(want.head_logp, np.float16), rtol=0,
+                               atol=0.01)  # float16 storage
+    np.testing.assert_allclose(got.log_alpha, want.log_alpha, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got.tail_entropy, want.tail_entropy, rtol=1e-5, atol=1e-5)
+    in_head = got.sample_ids[..., :, None] == got.head_ids[..., None, :]
+    assert not in_head.any()
+    rd.CacheReader(cfg.data.teacher_cache).verify()
+
+
+def _row_keys(batch):
+    return {(tuple(r[:8]), tuple(p[:8])) for r, p, m in zip(batch["input_ids"],
+            batch["positions"], batch["loss_mask"], strict=True) if m.any()}
+
+
+def test_reader_shuffles_shards_over_hosts_and_resumes_exactly(written):
+    cfg, _, _ = written
+    make = lambda pi=0, pc=1, seed=0: rd.make_cached_train_iterator(
+        cfg, seed=seed, process_index=pi, process_count=pc)
+    it = make()
+    for _ in range(2):
+        next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(2)]
+    again = make()
+    again.set_state(state)
+    for a, b in zip(want, [next(again) for _ in range(2)], strict=True):
+        for k in a:
+            np.testing.assert_array_equal(a[k], b[k])
+    assert not np.array_equal(next(make(seed=0))["input_ids"], next(make(seed=1))["input_ids"])
+    # Two hosts see disjoint rows, each with half the batch.
+    h0, h1 = next(make(0, 2)), next(make(1, 2))
+    assert h0["input_ids"].shape[0] == cfg.data.global_batch_size // 2
+    assert not _row_keys(h0) & _row_keys(h1)
+
+
+def test_writer_resumes_after_a_kill(written, tmp_path):
+    """A write stopped after 2 shards, with a torn temp file and a shard whose marker never got
+    written (killed between rename and marker), resumes to the same bytes as a one-go write,
+    without rewriting the finished shards."""
+    cfg, whole, manifest = written
+    cfg = cfg.copy_and_resolve_references()
+    cfg.data.teacher_cache = ""
+    out = str(tmp_path / "cache")
+    kw = dict(k_max=K_MAX, num_samples=SAMPLES, rows_per_shard=ROWS_PER_SHARD, batch_size=8,
+              log=lambda _: None)
+    wr.write_cache(cfg, out, max_shards=3, **kw)
+    assert "shards" not in fmt.read_manifest(out)
+    os.remove(fmt.shard_path(out, 2, ".json"))  # killed after the rename, before the marker
+    with open(os.path.join(out, ".tmp_shard_00003.bin"), "wb") as f:
+        f.write(b"torn")  # killed mid-write of shard 3
+    kept = os.stat(fmt.shard_path(out, 0)).st_mtime_ns
+    with pytest.raises(ValueError, match="incomplete"):
+        rd.CacheReader(out)
+    final = wr.write_cache(cfg, out, **kw)
+    assert os.stat(fmt.shard_path(out, 0)).st_mtime_ns == kept
+    assert final["shards"] == manifest["shards"]  # same checksums: the same bytes
+    with pytest.raises(ValueError, match="other settings"):
+        wr.write_cache(cfg, out, **{**kw, "num_samples": SAMPLES + 1})
+
+
+def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
+    cfg, _, _ = written
+    for field, value, words in [("loss.temperature", 2.0, "temperature"),
+                                ("loss.top_k", K_MAX + 1, "K_max=12"),
+                                ("data.seq_len", 16, "seq_len")]:
+        bad = cfg.copy_and_resolve_references()
+        group, leaf = field.split(".")
+        bad[group][leaf] = value
+        with pytest.raises(ValueError, match=words):
+            rd.open_cache(bad)
+    tok = str(tmp_path / "tok")
+    shutil.copytree(cfg.data.tokenizer, tok)
+    with open(os.path.join(tok, "tokenizer_config.json")) as f:
+        tok_cfg = json.load(f)
+    tok_cfg["model_max_length"] = 7
+    with open(os.path.join(tok, "tokenizer_config.json"), "w") as f:
+        json.dump(tok_cfg, f)
+    bad = cfg.copy_and_resolve_references()
+    bad.data.tokenizer = tok
+    with pytest.raises(ValueError, match="tokenizer"):
+        rd.open_cache(bad)
+    with pytest.raises(ValueError, match="vocabulary"):
+        rd.open_cache(cfg, vocab_size=500)
+    bad = cfg.copy_and_resolve_references()
+    bad.loss.divergence = "jsd"
+    with pytest.raises(ValueError, match="jsd"):
+        rd.make_cached_train_iterator(bad, seed=0, process_index=0, process_count=1)
+
+
+def test_cached_train_step_needs_no_teacher(written):
+    """The cached step runs with teacher_params=None (so it never calls the teacher), and its
+    divergence is tad_divergence_cached of the student's logits."""
+    from tad_jax import builders, run_setup, sharding, step
+
+    cfg, _, _ = written
+    cfg = run_setup.resolved_config(cfg)
+    mesh = sharding.make_mesh(cfg.mesh)
+    with run_setup.mesh_context(mesh):
+        t_model, t_params, s_model, params, mask, vocab = builders.build_models(cfg, mesh)
+    tx, schedule = step.make_optimizer(cfg, 10)
+    train_step = jax.jit(step.make_train_step(cfg, s_model, t_model, mask, tx, schedule, vocab))
+    batch = next(rd.make_cached_train_iterator(cfg, seed=0, process_index=0, process_count=1))
+    batch = {k: jnp.asarray(v) for k, v in batch.items()}
+    _, metrics = train_step(step.init_state(params, mask, tx), batch, None)
+    logits = s_model.apply({"params": params}, batch["input_ids"],
+                           segment_ids=batch["segment_ids"], positions=batch["positions"]).logits
+    want = tad_divergence_cached(logits, rd.cache_batch(batch), batch["loss_mask"], top_k=10,
+                                 beta=2.0)
+    np.testing.assert_allclose(metrics["div_loss"], want, rtol=1e-5)
