@@ -21,6 +21,7 @@ _SAMPLES = flags.DEFINE_integer("samples", 16, "Tail draws per token (S).")
 _ROWS = flags.DEFINE_integer("rows_per_shard", 256, "Rows per shard file.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the tail draws.")
 _BATCH = flags.DEFINE_integer("batch_size", None, "Rows per teacher forward.")
+_MAX_ROWS = flags.DEFINE_integer("max_rows", None, "Cache only the first rows (default all).")
 _TABLE = flags.DEFINE_bool("table", False, "Print the bytes/token table and exit.")
 
 
@@ -38,7 +39,8 @@ def main(argv):
 
     manifest = write_cache(_CONFIG.value, _OUT.value, k_max=_K_MAX.value,
                            num_samples=_SAMPLES.value, rows_per_shard=_ROWS.value,
-                           seed=_SEED.value, batch_size=_BATCH.value)
+                           seed=_SEED.value, batch_size=_BATCH.value,
+                           max_rows=_MAX_ROWS.value)
     print(json.dumps({k: v for k, v in manifest.items() if k != "shards"}, indent=1))
 
 

@@ -130,7 +130,8 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
         params = merge_trainable(train_p, frozen_p)
         fwd = dict(segment_ids=mb["segment_ids"], positions=mb["positions"],
                    return_logits=not lo.fused)
-        if config.data.get("teacher_cache"):  # cached teacher statistics: no teacher forward
+        if config.data.get("teacher_cache") and not config.data.get("teacher_cache_online"):
+            # The cached teacher's statistics replace its forward pass.
             from tad_jax.teacher_cache.loss import cached_distillation_loss
 
             s_logits = student_model.apply({"params": params}, mb["input_ids"], **fwd).logits

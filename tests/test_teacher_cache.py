@@ -492,3 +492,23 @@ def test_cached_train_step_needs_no_teacher(written):
     want = tad_divergence_cached(logits, rd.cache_batch(batch), batch["loss_mask"], top_k=10,
                                  beta=2.0)
     np.testing.assert_allclose(metrics["div_loss"], want, rtol=1e-5)
+
+
+def test_a_cache_of_the_first_rows_serves_only_those(written, tmp_path):
+    """--max_rows: the cache covers rows [0, 20); one epoch of a run reads exactly those."""
+    cfg, _, _ = written
+    cfg = cfg.copy_and_resolve_references()
+    out = str(tmp_path / "cache")
+    manifest = wr.write_cache(cfg, out, k_max=K_MAX, num_samples=SAMPLES, rows_per_shard=8,
+                              max_rows=20, batch_size=8, log=lambda _: None)
+    assert manifest["rows"] == 20 and manifest["num_shards"] == 3 and manifest["data_rows"] > 20
+    cfg.data.teacher_cache, cfg.data.num_epochs = out, 1
+    from tad_jax.teacher_cache.rows import packed_rows
+
+    rows = packed_rows(cfg.data)
+    want = {(tuple(rows[r]["input_ids"][:8]), tuple(rows[r]["positions"][:8]))
+            for r in range(20)}
+    got = set()
+    for batch in rd.make_cached_train_iterator(cfg, seed=0, process_index=0, process_count=1):
+        got |= _row_keys(batch)
+    assert got == want

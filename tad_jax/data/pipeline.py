@@ -49,6 +49,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.tokenizer = ""  # local HF tokenizer folder (the student's)
     c.prepared_dir = ""  # folder of scripts/prepare_data.py; if set, read instead of the files
     c.teacher_cache = ""  # folder of scripts/cache_teacher.py: rows by index + cached teacher
+    c.teacher_cache_online = False  # with teacher_cache: its rows, teacher online (the baseline)
     c.seq_len = 512  # tokens per row (input/target pairs)
     c.global_batch_size = 8  # rows per step over all processes
     c.pack = True  # sft: pack several examples per row (True) or one padded example per row

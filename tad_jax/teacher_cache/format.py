@@ -184,12 +184,20 @@ def tokenizer_hash(folder: str) -> str:
     return h.hexdigest()
 
 
+def data_hash(rows) -> str:
+    """sha256 of a prepared split's document offsets and token count (`rows.PackedRows`): equal
+    for the same tokenised corpus, different when documents or tokens changed."""
+    h = hashlib.sha256(np.ascontiguousarray(rows.offsets).tobytes())
+    h.update(str(rows.num_pairs).encode())
+    return h.hexdigest()
+
+
 def check_fits(manifest: dict, *, tokenizer_sha: str, temperature: float, top_k: int,
-               seq_len: int, vocab_size: int, rows: int, folder: str = "") -> None:
+               seq_len: int, vocab_size: int, data_sha: str, folder: str = "") -> None:
     """Raises unless a cache can serve a run with these settings.
 
     Raises:
-      ValueError: naming each mismatch (tokenizer, τ, K > K_max, seq_len, vocabulary, rows) and
+      ValueError: naming each mismatch (tokenizer, τ, K > K_max, seq_len, vocabulary, data) and
         the fix.
     """
     m, where = manifest, f"teacher cache {folder!r}"
@@ -213,8 +221,9 @@ def check_fits(manifest: dict, *, tokenizer_sha: str, temperature: float, top_k:
     if m["vocab_size"] != vocab_size:
         problems.append(f"vocabulary: the cache normalises over V={m['vocab_size']}, the run's "
                         f"loss compares {vocab_size} entries (set loss.vocab_size to match)")
-    if m["rows"] != rows:
-        problems.append(f"data: the cache covers {m['rows']} rows, the run's prepared data has "
-                        f"{rows} (another data.prepared_dir?)")
+    if m["data_sha256"] != data_sha:
+        problems.append(f"data: the cache was written over other tokenised data (its "
+                        f"prepared_dir was {m['prepared_dir']!r}); point data.prepared_dir at "
+                        "that preparation or write a new cache")
     if problems:
         raise ValueError(f"{where} does not fit this run:\n- " + "\n- ".join(problems))

@@ -92,7 +92,7 @@ class CachedRows:
         self.rows, self.cache = rows, cache
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self.cache)  # the cached rows: all of the split's, or its first max_rows
 
     def __getitem__(self, index: int) -> dict:
         stats = self.cache[index]
@@ -119,7 +119,7 @@ def open_cache(config, vocab_size: int | None = None) -> CacheReader:
                    temperature=float(config.loss.temperature), top_k=int(config.loss.top_k),
                    seq_len=int(config.data.seq_len),
                    vocab_size=m["vocab_size"] if vocab_size is None else int(vocab_size),
-                   rows=len(rows), folder=folder)
+                   data_sha=fmt.data_hash(rows), folder=folder)
     return reader
 
 
@@ -157,7 +157,8 @@ def make_cached_train_iterator(config, *, seed: int, process_index: int | None =
                          f"the {pc} processes.")
     from tad_jax.teacher_cache.loss import check_loss_config
 
-    check_loss_config(config.loss)
+    if not data.get("teacher_cache_online"):  # the online baseline needs no cached loss
+        check_loss_config(config.loss)
     cache = open_cache(config)
     ds = grain.MapDataset.source(CachedRows(packed_rows(data, "train"), cache))[pi::pc]
     if data.shuffle:

@@ -28,7 +28,7 @@ class PackedRows:
 
     def __init__(self, prepared_dir: str, split: str, seq_len: int):
         self.prepared_dir, self.split, self.seq_len = prepared_dir, split, seq_len
-        offsets = np.load(os.path.join(prepared_dir, f"{split}.offsets.npy"))
+        self.offsets = offsets = np.load(os.path.join(prepared_dir, f"{split}.offsets.npy"))
         docs = len(offsets) - 1
         # Document d contributes len_d − 1 pairs: pair p of document d reads token p + d.
         self._pair_starts = offsets[:-1] - np.arange(docs)

@@ -22,15 +22,15 @@ from tad_jax.teacher_cache.rows import packed_rows
 from tad_jax.teacher_cache.stats import teacher_stats
 
 
-def _manifest(config, rows, vocab, k_max, num_samples, rows_per_shard, seed) -> dict:
-    n = len(rows)
+def _manifest(config, rows, vocab, k_max, num_samples, rows_per_shard, seed, max_rows) -> dict:
+    n = len(rows) if max_rows is None else min(len(rows), max_rows)
     return {
         "format_version": fmt.FORMAT_VERSION,
         "teacher": config.teacher.path or config.teacher.preset or dict(config.teacher.model),
         "tokenizer": config.data.tokenizer,
         "tokenizer_sha256": fmt.tokenizer_hash(config.data.tokenizer),
         "prepared_dir": os.path.abspath(config.data.prepared_dir),
-        "split": rows.split,
+        "split": rows.split, "data_rows": len(rows), "data_sha256": fmt.data_hash(rows),
         "vocab_size": vocab, "id_bytes": fmt.id_bytes(vocab), "k_max": k_max,
         "num_samples": num_samples, "temperature": float(config.loss.temperature),
         "seed": seed, "seq_len": rows.seq_len, "rows": n, "rows_per_shard": rows_per_shard,
@@ -72,7 +72,7 @@ def _stats_fn(teacher_model, vocab, k_max, num_samples, temperature, seed):
 
 def _write_shard(out_dir, index, rows, manifest, fn, params, batch_size) -> None:
     per = manifest["rows_per_shard"]
-    ids = np.arange(index * per, min((index + 1) * per, len(rows)))
+    ids = np.arange(index * per, min((index + 1) * per, manifest["rows"]))
     dtype = fmt.record_dtype(manifest["vocab_size"], manifest["k_max"],
                              manifest["num_samples"], manifest["seq_len"])
     parts = []
@@ -119,7 +119,8 @@ def finalize(out_dir: str) -> bool:
 
 def write_cache(config, out_dir: str, *, k_max: int | None = None, num_samples: int = 16,
                 rows_per_shard: int = 256, seed: int = 0, batch_size: int | None = None,
-                max_shards: int | None = None, process_index: int | None = None,
+                max_rows: int | None = None, max_shards: int | None = None,
+                process_index: int | None = None,
                 process_count: int | None = None, log=print) -> dict:
     """Runs the teacher over the prepared training rows and writes this process's shards.
 
@@ -132,6 +133,8 @@ def write_cache(config, out_dir: str, *, k_max: int | None = None, num_samples: 
       rows_per_shard: rows per shard file (the unit of resumption).
       seed: seed of the tail draws.
       batch_size: rows per teacher forward (default `data.global_batch_size`).
+      max_rows: cache only the first rows (a run of steps × global_batch_size rows with
+        `data.teacher_cache` then reads only those, shuffled); None = every row.
       max_shards: stop after writing this many shards (tests; time-limited jobs).
       process_index, process_count: this writer's share (default jax's).
       log: a print-like callable for progress lines.
@@ -152,7 +155,8 @@ def write_cache(config, out_dir: str, *, k_max: int | None = None, num_samples: 
     teacher_model, params = build_teacher(config)
     vocab = int(config.loss.vocab_size or teacher_model.config.vocab_size)
     k_max = int(config.loss.top_k if k_max is None else k_max)
-    manifest = _manifest(config, rows, vocab, k_max, num_samples, rows_per_shard, seed)
+    manifest = _manifest(config, rows, vocab, k_max, num_samples, rows_per_shard, seed,
+                         max_rows)
     _start(out_dir, manifest)
     fn = _stats_fn(teacher_model, vocab, k_max, num_samples, float(config.loss.temperature), seed)
     batch_size = int(batch_size or config.data.global_batch_size)
