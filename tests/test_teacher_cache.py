@@ -466,6 +466,14 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
         rd.open_cache(bad)
     with pytest.raises(ValueError, match="vocabulary"):
         rd.open_cache(cfg, vocab_size=500)
+    prep = str(tmp_path / "prep")  # the same folder less its last document: other data
+    shutil.copytree(cfg.data.prepared_dir, prep)
+    offsets = np.load(os.path.join(prep, "train.offsets.npy"))
+    np.save(os.path.join(prep, "train.offsets.npy"), offsets[:-1])
+    bad = cfg.copy_and_resolve_references()
+    bad.data.prepared_dir = prep
+    with pytest.raises(ValueError, match="other tokenised data"):
+        rd.open_cache(bad)
     bad = cfg.copy_and_resolve_references()
     bad.loss.divergence = "jsd"
     with pytest.raises(ValueError, match="jsd"):
