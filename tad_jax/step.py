@@ -134,8 +134,9 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
             # The cached teacher's statistics replace its forward pass.
             from tad_jax.teacher_cache.loss import cached_distillation_loss
 
-            s_logits = student_model.apply({"params": params}, mb["input_ids"], **fwd).logits
-            total, parts = cached_distillation_loss(s_logits[..., :vocab_size], mb, lo)
+            s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)
+            total, parts = cached_distillation_loss(s_out, mb, lo, student_model.config, params,
+                                                    vocab_size)
             return total, jnp.stack([total, parts["clm"], parts["div"], parts["cosine"]])
         t_out = teacher_model.apply({"params": teacher_params}, mb["input_ids"], **fwd)
         s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)

@@ -480,13 +480,16 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
         rd.make_cached_train_iterator(bad, seed=0, process_index=0, process_count=1)
 
 
-def test_cached_train_step_needs_no_teacher(written):
+@pytest.mark.parametrize("fused", [False, True])
+def test_cached_train_step_needs_no_teacher(written, fused):
     """The cached step runs with teacher_params=None (so it never calls the teacher), and its
-    divergence is tad_divergence_cached of the student's logits."""
+    divergence is tad_divergence_cached of the student's logits (fused: from chunks of hidden
+    states and the head, 40 positions per chunk)."""
     from tad_jax import builders, run_setup, sharding, step
 
     cfg, _, _ = written
     cfg = run_setup.resolved_config(cfg)
+    cfg.loss.fused, cfg.loss.chunk_size = fused, 40
     mesh = sharding.make_mesh(cfg.mesh)
     with run_setup.mesh_context(mesh):
         t_model, t_params, s_model, params, mask, vocab = builders.build_models(cfg, mesh)
@@ -520,3 +523,39 @@ def test_a_cache_of_the_first_rows_serves_only_those(written, tmp_path):
     for batch in rd.make_cached_train_iterator(cfg, seed=0, process_index=0, process_count=1):
         got |= _row_keys(batch)
     assert got == want
+
+
+@pytest.mark.parametrize("divergence, chunk, cap", [("tad", 3, None), ("kl", 8, 5.0),
+                                                    ("tad", 64, 5.0)])
+def test_fused_cached_loss_equals_the_unfused(x64, divergence, chunk, cap):
+    """Chunks of hidden states × head = the unfused cached loss and CE on full logits, value and
+    gradients (hidden, W, bias); chunk sizes that do not divide N = 8 included."""
+    from tad_jax import causal_lm_loss
+    from tad_jax.teacher_cache.fused import fused_cached_loss
+
+    ks = jax.random.split(jax.random.PRNGKey(11), 5)
+    h = jax.random.normal(ks[0], (2, 4, 6), jnp.float64)
+    w = jax.random.normal(ks[1], (6, 24), jnp.float64)
+    b = jax.random.normal(ks[2], (24,), jnp.float64)
+    y = jax.random.randint(ks[3], (2, 4), 0, 24)
+    _, t, mask = _data(dtype=jnp.float64)
+    stats = teacher_stats(t, ks[4], k_max=5, num_samples=3)
+
+    def unfused(h, w, b):
+        z = h @ w + b
+        z = z if cap is None else cap * jnp.tanh(z / cap)
+        if divergence == "tad":
+            div = tad_divergence_cached(z, stats, mask, top_k=3, reduction="sum")
+        else:
+            div = kl_divergence_cached(z, stats, mask, reduction="sum")
+        return causal_lm_loss(z, y, mask, reduction="sum") + 2.0 * div
+
+    def fused(h, w, b):
+        clm, div = fused_cached_loss(h, w, stats, y, mask, divergence=divergence, top_k=3,
+                                     bias_v=b, final_logit_softcap=cap, chunk_size=chunk)
+        return clm + 2.0 * div
+
+    np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), **EXACT)
+    for got, want in zip(jax.grad(fused, (0, 1, 2))(h, w, b),
+                         jax.grad(unfused, (0, 1, 2))(h, w, b), strict=True):
+        np.testing.assert_allclose(got, want, **EXACT)

@@ -294,8 +294,8 @@ def check_loss_config(loss_cfg) -> None:
     """Raises unless the run's `loss` section can be computed from a teacher cache.
 
     Raises:
-      ValueError: a divergence other than TAD / KL, the cosine term, or the fused loss (each
-        needs the teacher's full logits or hidden states, which a cache does not keep).
+      ValueError: a divergence other than TAD / KL, or the cosine term (they need the teacher's
+        full logits or hidden states, which a cache does not keep).
     """
     if loss_cfg.divergence not in _CACHED_DIVERGENCES:
         raise ValueError(f"loss.divergence={loss_cfg.divergence!r} needs the teacher's full "
@@ -304,26 +304,41 @@ def check_loss_config(loss_cfg) -> None:
     if loss_cfg.cosine_weight > 0:
         raise ValueError("loss.cosine_weight > 0 needs the teacher's hidden states, which the "
                          "teacher cache does not keep: set it to 0 or unset data.teacher_cache.")
-    if loss_cfg.fused:
-        raise ValueError("loss.fused=True is not implemented with data.teacher_cache yet: set "
-                         "--config.loss.fused=False (the student's logits are materialised).")
 
 
-def cached_distillation_loss(student_logits, batch: dict, loss_cfg, *, reduction="sum"):
-    """Eq. 4 with the divergence from the batch's cached teacher: (total, {"clm", "div",
-    "cosine"}), like `tad_jax.losses.distillation_loss` (cosine is 0; see `check_loss_config`).
+def cached_distillation_loss(student_out, batch: dict, loss_cfg, student_cfg, params,
+                             vocab_size: int):
+    """Eq. 4 summed over the batch's valid positions, the divergence from its cached teacher:
+    (total, {"clm", "div", "cosine"}) like `tad_jax.losses.distillation_loss(reduction="sum")`
+    (cosine is 0; see `check_loss_config`). With `loss_cfg.fused` the student's head is applied
+    in token chunks (`teacher_cache.fused`) and no [B, T, V] logits exist.
 
     Args:
-      student_logits: float `[B, T, V]`.
+      student_out: the student's `DecoderOutput` (`.logits`, or `.hidden_states` when fused).
       batch: a cached batch (`reader.CACHE_KEYS` beside `targets` and `loss_mask`).
       loss_cfg: the run config's `loss` section.
-      reduction: "none", "sum" or "mean".
+      student_cfg, params: the student's ModelConfig and params (the head, when fused).
+      vocab_size: the vocabulary entries compared (the cache's V).
     """
     from tad_jax.losses import causal_lm_loss
     from tad_jax.teacher_cache.reader import cache_batch
 
     check_loss_config(loss_cfg)
     stats, mask = cache_batch(batch), batch["loss_mask"]
+    if loss_cfg.fused:
+        from tad_jax.models import lm_head
+        from tad_jax.teacher_cache.fused import fused_cached_loss
+
+        w_dv, b_v = lm_head(student_cfg, params)
+        clm, div = fused_cached_loss(
+            student_out.hidden_states, w_dv[:, :vocab_size], stats, batch["targets"], mask,
+            divergence=loss_cfg.divergence, top_k=int(loss_cfg.top_k), beta=loss_cfg.beta,
+            temperature=loss_cfg.temperature, eps_alpha=loss_cfg.eps_alpha,
+            bias_v=None if b_v is None else b_v[:vocab_size],
+            final_logit_softcap=student_cfg.final_logit_softcap,
+            chunk_size=int(loss_cfg.chunk_size))
+        return clm + div, {"clm": clm, "div": div, "cosine": jnp.zeros_like(clm)}
+    student_logits, reduction = student_out.logits[..., :vocab_size], "sum"
     clm = causal_lm_loss(student_logits, batch["targets"], mask, reduction)
     if loss_cfg.divergence == "tad":
         div = tad_divergence_cached(student_logits, stats, mask, top_k=int(loss_cfg.top_k),
