@@ -418,6 +418,7 @@ def test_reader_shuffles_shards_over_hosts_and_resumes_exactly(written):
     assert not _row_keys(h0) & _row_keys(h1)
 
 
+@pytest.mark.slow  # two or three cache writes (a teacher compile each)
 def test_writer_resumes_after_a_kill(written, tmp_path):
     """A write stopped after 2 shards, with a torn temp file and a shard whose marker never got
     written (killed between rename and marker), resumes to the same bytes as a one-go write,
@@ -505,14 +506,20 @@ def test_cached_train_step_needs_no_teacher(written, fused):
     np.testing.assert_allclose(metrics["div_loss"], want, rtol=1e-5)
 
 
+@pytest.mark.slow  # two or three cache writes (a teacher compile each)
 def test_a_cache_of_the_first_rows_serves_only_those(written, tmp_path):
-    """--max_rows: the cache covers rows [0, 20); one epoch of a run reads exactly those."""
+    """--max_rows: the cache covers rows [0, 20); one epoch of a run reads exactly those. Two
+    writer processes (each its shards i mod 2) write the same bytes as one."""
     cfg, _, _ = written
     cfg = cfg.copy_and_resolve_references()
-    out = str(tmp_path / "cache")
-    manifest = wr.write_cache(cfg, out, k_max=K_MAX, num_samples=SAMPLES, rows_per_shard=8,
-                              max_rows=20, batch_size=8, log=lambda _: None)
+    out, alone = str(tmp_path / "cache"), str(tmp_path / "alone")
+    kw = dict(k_max=K_MAX, num_samples=SAMPLES, rows_per_shard=8, max_rows=20, batch_size=8,
+              log=lambda _: None)
+    first = wr.write_cache(cfg, out, process_index=0, process_count=2, **kw)
+    assert "shards" not in first and not os.path.exists(fmt.shard_path(out, 1))
+    manifest = wr.write_cache(cfg, out, process_index=1, process_count=2, **kw)
     assert manifest["rows"] == 20 and manifest["num_shards"] == 3 and manifest["data_rows"] > 20
+    assert manifest["shards"] == wr.write_cache(cfg, alone, **kw)["shards"]
     cfg.data.teacher_cache, cfg.data.num_epochs = out, 1
     from tad_jax.teacher_cache.rows import packed_rows
 
