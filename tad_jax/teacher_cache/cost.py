@@ -21,17 +21,25 @@ from tad_jax.teacher_cache.reader import CACHE_KEYS
 _BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 
 
-def _abstract_batch(cfg, rows, num_samples, batch_sh, cached):
+def abstract_cache_batch(cfg, rows: int, batch_sh, num_samples: int = 16) -> dict:
+    """`jax.ShapeDtypeStruct`s of a batch's cache entries (K_max = `loss.top_k`), for compiling
+    a cached step without a cache (dry runs)."""
     t, k = cfg.data.seq_len, int(cfg.loss.top_k)
-    shapes = {k_: ((rows, t), jnp.float32 if k_ == "loss_mask" else jnp.int32)
-              for k_ in _BATCH_KEYS}
-    if cached:
-        head_ids, head_logp, log_alpha, entropy, samples = CACHE_KEYS
-        shapes.update({head_ids: ((rows, t, k), jnp.int32), head_logp: ((rows, t, k), jnp.float32),
-                       log_alpha: ((rows, t), jnp.float32), entropy: ((rows, t), jnp.float32),
-                       samples: ((rows, t, num_samples), jnp.int32)})
+    head_ids, head_logp, log_alpha, entropy, samples = CACHE_KEYS
+    shapes = {head_ids: ((rows, t, k), jnp.int32), head_logp: ((rows, t, k), jnp.float32),
+              log_alpha: ((rows, t), jnp.float32), entropy: ((rows, t), jnp.float32),
+              samples: ((rows, t, num_samples), jnp.int32)}
     return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
             for name, (shape, dtype) in shapes.items()}
+
+
+def _abstract_batch(cfg, rows, num_samples, batch_sh, cached):
+    batch = {k: jax.ShapeDtypeStruct((rows, cfg.data.seq_len),
+                                     jnp.float32 if k == "loss_mask" else jnp.int32,
+                                     sharding=batch_sh) for k in _BATCH_KEYS}
+    if cached:
+        batch.update(abstract_cache_batch(cfg, rows, batch_sh, num_samples))
+    return batch
 
 
 def step_flops_per_token(config, *, cached: bool, num_samples: int = 16) -> float:
