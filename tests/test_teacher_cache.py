@@ -476,6 +476,10 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
     with pytest.raises(ValueError, match="other tokenised data"):
         rd.open_cache(bad)
     bad = cfg.copy_and_resolve_references()
+    bad.data.mode = "sft"
+    with pytest.raises(ValueError, match="pretrain"):
+        rd.open_cache(bad)
+    bad = cfg.copy_and_resolve_references()
     bad.loss.divergence = "jsd"
     with pytest.raises(ValueError, match="jsd"):
         rd.make_cached_train_iterator(bad, seed=0, process_index=0, process_count=1)

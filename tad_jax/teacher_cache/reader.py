@@ -167,8 +167,15 @@ def make_cached_train_iterator(config, *, seed: int, process_index: int | None =
         ds = ds.repeat(data.num_epochs)
     batch_size = data.global_batch_size // pc
     ds = ds.batch(batch_size, drop_remainder=False).map(_Batch(batch_size))
-    return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
-                                                     prefetch_buffer_size=4)))
+    ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=data.read_threads,
+                                              prefetch_buffer_size=4))
+    if data.num_workers > 0:  # decoding in worker processes (the sources pickle as paths)
+        from tad_jax.data.pipeline import _allow_unparsed_absl_flags
+
+        _allow_unparsed_absl_flags()
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=data.num_workers, per_worker_buffer_size=data.worker_buffer_size))
+    return iter(ds)
 
 
 def cache_batch(batch: dict) -> TeacherStats:
