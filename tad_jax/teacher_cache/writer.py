@@ -11,6 +11,7 @@ resumed or re-sharded write gives the same bytes.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -96,16 +97,12 @@ def shard_done(out_dir: str, index: int, manifest: dict) -> bool:
     marker, path = fmt.shard_path(out_dir, index, ".json"), fmt.shard_path(out_dir, index)
     if not (os.path.isfile(marker) and os.path.isfile(path)):
         return False
-    import json
-
     with open(marker) as f:
         return json.load(f)["bytes"] == os.path.getsize(path)
 
 
 def finalize(out_dir: str) -> bool:
     """Adds every shard's checksum to the manifest once all shards are done; True if complete."""
-    import json
-
     manifest = fmt.read_manifest(out_dir)
     shards = {}
     for i in range(manifest["num_shards"]):
