@@ -21,6 +21,7 @@ from tad_jax.losses import (
     tad_components,
     tad_divergence,
 )
+from tad_jax.teacher_cache import kl_divergence_cached, tad_divergence_cached
 
 __all__ = [
     "causal_lm_loss",
@@ -32,7 +33,9 @@ __all__ = [
     "fused_tad_loss",
     "js_divergence",
     "kl_divergence",
+    "kl_divergence_cached",
     "reverse_kl_divergence",
     "tad_components",
     "tad_divergence",
+    "tad_divergence_cached",
 ]

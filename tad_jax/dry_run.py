@@ -87,6 +87,10 @@ def _compile_abstract(config, models, mesh, divergence=None, micro_only=False):
     batch_abs = {k: jax.ShapeDtypeStruct((batch, cfg.data.seq_len),
                                          jnp.float32 if k == "loss_mask" else jnp.int32,
                                          sharding=batch_sh) for k in _BATCH_KEYS}
+    if cfg.data.get("teacher_cache") and not cfg.data.get("teacher_cache_online"):
+        from tad_jax.teacher_cache.cost import abstract_cache_batch
+
+        batch_abs.update(abstract_cache_batch(cfg, batch, batch_sh))  # no teacher forward
     step = make_train_step(cfg, student_model, teacher_model, mask, tx, schedule, vocab, mesh)
     teacher_sh = jax.tree.map(lambda x: x.sharding, teacher_abs)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, teacher_sh),

@@ -98,11 +98,20 @@ def setup_run(config, workdir: str) -> Run:
     from tad_jax.data import make_train_iterator, restore_iterator_state
 
     logger.info("Reading the data: %s", config.data.prepared_dir or config.data.train_files)
-    data_iter = make_train_iterator(config.data, seed=config.seed)  # fails early on bad data paths
+    if config.data.get("teacher_cache"):  # rows by index with the cached teacher's statistics
+        from tad_jax.teacher_cache.reader import make_cached_train_iterator
+
+        data_iter = make_cached_train_iterator(config, seed=config.seed)
+    else:
+        data_iter = make_train_iterator(config.data, seed=config.seed)  # fails early on bad paths
     with mesh_context(mesh):
         logger.info("Loading the teacher (%s) and building the student",
                     config.teacher.path or "random init")
         models = build_models(config, mesh)
+        if config.data.get("teacher_cache"):
+            from tad_jax.teacher_cache.reader import open_cache
+
+            open_cache(config, vocab_size=models[5])  # the loss's vocabulary = the cache's
         total = num_steps(config)
         tx, schedule = make_optimizer(config, total)
         params, mask = models[3], models[4]

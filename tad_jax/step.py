@@ -130,6 +130,14 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
         params = merge_trainable(train_p, frozen_p)
         fwd = dict(segment_ids=mb["segment_ids"], positions=mb["positions"],
                    return_logits=not lo.fused)
+        if config.data.get("teacher_cache") and not config.data.get("teacher_cache_online"):
+            # The cached teacher's statistics replace its forward pass.
+            from tad_jax.teacher_cache.loss import cached_distillation_loss
+
+            s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)
+            total, parts = cached_distillation_loss(s_out, mb, lo, student_model.config, params,
+                                                    vocab_size)
+            return total, jnp.stack([total, parts["clm"], parts["div"], parts["cosine"]])
         t_out = teacher_model.apply({"params": teacher_params}, mb["input_ids"], **fwd)
         s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)
         t_hidden = jax.lax.stop_gradient(t_out.hidden_states)

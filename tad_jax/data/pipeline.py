@@ -54,6 +54,8 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.strict_jsonl = False  # a malformed JSONL line raises instead of being counted and skipped
     c.tokenizer = ""  # local HF tokenizer folder (the student's)
     c.prepared_dir = ""  # folder of scripts/prepare_data.py; if set, read instead of the files
+    c.teacher_cache = ""  # folder of scripts/cache_teacher.py: rows by index + cached teacher
+    c.teacher_cache_online = False  # with teacher_cache: its rows, teacher online (the baseline)
     c.seq_len = 512  # tokens per row (input/target pairs)
     c.global_batch_size = 8  # rows per step over all processes
     # documents split into this many shards, each packed on its own; a process reads
