@@ -60,6 +60,7 @@ def _teacher_defaults() -> ml_collections.ConfigDict:
     t.random_init = False  # without teacher.path: a random teacher (dry runs always; tests).
     t.dtype = "float32"  # parameter and compute dtype of the teacher ("bfloat16" halves memory).
     t.remat = False  # rematerialise teacher layers (no backward pass, so rarely useful).
+    t.attention = "auto"  # "auto" (TPU: splash, GPU: cudnn), "xla", "chunked", "splash", "cudnn".
     return t
 
 
@@ -73,6 +74,7 @@ def _student_defaults() -> ml_collections.ConfigDict:
     s.param_dtype = "float32"  # dtype of the trained parameters and of Adam's moments.
     s.remat = True  # rematerialise student layers in the backward pass (activation memory).
     s.scan_layers = False  # scan one layer over a stacked axis (faster compiles of deep models).
+    s.attention = "auto"  # like teacher.attention (ModelConfig.attention), for the student.
     return s
 
 
