@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 
 import jax
 import jax.numpy as jnp
@@ -248,3 +249,42 @@ def test_decoder_resolves_by_the_mesh_in_context(monkeypatch):
     calls.clear()
     jax.eval_shape(lambda p: model.apply({"params": p}, jnp.zeros((1, 8), jnp.int32)), params)
     assert calls == [None, 48]  # layer 0 full, layer 1 sliding
+
+
+# ---- TPU compile (ahead of time, on this CPU host) -------------------------------------------
+
+
+def _tpu_mesh(monkeypatch, data, fsdp, tensor):
+    pytest.importorskip("libtpu", reason="libtpu is needed to compile for a TPU topology")
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu
+    from jax.experimental import topologies
+
+    devices = topologies.get_topology_desc(topology_name="v5p:2x2x1", platform="tpu").devices
+    return sharding.make_mesh(dict(data=data, fsdp=fsdp, tensor=tensor), devices)
+
+
+@pytest.mark.slow
+def test_splash_decoder_compiles_for_a_tpu_topology(monkeypatch):
+    """'auto' under a v5p:2x2x1 mesh resolves to splash (the target's platform, not this CPU
+    host's), and a tiny Gemma2 decoder's forward + backward (soft-cap, window, GQA heads over
+    `tensor`, packed segments) compiles with the splash forward, dq and dkv kernels in it."""
+    import flax.linen as nn
+
+    mesh = _tpu_mesh(monkeypatch, 1, 2, 2)
+    cfg = ModelConfig(**{**_BASE, **FAMILIES["gemma2"], "hidden_size": 256, "head_dim": 128,
+                         "vocab_size": 512})
+    assert resolve_attention(cfg, mesh.devices.flat[0].platform, seq_len=T).impl == "splash"
+    model = Decoder(cfg, dtype=jnp.bfloat16)
+    boxed = jax.eval_shape(lambda r: model.init(r, jnp.zeros((1, 8), jnp.int32))["params"],
+                           jax.random.key(0))
+    params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          sharding.unbox(boxed), sharding.param_shardings(boxed, mesh))
+    batch = jax.ShapeDtypeStruct((4, T), jnp.int32, sharding=sharding.batch_sharding(mesh))
+
+    def loss(p, ids, seg):
+        return jnp.mean(model.apply({"params": p}, ids, seg).logits)
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.LOGICAL_AXIS_RULES):
+        hlo = jax.jit(jax.grad(loss)).lower(params, batch, batch).compile().as_text()
+    kernels = set(re.findall(r"splash_mha_(fwd|dq|dkv)_segmented", hlo))
+    assert kernels == {"fwd", "dq", "dkv"}
