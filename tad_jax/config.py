@@ -26,6 +26,8 @@ RESUMABLE_FIELDS = (
     "ckpt.allow_config_change", "log", "eval.every_steps", "eval.max_batches", "dry_run",
     "teacher.path", "student.path", "data.train_files", "data.val_files", "data.tokenizer",
     "mesh", "data.num_workers", "data.read_threads", "data.worker_buffer_size",
+    # How attention is computed, not what: the same numbers, so a run resumes across backends.
+    "teacher.attention", "student.attention",
 )
 
 
