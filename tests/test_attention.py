@@ -79,7 +79,7 @@ def _xla_reference(family: str):
     """(config, params, ids, logits, grads) of the family's tiny decoder on the XLA path."""
     cfg = _config(family)
     ids = jnp.asarray(np.random.RandomState(1).randint(0, V, (2, T)))
-    params = init_params(Decoder(cfg), jax.random.key(0))
+    params = jax.jit(lambda r: init_params(Decoder(cfg), r))(jax.random.key(0))
     return cfg, params, ids, *_decoder_loss_and_grads(cfg.replace(attention="xla"), params,
                                                       ids, SEG)
 
@@ -170,10 +170,7 @@ def test_splash_sharded_over_a_mesh_with_repeated_kv_heads():
 def test_scan_layers_switch_windows_inside_splash():
     """Scanned layers pass a traced sliding flag: the splash kernels switch with lax.cond and
     still equal the unrolled XLA model."""
-    cfg = _config("gemma2")
-    ids = jnp.asarray(np.random.RandomState(2).randint(0, V, (2, T)))
-    params = init_params(Decoder(cfg), jax.random.key(0))
-    want = Decoder(cfg.replace(attention="xla")).apply({"params": params}, ids, SEG).logits
+    cfg, params, ids, want, _ = _xla_reference("gemma2")
     stacked = {k: v for k, v in params.items() if not k.startswith("layer_")}
     stacked["layers"] = jax.tree.map(lambda *xs: jnp.stack(xs), params["layer_0"],
                                      params["layer_1"])
