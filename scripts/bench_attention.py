@@ -103,11 +103,20 @@ def _abstract_params(model: Decoder, mesh):
                         sharding.unbox(boxed), shardings)
 
 
-def bench_model(topology: str, impl: str, seq_len: int = 2048, batch: int = 8) -> dict:
-    """Teacher forward + student forward/backward (fused TAD loss), per-device figures."""
+def _first_layers(cfg, n: int):
+    if not n:
+        return cfg
+    return cfg.replace(num_layers=n, layer_types=cfg.layer_types[:n])
+
+
+def bench_model(topology: str, impl: str, seq_len: int = 2048, batch: int = 8,
+                teacher_layers: int = 0, student_layers: int = 0) -> dict:
+    """Teacher forward + student forward/backward (fused TAD loss), per-device figures.
+    `*_layers` > 0 keeps only the first layers (quick checks)."""
     mesh = _mesh(topology, 1, 4, 1)
-    tcfg = PRESETS["gemma2-9b"].replace(attention=impl)
-    scfg = student_preset("gemma2-9b-student").replace(attention=impl, remat=True)
+    tcfg = _first_layers(PRESETS["gemma2-9b"].replace(attention=impl), teacher_layers)
+    scfg = _first_layers(student_preset("gemma2-9b-student").replace(attention=impl, remat=True),
+                         student_layers)
     teacher = Decoder(tcfg, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     student = Decoder(scfg, dtype=jnp.float32, param_dtype=jnp.float32)
     tparams, sparams = _abstract_params(teacher, mesh), _abstract_params(student, mesh)
@@ -138,14 +147,18 @@ def main():
     p.add_argument("--topology", default="v5p:2x2x1")
     p.add_argument("--what", default="layer,model", help="comma-separated: layer, model")
     p.add_argument("--out", default="", help="also write the JSON here")
+    p.add_argument("--teacher_layers", type=int, default=0, help="model: first N layers only")
+    p.add_argument("--student_layers", type=int, default=0, help="model: first N layers only")
     args = p.parse_args()
-    result = dict(topology=args.topology, layer={}, model={})
+    result = dict(topology=args.topology, teacher_layers=args.teacher_layers or 42,
+                  student_layers=args.student_layers or 14, layer={}, model={})
     for what in args.what.split(","):
         for impl in (("xla", "chunked", "splash") if what == "layer" else ("xla", "splash")):
             for t in ((2048, 8192) if what == "layer" else (2048,)):
                 start = time.time()
                 fig = bench_layer(args.topology, impl, t) if what == "layer" else bench_model(
-                    args.topology, impl, t)
+                    args.topology, impl, t, teacher_layers=args.teacher_layers,
+                    student_layers=args.student_layers)
                 fig["compile_s"] = round(time.time() - start, 1)
                 result[what][f"{impl}_T{t}"] = fig
                 print(json.dumps({what: {f"{impl}_T{t}": fig}}), flush=True)
