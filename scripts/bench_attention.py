@@ -147,6 +147,7 @@ def main():
     p.add_argument("--topology", default="v5p:2x2x1")
     p.add_argument("--what", default="layer,model", help="comma-separated: layer, model")
     p.add_argument("--out", default="", help="also write the JSON here")
+    p.add_argument("--model_seq_lens", default="2048", help="model: comma-separated T values")
     p.add_argument("--teacher_layers", type=int, default=0, help="model: first N layers only")
     p.add_argument("--student_layers", type=int, default=0, help="model: first N layers only")
     args = p.parse_args()
@@ -154,7 +155,8 @@ def main():
                   student_layers=args.student_layers or 14, layer={}, model={})
     for what in args.what.split(","):
         for impl in (("xla", "chunked", "splash") if what == "layer" else ("xla", "splash")):
-            for t in ((2048, 8192) if what == "layer" else (2048,)):
+            model_ts = tuple(int(x) for x in args.model_seq_lens.split(","))
+            for t in ((2048, 8192) if what == "layer" else model_ts):
                 start = time.time()
                 fig = bench_layer(args.topology, impl, t) if what == "layer" else bench_model(
                     args.topology, impl, t, teacher_layers=args.teacher_layers,
