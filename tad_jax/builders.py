@@ -47,7 +47,7 @@ def teacher_model_config(config: ml_collections.ConfigDict, *, full: bool = Fals
         cfg = _preset(t.preset, "teacher.preset")
     else:
         cfg = ModelConfig(**dict(t.model))
-    cfg = cfg.replace(remat=bool(t.remat))
+    cfg = cfg.replace(remat=bool(t.remat), attention=str(t.attention))
     return cfg if full else _reduce_layers(cfg, config.dry_run.num_layers)
 
 
@@ -74,7 +74,8 @@ def _student_overrides(config: ml_collections.ConfigDict) -> dict:
         full = teacher_model_config(config, full=True).num_layers
         reduced = teacher_model_config(config).num_layers
         over["num_layers"] = max(1, round(over["num_layers"] * reduced / full))
-    over.update(remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers))
+    over.update(remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers),
+                attention=str(config.student.attention))
     return over
 
 
@@ -135,7 +136,8 @@ def build_student(config, teacher_model, teacher_params, mesh=None):
 
         with open(os.path.join(config.student.path, "config.json")) as f:
             scfg = ModelConfig.from_hf(json.load(f)).replace(
-                remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers))
+                remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers),
+                attention=str(config.student.attention))
         model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
         shardings = sharding.param_shardings(_abstract_boxed(model), mesh) if mesh else None
         _, params = from_pretrained(config.student.path, dtype=pdtype, shardings=shardings,
@@ -277,7 +279,8 @@ def abstract_student(config, teacher_model, teacher_abs, mesh):
         else:
             scfg = _preset(config.student.preset, "student.preset")
         scfg = scfg.replace(remat=bool(config.student.remat),
-                            scan_layers=bool(config.student.scan_layers))
+                            scan_layers=bool(config.student.scan_layers),
+                            attention=str(config.student.attention))
         model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
         boxed = _abstract_boxed(model)
         shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None

@@ -26,6 +26,8 @@ RESUMABLE_FIELDS = (
     "ckpt.allow_config_change", "log", "eval.every_steps", "eval.max_batches", "dry_run",
     "teacher.path", "student.path", "data.train_files", "data.val_files", "data.tokenizer",
     "mesh", "data.num_workers", "data.read_threads", "data.worker_buffer_size",
+    # How attention is computed, not what: the same numbers, so a run resumes across backends.
+    "teacher.attention", "student.attention",
 )
 
 
@@ -60,6 +62,7 @@ def _teacher_defaults() -> ml_collections.ConfigDict:
     t.random_init = False  # without teacher.path: a random teacher (dry runs always; tests).
     t.dtype = "float32"  # parameter and compute dtype of the teacher ("bfloat16" halves memory).
     t.remat = False  # rematerialise teacher layers (no backward pass, so rarely useful).
+    t.attention = "auto"  # "auto" (TPU: splash, GPU: cudnn), "xla", "chunked", "splash", "cudnn".
     return t
 
 
@@ -73,6 +76,7 @@ def _student_defaults() -> ml_collections.ConfigDict:
     s.param_dtype = "float32"  # dtype of the trained parameters and of Adam's moments.
     s.remat = True  # rematerialise student layers in the backward pass (activation memory).
     s.scan_layers = False  # scan one layer over a stacked axis (faster compiles of deep models).
+    s.attention = "auto"  # like teacher.attention (ModelConfig.attention), for the student.
     return s
 
 

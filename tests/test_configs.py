@@ -121,8 +121,13 @@ def test_bad_config_values_are_clear_errors(change, error, match):
 def test_config_differences_ignore_what_does_not_change_the_math():
     a = tc.config_to_dict(_load(_path("tiny")))
     b = tc.config_to_dict(_load(_path("tiny"), "--config.max_steps_per_run=99",
-                                "--config.log.every_steps=7", "--config.ckpt.keep=9"))
+                                "--config.log.every_steps=7", "--config.ckpt.keep=9",
+                                "--config.teacher.attention=xla",
+                                "--config.student.attention=splash"))
     assert tc.config_differences(a, b) == []
+    # Checkpoints written before the attention switches existed resume too.
+    old = {**a, "teacher": {k: v for k, v in a["teacher"].items() if k != "attention"}}
+    assert tc.config_differences(old, a) == []
     c = tc.config_to_dict(_load(_path("tiny"), "--config.opt.lr=0.5"))
     assert tc.config_differences(a, c) == ["opt.lr"]
     # The step count shapes the learning-rate schedule: changing it is a different run.

@@ -16,6 +16,9 @@ from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma2", "phi", "phi3")
 
+# `ModelConfig.attention` values (tad_jax.models.attention implements them).
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
+
 # Structural traits fixed by the family (not stored in config.json).
 #   norm: "rms" (x * w), "rms1p" (x * (1 + w), Gemma) or "layer" (LayerNorm with bias, Phi-2).
 #   parallel: attention and MLP read the same normed input and add to one residual (Phi-2).
@@ -90,8 +93,15 @@ class ModelConfig:
       sliding_window: window of the "sliding_attention" layers (None: no sliding layers).
       layer_types: per layer "full_attention" or "sliding_attention" (None: all full).
       bos_token_id, eos_token_id, pad_token_id: carried through to config.json.
+      attention: "auto" (splash on TPU, cuDNN on GPU when the layer allows, else the XLA
+        paths), "xla" ([B, H, T, T] scores), "chunked" (query blocks of `attn_query_chunk`),
+        "splash" (Pallas TPU kernel; interpret mode elsewhere) or "cudnn" (GPU); see
+        `tad_jax.models.attention.resolve_attention`.
       attn_query_chunk: None, or compute attention in blocks of this many queries (each block
-        rematerialised), bounding the score memory to [B, H, chunk, T]; used when it divides T.
+        rematerialised), bounding the score memory to [B, H, chunk, T]; used when it divides T
+        (by "chunked", and by "auto" when it falls back to XLA).
+      attn_block_size: splash block size (queries and keys, a multiple of 128 dividing T);
+        None = chosen per T (`attention.splash_block_size`).
       remat: rematerialise each layer in the backward pass (`nn.remat`).
       scan_layers: scan one layer over a stacked `layers` axis (`nn.scan`) instead of unrolling.
     """
@@ -124,7 +134,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
     pad_token_id: int | None = None
+    attention: str = "auto"
     attn_query_chunk: int | None = None
+    attn_block_size: int | None = None
     remat: bool = False
     scan_layers: bool = False
 
@@ -142,6 +154,16 @@ class ModelConfig:
                 f"num_layers={self.num_layers}: "
                 "give one 'full_attention'/'sliding_attention' per layer."
             )
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}: use one of "
+                             f"{list(ATTENTION_IMPLEMENTATIONS)}.")
+        if self.attention == "chunked" and not self.attn_query_chunk:
+            raise ValueError("attention='chunked' needs attn_query_chunk (queries per block), "
+                             "e.g. attn_query_chunk=512.")
+        if self.attn_block_size is not None and (
+                self.attn_block_size <= 0 or self.attn_block_size % 128):
+            raise ValueError(f"attn_block_size={self.attn_block_size} must be a positive "
+                             "multiple of 128 (the TPU lane width), or None to choose per T.")
         if self.rope_dim % 2:
             raise ValueError(
                 f"The rotary dimension {self.rope_dim} (head_dim * partial_rotary_factor) "
@@ -239,4 +261,5 @@ def default_head_dim(hidden_size: int, num_heads: int) -> int:
     return hidden_size // num_heads
 
 
-__all__ = ["FAMILY_TRAITS", "ModelConfig", "SUPPORTED_MODEL_TYPES", "check_model_type"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "FAMILY_TRAITS", "ModelConfig", "SUPPORTED_MODEL_TYPES",
+           "check_model_type"]

@@ -20,6 +20,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tad_jax.models import attention
+from tad_jax.models.attention import AttentionMasks
 from tad_jax.models.config import ModelConfig
 from tad_jax.models.layers import Attention, Mlp, Norm, _param, rope_cos_sin
 
@@ -49,19 +51,19 @@ class Block(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     return_hidden: bool = False
+    attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x_btd, cos, sin, mask_bts, mask_sliding_bts, is_sliding):
+    def __call__(self, x_btd, cos, sin, masks: AttentionMasks, is_sliding):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         norm = lambda name: Norm(c.traits["norm"], c.norm_eps, name=name, **kw)
-        mask = mask_bts if mask_sliding_bts is None else jnp.where(
-            is_sliding, mask_sliding_bts, mask_bts)
-        attn, mlp = Attention(c, name="attn", **kw), Mlp(c, name="mlp", **kw)
+        attn = Attention(c, name="attn", impl=self.attention_impl, **kw)
+        mlp = Mlp(c, name="mlp", **kw)
         if c.traits["parallel"]:  # Phi-2: one norm feeds both branches
             h = norm("attn_norm")(x_btd)
-            x_btd = attn(h, cos, sin, mask) + mlp(h) + x_btd
+            x_btd = attn(h, cos, sin, masks, is_sliding) + mlp(h) + x_btd
         else:
-            a = attn(norm("attn_norm")(x_btd), cos, sin, mask)
+            a = attn(norm("attn_norm")(x_btd), cos, sin, masks, is_sliding)
             if c.traits["post_norms"]:
                 a = norm("attn_post_norm")(a)
             x_btd = x_btd + a
@@ -71,20 +73,6 @@ class Block(nn.Module):
             x_btd = x_btd + m
         x_btd = nn.with_logical_constraint(x_btd, ("batch", "seq", "embed"))
         return x_btd, (x_btd if self.return_hidden else None)
-
-
-def attention_masks(cfg: ModelConfig, segment_ids_bt):
-    """Boolean [B, T, T] masks: causal within the same non-zero segment, and its windowed copy."""
-    t = segment_ids_bt.shape[1]
-    idx = jnp.arange(t)
-    causal = idx[:, None] >= idx[None, :]
-    same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-    mask = causal[None] & same & (segment_ids_bt[:, :, None] != 0)
-    if not any(cfg.sliding_layers):
-        return mask, None
-    # HF: key index > query index - window (the query and window - 1 keys before it).
-    window = (idx[:, None] - idx[None, :]) < cfg.sliding_window
-    return mask, mask & window[None]
 
 
 def positions_from_segments(segment_ids_bt):
@@ -111,22 +99,26 @@ class Decoder(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 
-    def _layers(self, x, cos, sin, mask, mask_sliding, collect):
+    def _layers(self, x, cos, sin, masks, impl, collect):
         c = self.config
-        block_cls = nn.remat(Block) if c.remat else Block
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, return_hidden=collect)
+        # Unrolled layers know statically whether they slide (argument 5 counting self), so the
+        # fused kernels need no lax.cond; the scan passes a traced flag.
+        static = () if c.scan_layers else (5,)
+        block_cls = nn.remat(Block, static_argnums=static) if c.remat else Block
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, return_hidden=collect,
+                  attention_impl=impl)
         if c.scan_layers:
             scanned = nn.scan(
                 block_cls, variable_axes={"params": 0}, split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4 + (0,), length=c.num_layers,
+                in_axes=(nn.broadcast,) * 3 + (0,), length=c.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"})
             flags = jnp.asarray(c.sliding_layers)
-            x, ys = scanned(c, name="layers", **kw)(x, cos, sin, mask, mask_sliding, flags)
+            x, ys = scanned(c, name="layers", **kw)(x, cos, sin, masks, flags)
             return x, (tuple(ys[i] for i in range(c.num_layers)) if collect else ())
         outs = []
         for i in range(c.num_layers):
             x, y = block_cls(c, name=f"layer_{i}", **kw)(
-                x, cos, sin, mask, mask_sliding, c.sliding_layers[i])
+                x, cos, sin, masks, c.sliding_layers[i])
             outs.append(y)
         return x, tuple(outs)
 
@@ -158,9 +150,12 @@ class Decoder(nn.Module):
             x = x * jnp.asarray(c.hidden_size**0.5, dtype=self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "seq", "embed"))
         cos, sin = rope_cos_sin(c, positions, self.dtype, segment_ids)
-        mask, mask_sliding = attention_masks(c, segment_ids)
+        # Resolved here, where T and the target (the mesh in context) are known.
+        impl = attention.resolve_attention(c, attention.target_platform(),
+                                           seq_len=input_ids_bt.shape[1], dtype=self.dtype).impl
+        masks = attention.attention_masks(c, segment_ids, impl)
         x0 = x
-        x, outs = self._layers(x, cos, sin, mask, mask_sliding, output_hidden_states)
+        x, outs = self._layers(x, cos, sin, masks, impl, output_hidden_states)
         h = Norm(c.traits["norm"], c.norm_eps, self.dtype, self.param_dtype, name="final_norm")(x)
         # The head's params exist even when the logits are not computed (the fused loss reads them).
         w_dv, b_v = (None, None)

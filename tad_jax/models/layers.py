@@ -1,5 +1,7 @@
 """Building blocks of the decoder: norms, RoPE, attention, MLP (flax linen).
 
+The attention arithmetic itself (XLA, chunked, splash, cuDNN) lives in `attention.py`.
+
 Shape suffixes: b = batch, t = query positions, s = key positions, d = hidden size, h = query
 heads, k = key/value heads, g = query heads per kv head (h = k * g), e = head_dim, f = MLP size.
 Parameters are created with logical axis names (`nn.with_logical_partitioning`); activations are
@@ -15,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tad_jax.models.attention import AttentionMasks, attend
 from tad_jax.models.config import ModelConfig
 
 Dtype = jnp.dtype
@@ -181,30 +184,23 @@ class Projection(nn.Module):
         return y
 
 
-def _attend(c: ModelConfig, q_btkge, k_bske, v_bske, mask_bts, dtype):
-    """softmax(mask(softcap(q.k * scale))) . v, scores and softmax in float32 at least."""
-    acc = jnp.promote_types(jnp.float32, dtype)
-    scores = jnp.einsum("btkge,bske->bkgts", q_btkge.astype(acc), k_bske.astype(acc))
-    scores = scores * c.attn_scale
-    if c.attn_logit_softcap:
-        scores = jnp.tanh(scores / c.attn_logit_softcap) * c.attn_logit_softcap
-    scores = jnp.where(mask_bts[:, None, None], scores, jnp.finfo(acc).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(dtype)
-    return jnp.einsum("bkgts,bske->btkge", probs, v_bske.astype(dtype))
-
-
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE, segment/causal/sliding masks, optional score soft-cap."""
+    """Grouped-query attention with RoPE, segment/causal/sliding masks, optional score soft-cap.
+
+    `impl` is the resolved implementation (`attention.resolve_attention`); `masks` come from
+    `attention.attention_masks(cfg, segment_ids, impl)`.
+    """
 
     cfg: ModelConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    impl: str = "xla"
 
     def _proj(self, name, shape, axes, n_in, bias):
         return Projection(shape, axes, n_in, bias, self.dtype, self.param_dtype, name=name)
 
     @nn.compact
-    def __call__(self, x_btd, cos, sin, mask_bts):
+    def __call__(self, x_btd, cos, sin, masks: AttentionMasks, is_sliding):
         c = self.cfg
         d, h, k, e = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
         q = self._proj("q", (d, h, e), ("embed", "heads", "head_dim"), 1, c.qkv_bias)(x_btd)
@@ -212,22 +208,8 @@ class Attention(nn.Module):
         v = self._proj("v", (d, k, e), ("embed", "kv_heads", "head_dim"), 1, c.qkv_bias)(x_btd)
         q = nn.with_logical_constraint(q, ("batch", "seq", "heads", "head_dim"))
         q, kk = apply_rope(q, cos, sin), apply_rope(kk, cos, sin)
-        b, t = q.shape[:2]
-        q_btkge = q.reshape(b, t, k, h // k, e)
-        attend = lambda q_, m_: _attend(c, q_, kk, v, m_, self.dtype)
-        chunk = c.attn_query_chunk
-        if chunk and t > chunk and t % chunk == 0:
-            # Query blocks, each rematerialised in the backward pass: [B, H, chunk, T] scores
-            # live at a time instead of [B, H, T, T].
-            n = t // chunk
-            qs = q_btkge.reshape(b, n, chunk, k, h // k, e).swapaxes(0, 1)
-            ms = mask_bts.reshape(b, n, chunk, t).swapaxes(0, 1)
-            out = jax.lax.map(jax.checkpoint(lambda qm: attend(*qm)), (qs, ms))
-            out = out.swapaxes(0, 1).reshape(b, t, k, h // k, e)
-        else:
-            out = attend(q_btkge, mask_bts)
-        out = nn.with_logical_constraint(out.reshape(b, t, h, e),
-                                         ("batch", "seq", "heads", "head_dim"))
+        out = attend(self.impl, c, q, kk, v, masks, is_sliding, self.dtype)
+        out = nn.with_logical_constraint(out, ("batch", "seq", "heads", "head_dim"))
         return self._proj("o", (h, e, d), ("heads", "head_dim", "embed"), 2, c.o_bias)(out)
 
 
