@@ -49,9 +49,10 @@ def _pre_pass_only(chunk_size, top_k):
     """The teacher pre-pass of fused TAD alone (its share of the fused TAD time)."""
 
     def run(hs, ws, ht, wt, mask):
-        cfg = fused._Config("tad", False, top_k, 2.0, 1.0, 1e-6, chunk_size, None, "mean")
-        lay, big, small, mask_rt = fused._prepare(cfg, hs, ht, mask, None)
-        return fused._pre_pass(cfg, lay, wt, None, big, small, mask_rt)
+        tad = fused.core.TADConfig(top_k=top_k)
+        cfg = fused._Config("tad", False, tad, chunk_size, None, "mean")
+        lay, big, small, mask_rt, seg_rt = fused._prepare(cfg, hs, ht, mask, None, None)
+        return fused._pre_pass(cfg, lay, (ws, None, wt, None), big, small, mask_rt, seg_rt)
 
     return run
 

@@ -25,7 +25,8 @@ import time
 import jax
 import jax.numpy as jnp
 
-from tad_jax import kl_divergence, losses, tad_divergence
+from tad_jax import kl_divergence, tad_divergence
+from tad_jax import tad_core as core
 
 DEFAULT_CASES = "8x512x32000,4x512x128256,2x256x256000"
 TPU_CASES = "1x4096x32000,1x2048x128256,1x1024x256000"
@@ -107,13 +108,15 @@ def autodiff_tad(student_btv, teacher_btv, mask_bt):
 
 
 def autodiff_own_forward(student_btv, teacher_btv, mask_bt):
-    """The library's own forward (same top-K, same reductions), differentiated by autodiff.
+    """The library's own forward (the tad_core kernel), differentiated by autodiff.
 
     Isolates what the custom_vjp buys: `autodiff_tad` above also differs in its forward.
     """
-    st = losses._tad_stats(student_btv, jax.lax.stop_gradient(teacher_btv), TOP_K, 1.0)
-    beta_x_b = jax.lax.stop_gradient(losses._beta_x(st["log_alpha_t"], mask_bt, BETA, 1e-6))
-    loss_bt = mask_bt * (st["kl1"] + beta_x_b[..., None] * jnp.exp(st["log_alpha_t"]) * st["kl2"])
+    cfg = core.TADConfig(TOP_K, BETA)
+    a_btv, b_btv = core.tempered_pair(student_btv, jax.lax.stop_gradient(teacher_btv), 1.0)
+    terms = core.token_terms(a_btv, b_btv, core.teacher_head(b_btv, TOP_K))
+    beta_bt = jax.lax.stop_gradient(core.beta_x(terms.log_alpha_t, mask_bt, cfg))
+    loss_bt = mask_bt * (terms.kl1 + beta_bt * jnp.exp(terms.log_alpha_t) * terms.kl2)
     return jnp.sum(loss_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
 
 

@@ -144,7 +144,8 @@ def test_components_and_kl_identity(x64):
     want = ref_components(s, t, m, 4, 2.0, 1.5)
     for key in ("kl1", "kl2", "alpha_t", "alpha_s"):
         np.testing.assert_allclose(c[key], jnp.where(m, want[key], 0.0), **EXACT, err_msg=key)
-    np.testing.assert_allclose(c["beta_x"], want["beta_x"], **EXACT)
+    np.testing.assert_allclose(c["beta_x"], jnp.broadcast_to(want["beta_x"][:, None], m.shape),
+                               **EXACT)
     # The spec's identity: KL = D_KL1 + α_T·D_KL2, against an independent KL.
     kl = ref_kl_bt(s, t, 1.5) / 1.5**2
     np.testing.assert_allclose(c["kl1"] + c["alpha_t"] * c["kl2"], jnp.where(m, kl, 0.0), **EXACT)
@@ -158,7 +159,7 @@ def test_beta_x_one_gives_kl(x64):
     # β = ᾱ(X) makes β(X) = 1, so TAD reduces to KL: values and gradients.
     tad = lambda s: tad_divergence(s, t, m, top_k=3, beta=abar)
     np.testing.assert_allclose(tad(s), jnp.mean(ref_kl_bt(s, t)), **EXACT)
-    np.testing.assert_allclose(tad_components(s, t, m, top_k=3, beta=abar)["beta_x"], [1.0],
+    np.testing.assert_allclose(tad_components(s, t, m, top_k=3, beta=abar)["beta_x"], [[1.0] * 6],
                                **EXACT)
     kl_grad = jax.grad(lambda s: jnp.mean(ref_kl_bt(s, t)))(s)
     np.testing.assert_allclose(jax.grad(tad)(s), kl_grad, **EXACT)
@@ -196,17 +197,18 @@ def test_k_vocab_minus_one_is_kl(x64):
     np.testing.assert_allclose(g, want, **EXACT)
 
 
-def test_two_stage_top_k_is_exact():
-    from tad_jax.losses import _top_k  # private: the fast path needs V with a chunk divisor
+def test_two_stage_top_k_is_lax_top_k():
+    # V = 1024 takes the two-stage path; ties must go to the lowest index, as lax.top_k.
+    from tad_jax.tad_core import top_k
 
     x = _logits(21, (3, 4, 1024))
     ties = jnp.round(_logits(22, (3, 4, 1024), scale=1.5))  # many equal values
-    for arr in (x, ties, jnp.where(x > 2.0, -jnp.inf, x)):
-        vals, idx = _top_k(arr, 11)
-        want_vals, _ = jax.lax.top_k(arr, 11)
-        np.testing.assert_array_equal(vals, want_vals)
-        np.testing.assert_array_equal(jnp.take_along_axis(arr, idx, -1), vals)
-        assert np.all(np.diff(np.sort(np.asarray(idx), -1), axis=-1) > 0)  # distinct indices
+    for arr in (x, ties, jnp.where(x > 2.0, -jnp.inf, x), jnp.zeros((2, 1024))):
+        for k in (1, 11, 3):
+            vals, idx = top_k(arr, k)
+            want_vals, want_idx = jax.lax.top_k(arr, k)
+            np.testing.assert_array_equal(vals, want_vals)
+            np.testing.assert_array_equal(idx, want_idx)
 
 
 def test_tad_on_a_chunked_vocabulary(x64):
@@ -251,7 +253,8 @@ def test_beta_x_uses_valid_positions_only(x64):
     s, t, m = _data(dtype=jnp.float64)
     at = ref_components(s, t, m, 3, 2.0)["alpha_t"]
     want = 2.0 / (jnp.sum(jnp.where(m, at, 0.0), -1) / jnp.sum(m, -1))
-    np.testing.assert_allclose(tad_components(s, t, m, top_k=3)["beta_x"], want, **EXACT)
+    np.testing.assert_allclose(tad_components(s, t, m, top_k=3)["beta_x"],
+                               jnp.broadcast_to(want[:, None], m.shape), **EXACT)
 
 
 @pytest.mark.parametrize("fn", [tad_divergence, kl_divergence, reverse_kl_divergence,
