@@ -462,10 +462,9 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
     """
     if divergence not in _DIVERGENCES + (None,):
         raise ValueError(f"divergence must be one of {_DIVERGENCES} when fused, got {divergence!r}")
-    if divergence == "kl":
-        tad = core.TADConfig(top_k=0, beta=1.0, temperature=temperature)
-    else:
-        tad = config or core.TADConfig(top_k, beta, temperature, eps_alpha, beta_scope)
+    tad = config or core.TADConfig(top_k, beta, temperature, eps_alpha, beta_scope)
+    if divergence == "kl":  # the kernel at K = 0, β = 1 is KL exactly
+        tad = core.TADConfig(top_k=0, beta=1.0, temperature=tad.temperature)
     cfg = _Config(divergence, targets is not None, tad, chunk_size, final_logit_softcap, reduction,
                   student_head_grad)
     args = (student_hidden, student_head, student_bias, teacher_hidden, teacher_head,
