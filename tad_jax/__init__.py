@@ -21,8 +21,10 @@ from tad_jax.losses import (
     tad_components,
     tad_divergence,
 )
+from tad_jax.tad_core import TADConfig
 
 __all__ = [
+    "TADConfig",
     "causal_lm_loss",
     "cosine_hidden_loss",
     "distillation_loss",

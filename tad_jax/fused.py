@@ -235,7 +235,8 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
     w = xs.get("w")
     if cfg.divergence is not None:
         tau = cfg.tad.temperature
-        a, b = core.tempered_pair(zs, _logits(xs["ht"], wt, bt, cfg.softcap)[0], tau)
+        # Student -inf entries are only those of a -inf bias, merged into bt by `_run`.
+        a, b = core.tempered_pair(zs, _logits(xs["ht"], wt, bt, cfg.softcap)[0], tau, merge=False)
         head = core.teacher_head(b, cfg.tad.top_k)
         terms = core.token_terms(a, b, head)
         gamma = xs.get("gamma")
@@ -289,8 +290,6 @@ def _prepare(cfg: _Config, hs, ht, mask, targets, seg):
 def _pre_pass(cfg: _Config, lay: _Layout, params, big, small, mask_rt, seg_rt):
     """γ = β(X) − 1 of every position, chunked [n, m], from a pass over the teacher head only."""
     ws, bs, wt, bt = params
-    if bs is not None and cfg.softcap is None:  # the student's -inf entries, as tempered_pair
-        bt = jnp.where(jnp.isneginf(bs), -jnp.inf, 0.0 if bt is None else bt.astype(_F32))
 
     def body(_, i):
         lt, _ = _logits(_take(big["ht"], i), wt, bt, cfg.softcap)
@@ -331,6 +330,12 @@ def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
 def _run(cfg: _Config, params, hs, ht, mask, targets, seg, weights_rt, want_grad: bool):
     """Per-token losses [R, T] and, if wanted, the gradients (dh, dW, db), in float32."""
     lay, big, small, mask_rt, seg_rt = _prepare(cfg, hs, ht, mask, targets, seg)
+    ws, bs, wt, bt = params
+    if cfg.divergence is not None and bs is not None and cfg.softcap is None:
+        # A -inf student bias (a padded column) drops the entry from both distributions, as
+        # `tad_core.tempered_pair` does (with a soft-cap no logit is -inf).
+        bt = jnp.where(jnp.isneginf(bs), -jnp.inf, 0.0 if bt is None else bt.astype(_F32))
+        params = (ws, bs, wt, bt)
     if cfg.divergence == "kl":
         small["gamma"] = jnp.zeros(small["mask"].shape, _F32)
     elif cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows:  # rows span chunks

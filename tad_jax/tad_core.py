@@ -86,13 +86,16 @@ def widen(x):
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def tempered_pair(s_v, t_v, temperature):
+def tempered_pair(s_v, t_v, temperature, merge=True):
     """(a, b) = (s/τ, t/τ) widened; b is -inf wherever a is (the student's padded entries).
 
-    So b > -inf implies a > -inf: every product p_T·(b − a) below is finite.
+    So b > -inf implies a > -inf: every product p_T·(b − a) below is finite. `merge=False` is for
+    callers that guarantee it already (the fused loss merges the heads' biases once); it saves
+    XLA materialising the merged teacher logits for top_k.
     """
     s_v, t_v = widen(s_v), widen(t_v)
-    t_v = jnp.where(jnp.isneginf(s_v), -jnp.inf, t_v)
+    if merge:
+        t_v = jnp.where(jnp.isneginf(s_v), -jnp.inf, t_v)
     if temperature != 1.0:
         s_v, t_v = s_v / temperature, t_v / temperature
     return s_v, t_v
