@@ -128,16 +128,16 @@ def top_k(x_v, k):
 
     Tie rule: among equal values the lowest index comes first (`lax.top_k`'s rule), so the K-th
     place is decided the same way whatever the padding of V or the chunk sizes. Values are
-    compared in float32 (float64 if given): exact for bf16 and f16 inputs.
+    compared in their own dtype (widened on CPU: exact, same order and ties).
 
     Implementation (XLA-CPU trick, isolated here): when V splits into chunks of >= 4k, top_k runs
     over the chunk maxima, then over the k winning chunks only, taken in ascending chunk order so
     that the lowest index still wins ties. The k largest entries always lie in those chunks (a
     chunk holding one of them has a maximum that ranks among the k first). Measured on 2 CPU
-    cores at [8, 512, 32000]: ~8x faster than `lax.top_k` (which sorts), and bf16 is widened
-    first because `lax.top_k` on bf16 becomes a full sort on XLA CPU (~70x slower).
+    cores at [8, 512, 32000]: ~8x faster than `lax.top_k` (which sorts). Elsewhere `lax.top_k`
+    runs on a 2-D view (XLA TPU's TopK rewrite; no [.., V] temporary, measured).
     """
-    x_v = widen(_whole_vocab(x_v))
+    x_v = _whole_vocab(x_v)
     if k == 0:
         return jax.lax.top_k(x_v, 0)
     return jax.lax.platform_dependent(x_v, cpu=lambda x: _top_k_cpu(x, k),
@@ -152,6 +152,7 @@ def _top_k_2d(x_v, k):
 
 
 def _top_k_cpu(x_v, k):
+    x_v = widen(x_v)  # lax.top_k on bf16 is a full sort on XLA CPU (~70x slower, measured)
     vocab = x_v.shape[-1]
     chunk = next((c for c in (256, 250, 200, 128, 125, 100, 64, 50, 32)
                   if vocab % c == 0 and vocab // c >= 4 * k), None)
