@@ -169,7 +169,7 @@ def bench_time(args):
         "unfused_tad_s": _unfused_grad("tad", top_k=args.top_k),
         "unfused_kl_s": _unfused_grad("kl"),
         "fused_tad_pre_pass_s": _pre_pass_only(c, args.top_k),
-        # A frozen head (student_head_grad=False): β(X) deferred, no teacher pre-pass.
+        # A frozen head (student_head_grad=False): no dW matmul.
         "fused_tad_frozen_head_s": _fused_grad("tad", c, head_grad=False, top_k=args.top_k),
         "fused_kl_frozen_head_s": _fused_grad("kl", c, head_grad=False),
         # chunk_size >= T: whole rows per step, β(X) inside the single pass.

@@ -111,7 +111,7 @@ def _assert_match(name, x, chunk_size, cap=None, tol=TOL, **kw):
 
 
 # Rows of T = 7 positions, 3 rows. chunk_size < T cuts the time axis (rows span chunks: teacher
-# pre-pass or deferred β): 3 -> 1 position per row per step (7 steps), 6 -> 2 (4 steps, the last
+# pre-pass for β(X)): 3 -> 1 position per row per step (7 steps), 6 -> 2 (4 steps, the last
 # padded). chunk_size >= T takes whole rows per step: 9 -> 1 row (3 steps), 14 -> 2 rows (2 steps,
 # a padded row), 21 and 1024 -> all 3 rows in one step.
 CHUNKS = [3, 6, 9, 14, 21, 1024]
@@ -305,7 +305,7 @@ def test_bad_targets_and_divergence_raise():
     [("tad", 6, "mean"), ("tad", 9, "none"), ("distill", 3, "sum"), ("tad", 21, "mean")],
 )
 def test_frozen_head(name, chunk_size, reduction):
-    """student_head_grad=False: β(X) deferred instead of a pre-pass; same dh and db, zero dW."""
+    """student_head_grad=False: same dh and db as the reference, and a zero dW."""
     x = _inputs(seed=10)
     _assert_match(name, x, chunk_size, top_k=K, reduction=reduction, student_head_grad=False)
 
