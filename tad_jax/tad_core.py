@@ -156,15 +156,15 @@ def _top_k_cpu(x_v, k):
     vocab = x_v.shape[-1]
     chunk = next((c for c in (256, 250, 200, 128, 125, 100, 64, 50, 32)
                   if vocab % c == 0 and vocab // c >= 4 * k), None)
-    # The barriers keep XLA CPU from fusing the indices into their consumers, which turns top_k
-    # into a full [.., V] sort (~25x slower, measured).
-    if chunk is None:
-        return jax.lax.optimization_barrier(tuple(jax.lax.top_k(x_v, k)))
+    if chunk is None:  # (no barrier here: XLA CPU's TopkDecomposer aborts on one, jax 0.10)
+        return tuple(jax.lax.top_k(x_v, k))
     x_nc = x_v.reshape(*x_v.shape[:-1], vocab // chunk, chunk)
     cidx_k = jnp.sort(jax.lax.top_k(jnp.max(x_nc, axis=-1), k)[1], axis=-1)
     cand_kc = jnp.take_along_axis(x_nc, cidx_k[..., None], axis=-2)
     vals_k, j_k = jax.lax.top_k(cand_kc.reshape(*x_v.shape[:-1], k * chunk), k)
     idx_k = jnp.take_along_axis(cidx_k, j_k // chunk, axis=-1) * chunk + j_k % chunk
+    # The barrier keeps XLA CPU from fusing the indices into their consumers, which turns top_k
+    # into a full [.., V] sort (~25x slower, measured).
     return jax.lax.optimization_barrier((vals_k, idx_k))
 
 
