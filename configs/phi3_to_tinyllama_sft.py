@@ -20,6 +20,7 @@ def get_config():
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.
+    c.loss.beta_scope = "segment"  # X of Eq. 3 = one packed example, not the whole packed row.
     c.loss.vocab_size = 32000  # the shared Llama tokenizer (Phi-3 pads to 32064).
     c.opt.lr = 1e-5  # Adam learning rate for supervised distillation (App. B).
     c.opt.weight_decay = 0.1  # weight decay.

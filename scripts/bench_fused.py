@@ -4,6 +4,10 @@
     python scripts/bench_fused.py --skip_time          # memory only
     python scripts/bench_fused.py --skip_memory --time_tokens 512
 
+TPU: `--tpu` prints a `bench: "tpu_aot"` line: fused TAD vs fused KL fwd+bwd compiled ahead of
+time for one TPU v5p chip (run with JAX_PLATFORMS=cpu), bytes accessed, FLOPs (the chunk scans
+unrolled, as XLA counts a loop body once) and temporaries (scans rolled), at V = 256000, bf16.
+
 Memory: `jax.jit(grad).lower(ShapeDtypeStruct...).compile().memory_analysis()` of the loss's
 gradient w.r.t. the student hidden states and head, head matmuls included, at Gemma2 sizes
 (V = 256000, d = 2304 student / 3584 teacher); nothing is allocated. Time: the same gradient run
@@ -45,9 +49,10 @@ def _pre_pass_only(chunk_size, top_k):
     """The teacher pre-pass of fused TAD alone (its share of the fused TAD time)."""
 
     def run(hs, ws, ht, wt, mask):
-        cfg = fused._Config("tad", False, top_k, 2.0, 1.0, 1e-6, chunk_size, None, "mean")
-        lay, big, small, mask_rt = fused._prepare(cfg, hs, ht, mask, None)
-        return fused._pre_pass(cfg, lay, wt, None, big, small, mask_rt)
+        tad = fused.core.TADConfig(top_k=top_k)
+        cfg = fused._Config("tad", False, tad, chunk_size, None, "mean")
+        lay, big, small, mask_rt, seg_rt = fused._prepare(cfg, hs, ht, mask, None, None)
+        return fused._pre_pass(cfg, lay, (ws, None, wt, None), big, small, mask_rt, seg_rt)
 
     return run
 
@@ -88,6 +93,30 @@ def bench_memory(args):
             rec[f"{name}_output_bytes"] = int(mem.output_size_in_bytes)
         rec["fused_over_unfused"] = rec["fused_tad_temp_bytes"] / rec["unfused_tad_temp_bytes"]
         print(json.dumps(rec), flush=True)
+
+
+def bench_tpu(args):
+    """TPU-AOT FLOPs, bytes and temporaries of fused TAD vs fused KL (fwd+bwd); one JSON line."""
+    from bench_loss import tpu_aot_cost
+
+    n, dtype = args.tpu_tokens, jnp.dtype(args.tpu_dtype)
+    rows = max(1, n // args.seq_len)
+    shapes = _shapes(rows, n // rows, args.d_student, args.d_teacher, args.vocab, dtype)
+    rec = dict(bench="tpu_aot", tokens=n, rows=rows, vocab=args.vocab, d_student=args.d_student,
+               d_teacher=args.d_teacher, chunk_size=args.chunk_size, top_k=args.top_k,
+               dtype=dtype.name)
+    for name, fn in (("fused_tad", _fused_grad("tad", args.chunk_size, top_k=args.top_k)),
+                     ("fused_kl", _fused_grad("kl", args.chunk_size))):
+        rec[f"{name}_temp_bytes"] = tpu_aot_cost(fn, shapes)["temp_bytes"]
+        fused._UNROLL = True  # FLOPs and bytes of every chunk, not of one loop body
+        try:
+            cost = tpu_aot_cost(fn, shapes)
+        finally:
+            fused._UNROLL = 1
+        rec.update({f"{name}_{k}": cost[k] for k in ("bytes", "flops", "transcendentals")})
+    for key in ("bytes", "flops", "temp_bytes"):
+        rec[f"tad/kl_{key}"] = rec[f"fused_tad_{key}"] / rec[f"fused_kl_{key}"]
+    print(json.dumps(rec), flush=True)
 
 
 def _time_all(fns, inputs, repeats):
@@ -140,7 +169,7 @@ def bench_time(args):
         "unfused_tad_s": _unfused_grad("tad", top_k=args.top_k),
         "unfused_kl_s": _unfused_grad("kl"),
         "fused_tad_pre_pass_s": _pre_pass_only(c, args.top_k),
-        # A frozen head (student_head_grad=False): β(X) deferred, no teacher pre-pass.
+        # A frozen head (student_head_grad=False): no dW matmul.
         "fused_tad_frozen_head_s": _fused_grad("tad", c, head_grad=False, top_k=args.top_k),
         "fused_kl_frozen_head_s": _fused_grad("kl", c, head_grad=False),
         # chunk_size >= T: whole rows per step, β(X) inside the single pass.
@@ -177,9 +206,14 @@ def main():
     p.add_argument("--time_d_teacher", type=int, default=384)
     p.add_argument("--time_chunk_size", type=int, default=256)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tpu", action="store_true", help="TPU-AOT fused TAD vs fused KL costs")
+    p.add_argument("--tpu_tokens", type=int, default=4096)
+    p.add_argument("--tpu_dtype", default="bfloat16")
     p.add_argument("--skip_memory", action="store_true")
     p.add_argument("--skip_time", action="store_true")
     args = p.parse_args()
+    if args.tpu:
+        bench_tpu(args)
     if not args.skip_memory:
         bench_memory(args)
     if not args.skip_time:

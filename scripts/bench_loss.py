@@ -2,25 +2,81 @@
 
 Prints one JSON object per (shape, dtype) case:
 
-    python scripts/bench_loss.py                          # the three issue shapes x {f32, bf16}
+    python scripts/bench_loss.py                          # CPU times + TPU-AOT costs
     python scripts/bench_loss.py --cases 2x128x32000 --dtypes float32 --repeats 3
+    JAX_PLATFORMS=cpu python scripts/bench_loss.py --skip_time   # TPU-AOT costs only
 
-Goals (issue #2): TAD fwd+bwd <= 1.5 x KL fwd+bwd; custom_vjp <= 0.8 x autodiff in time and in
-XLA temporary memory.
+CPU: fwd+bwd time, XLA temporaries and FLOPs of each method, run on this host.
+TPU: `jax.grad` of TAD and KL compiled ahead of time for one TPU v5p chip (libtpu; nothing runs,
+nothing is allocated), `bench: "tpu_aot"` lines with bytes accessed, FLOPs, transcendentals and
+temporaries at the accelerator shapes (`--tpu_cases`), and TAD/KL ratios.
+
+Goals: TPU TAD/KL bytes <= 1.5x; TAD temporaries <= 25% of one f32 [N, V] tensor; CPU TAD/KL
+fwd+bwd <= 1.3x at V = 32000 and <= 1.5x at 128K/256K.
 """
 
 import argparse
+import functools
 import json
+import os
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 
-from tad_jax import kl_divergence, losses, tad_divergence
+from tad_jax import kl_divergence, tad_divergence
+from tad_jax import tad_core as core
 
 DEFAULT_CASES = "8x512x32000,4x512x128256,2x256x256000"
+TPU_CASES = "1x4096x32000,1x2048x128256,1x1024x256000"
 TOP_K, BETA = 10, 2.0
+
+
+def tpu_aot_cost(fn, args, topology="v5p:2x2x1"):
+    """Bytes accessed, FLOPs, transcendentals and temporaries of `fn` compiled for one TPU chip.
+
+    `args` are `jax.ShapeDtypeStruct`s; they are placed (replicated) on a one-device mesh of the
+    TPU topology and `jax.jit(fn).lower(...).compile()` runs libtpu's compiler on this host (set
+    JAX_PLATFORMS=cpu: no TPU is needed). XLA counts a while/scan body once: callers unroll their
+    loops for FLOPs and bytes (see bench_fused.py).
+    """
+    mesh = jax.sharding.Mesh(_tpu_devices(topology)[:1], ("x",))
+    rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args]
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list | tuple) else cost
+    mem = compiled.memory_analysis()
+    return {"bytes": cost.get("bytes accessed"), "flops": cost.get("flops"),
+            "transcendentals": cost.get("transcendentals"),
+            "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+@functools.cache
+def _tpu_devices(topology):
+    # Several processes on one host may compile for TPU at once: skip libtpu's lockfile.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    from jax.experimental import topologies
+
+    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+
+
+def run_tpu_case(b, t, v, dtype):
+    """TPU-AOT costs of jax.grad of TAD and KL (mean over positions) at one shape."""
+    sds = jax.ShapeDtypeStruct
+    args = (sds((b, t, v), dtype), sds((b, t, v), dtype), sds((b, t), jnp.float32))
+    fns = {"tad": lambda s, te, m: tad_divergence(s, te, m, top_k=TOP_K, beta=BETA),
+           "kl": lambda s, te, m: kl_divergence(s, te, m)}
+    row = {"bench": "tpu_aot", "B": b, "T": t, "V": v, "dtype": jnp.dtype(dtype).name,
+           "top_k": TOP_K, "f32_nv_bytes": 4 * b * t * v}
+    for name, fn in fns.items():
+        for key, value in tpu_aot_cost(jax.grad(fn), args).items():
+            row[f"{name}_{key}"] = value
+    for key in ("bytes", "flops", "temp_bytes"):
+        row[f"tad/kl_{key}"] = row[f"tad_{key}"] / max(row[f"kl_{key}"], 1)
+    row["tad_temp/f32_nv"] = row["tad_temp_bytes"] / row["f32_nv_bytes"]
+    return row
 
 
 def autodiff_tad(student_btv, teacher_btv, mask_bt):
@@ -52,13 +108,15 @@ def autodiff_tad(student_btv, teacher_btv, mask_bt):
 
 
 def autodiff_own_forward(student_btv, teacher_btv, mask_bt):
-    """The library's own forward (same top-K, same reductions), differentiated by autodiff.
+    """The library's own forward (the tad_core kernel), differentiated by autodiff.
 
     Isolates what the custom_vjp buys: `autodiff_tad` above also differs in its forward.
     """
-    st = losses._tad_stats(student_btv, jax.lax.stop_gradient(teacher_btv), TOP_K, 1.0)
-    beta_x_b = jax.lax.stop_gradient(losses._beta_x(st["log_alpha_t"], mask_bt, BETA, 1e-6))
-    loss_bt = mask_bt * (st["kl1"] + beta_x_b[..., None] * jnp.exp(st["log_alpha_t"]) * st["kl2"])
+    cfg = core.TADConfig(TOP_K, BETA)
+    a_btv, b_btv = core.tempered_pair(student_btv, jax.lax.stop_gradient(teacher_btv), 1.0)
+    terms = core.token_terms(a_btv, b_btv, core.teacher_head(b_btv, TOP_K))
+    beta_bt = jax.lax.stop_gradient(core.beta_x(terms.log_alpha_t, mask_bt, cfg))
+    loss_bt = mask_bt * (terms.kl1 + beta_bt * jnp.exp(terms.log_alpha_t) * terms.kl2)
     return jnp.sum(loss_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
 
 
@@ -125,7 +183,17 @@ def main():
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per function")
     parser.add_argument("--methods", default="tad,autodiff,kl",
                         help="subset of tad,autodiff,autodiff_own,kl")
+    parser.add_argument("--tpu_cases", default=TPU_CASES, help="comma list of BxTxV for TPU AOT")
+    parser.add_argument("--skip_time", action="store_true", help="TPU-AOT costs only")
+    parser.add_argument("--skip_tpu", action="store_true", help="CPU times only")
     args = parser.parse_args()
+    if not args.skip_tpu:
+        for case in args.tpu_cases.split(","):
+            b, t, v = (int(x) for x in case.lower().split("x"))
+            for dtype in args.dtypes.split(","):
+                print(json.dumps(run_tpu_case(b, t, v, jnp.dtype(dtype))), flush=True)
+    if args.skip_time:
+        return
     for case in args.cases.split(","):
         b, t, v = (int(x) for x in case.lower().split("x"))
         for dtype in args.dtypes.split(","):

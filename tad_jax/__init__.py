@@ -21,9 +21,11 @@ from tad_jax.losses import (
     tad_components,
     tad_divergence,
 )
+from tad_jax.tad_core import TADConfig
 from tad_jax.teacher_cache import kl_divergence_cached, tad_divergence_cached
 
 __all__ = [
+    "TADConfig",
     "causal_lm_loss",
     "cosine_hidden_loss",
     "distillation_loss",

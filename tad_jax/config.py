@@ -86,7 +86,10 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     lo.top_k = 10  # K: teacher top-K tokens kept apart by TAD.
     lo.beta = 2.0  # beta of Eq. 3 (divided by the row's mean teacher tail mass).
     lo.temperature = 1.0  # tau; the divergence is multiplied by tau^2.
-    lo.eps_alpha = 1e-6  # floor of the row's mean tail mass in beta(X).
+    lo.eps_alpha = 1e-6  # floor of the sequence's mean tail mass in beta(X).
+    # The sequence X of Eq. 3: "row" (a packed row, pretraining) or "segment" (one document of a
+    # packed row, from segment_ids: supervised distillation of packed examples).
+    lo.beta_scope = "row"
     lo.jsd_weight = 0.5  # mixture weight of the JSD divergence.
     lo.cosine_weight = 0.0  # lambda of the cosine loss on final hidden states (Sec. 3.2.2).
     lo.vocab_size = 0  # slice both vocabularies to this many entries; 0 = min of the two models.
@@ -223,15 +226,23 @@ def _check_teacher(t: ml_collections.ConfigDict, check_paths: bool) -> None:
 def _check_loss(lo: ml_collections.ConfigDict) -> None:
     if lo.divergence not in DIVERGENCES:
         raise ValueError(f"loss.divergence={lo.divergence!r}: use one of {DIVERGENCES}.")
-    if lo.top_k < 1:
-        raise ValueError(f"loss.top_k={lo.top_k} must be >= 1.")
-    if lo.beta <= 0 or lo.temperature <= 0:
-        raise ValueError(f"loss.beta={lo.beta} and loss.temperature={lo.temperature} must be > 0.")
+    try:
+        tad_config(lo)
+    except ValueError as e:
+        raise ValueError(f"loss.{e} (set --config.loss.*)") from e
     if lo.fused and lo.divergence not in ("tad", "kl"):
         raise ValueError(f"loss.fused=True supports divergence 'tad' or 'kl', not "
                          f"{lo.divergence!r}; set --config.loss.fused=False.")
     if lo.cosine_weight < 0:
         raise ValueError(f"loss.cosine_weight={lo.cosine_weight} must be >= 0.")
+
+
+def tad_config(lo: ml_collections.ConfigDict):
+    """The validated `TADConfig` of the run config's `loss` section (ValueError if invalid)."""
+    from tad_jax.tad_core import TADConfig
+
+    return TADConfig(top_k=lo.top_k, beta=lo.beta, temperature=lo.temperature,
+                     eps_alpha=lo.eps_alpha, beta_scope=lo.get("beta_scope", "row"))
 
 
 def _check_opt(o: ml_collections.ConfigDict) -> None:

@@ -1,53 +1,21 @@
 """Distillation losses fused with the output heads, in token chunks: no [N, V] tensor ever exists.
 
-`fused_tad_loss`, `fused_kl_loss`, `fused_causal_lm_loss` and `fused_distillation_loss` take the
-final hidden states and the output heads instead of logits. They equal `tad_divergence`,
-`kl_divergence`, `causal_lm_loss` and `distillation_loss` of `tad_jax.losses` applied to
-`softcap(h @ W + b)`, in value and in gradient (TAD as defined in /work/shared/TAD_SPEC.md).
+`fused_distillation_loss` (and its one-term forms `fused_tad_loss`, `fused_kl_loss`,
+`fused_causal_lm_loss`) take final hidden states and output heads instead of logits and equal
+`tad_jax.losses` applied to `softcap(h @ W + b)`, in value and in gradient. Each `lax.scan` step
+makes about `chunk_size` tokens' logits and calls the one TAD kernel (`tad_core.token_terms` and
+`token_grad`, Eq. 6) on them; the gradient w.r.t. the logits is pushed through the head inside the
+step (dW += h^T dz, dh = dz W^T), so the backward pass only scales it (or, for reduction "none",
+runs the scan again).
+
+β(X) is exact (TAD_SPEC.md, per row or per segment): when every step holds whole rows
+(T <= chunk_size) it comes from the step itself; otherwise a teacher pre-pass computes log α_T of
+every position first (one more teacher head matmul). Layouts, costs and measurements:
+docs/fused_loss.md.
 
 Shape suffixes: r = rows (the flattened leading axes), t = positions of a row, n = chunks,
 a = rows per chunk, c = positions of a row per chunk, m = a·c tokens of one chunk,
 d = hidden size, v = vocabulary, k = top-K.
-
-How:
-- Each `lax.scan` step takes about `chunk_size` tokens, read in place from the [R, T, d] hidden
-  states: whole rows when T <= chunk_size (strided, a multiple of the device count when R is at
-  least that), else `c = max(1, chunk_size // R)` positions of every row. A batch sharded over its
-  rows stays sharded. Padding (rows or positions) is masked.
-- The gradient w.r.t. the student logits is analytic (Eq. 6 of the paper) and is pushed through the
-  head inside the forward pass: each step adds `h_md^T dz_mv` to a [d, V] float32 accumulator and
-  writes `dz_mv W^T` into dh. With reduction "mean"/"sum" the backward pass only scales these by
-  the incoming cotangent; with "none" (a per-token cotangent) the backward pass runs the scan again.
-- Exact per-row β(X). ᾱ(X) needs the teacher tail mass of every position of the row before any of
-  its gradients can be weighted. When T <= chunk_size every step takes whole rows (`_Layout`) and
-  β(X) is computed inside the single pass. Otherwise rows span chunks. Two ways were weighed: (a)
-  accumulate the KL part and the tail part of the gradient separately and combine them once β(X) is
-  known: the tail part needs its own dh matmul (+d_s·V FLOPs per token) and, for dW, one [d, V]
-  accumulator *per row* (a chunk holds positions of every row), which defeats the purpose; (b) a
-  teacher pre-pass: one more teacher head matmul (+d_t·V FLOPs per token) computes the top-K
-  indices, the teacher log-partition and log α_T of every position ([N, K] + 2·[N], kept), hence
-  β(X); the main pass reuses them, so top_k runs once. (b) is implemented. At Gemma2 sizes (d_s =
-  2304, d_t = 3584) the head FLOPs are 3·d_s + 2·d_t per token for fused TAD vs 3·d_s + d_t for
-  fused KL (1.34×); `scripts/bench_fused.py` measures the pre-pass's share of the time. With a
-  frozen head (`student_head_grad=False`) there is no dW, so (a) needs no per-row accumulator: it is
-  used then (+d_s instead of +d_t, top_k once, no pre-pass), and also for values without gradients.
-- Memory: temporaries are O(chunk_size·V + d_s·V + N·(K + d)), flat in N in practice. XLA
-  temporaries of fused TAD fwd+bwd at V = 256000, d = 2304/3584 (`scripts/bench_fused.py`):
-  2.89 GB at N = 4K, 16K and 64K tokens with chunk_size = 512 (5.25 GB with 1024; 2.36 GB of it
-  is the float32 dW accumulator) vs 21 / 88 / 352 GB unfused.
-- Time, fwd+bwd on 2 CPU cores (N = 2048 as 2 rows, V = 32000, d = 256/384, chunk_size 256):
-  fused TAD 1.43 s = 0.48× unfused TAD (2.97 s) and 1.40× fused KL (1.02 s), the teacher pre-pass
-  34% of it (the main pass alone costs as much as fused KL); frozen head (deferred β) 1.55× fused
-  KL; whole rows per step (chunk_size = T, no pre-pass) 1.33× fused KL: top_k and the tail
-  log-sum-exps remain. On an accelerator, where the head matmuls dominate, expect about
-  (3·d_s + 2·d_t) / (3·d_s + d_t) = 1.34× at Gemma2 sizes with a pre-pass, ≈ 1× + top_k without.
-- Top-K membership by scattering the indices into the values (-inf) or into a float 0/1 tail
-  weight: on XLA CPU 3-5× faster than a boolean mask + `where`, and ~10× faster over the whole
-  loss than an iota comparison per index (`t >= kth_value` is worse still, see the spec).
-- Teacher inputs get zero cotangents (the teacher is a constant of the loss, as in
-  `tad_divergence`); so does the student head with `student_head_grad=False` (a frozen head).
-- Float32 inside whatever the input dtype (bf16 heads: the head matmuls accumulate in float32);
-  cotangents are computed in float32 and cast once to the dtype of their input.
 """
 
 from __future__ import annotations
@@ -61,10 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from tad_jax import losses
+from tad_jax import tad_core as core
 
 _F32 = jnp.float32
-_REDUCTIONS = ("none", "sum", "mean")
 _DIVERGENCES = ("tad", "kl")
+# Unroll factor of the chunk scans. Benchmarks set it to True: XLA's cost analysis counts a loop
+# body once, so FLOPs and bytes of the whole loss need the loop unrolled.
+_UNROLL = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,10 +44,7 @@ class _Config:
 
     divergence: str | None  # "tad", "kl" or None (CLM only)
     clm: bool
-    top_k: int
-    beta: float
-    temperature: float
-    eps_alpha: float
+    tad: core.TADConfig  # K, β, τ, eps_alpha, β scope (K = 0 and β = 1 for "kl")
     chunk_size: int
     softcap: float | None
     reduction: str
@@ -87,33 +55,23 @@ class _Config:
 
 
 def _check_scalars(cfg: _Config, vocab: int) -> _Config:
-    """Checks the static settings (the same checks as `tad_divergence`); returns them as floats."""
-    if (
-        isinstance(cfg.chunk_size, bool)
-        or not isinstance(cfg.chunk_size, int)
-        or cfg.chunk_size < 1
-    ):
+    """Checks the settings not covered by `TADConfig`; returns them with the soft-cap a float."""
+    size = cfg.chunk_size
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(
             f"chunk_size must be an integer >= 1 (tokens per step), got {cfg.chunk_size!r}"
         )
     losses._check_reduction(cfg.reduction)
-    cap = cfg.softcap
-    if cap is not None:
-        cap = losses._check_positive("final_logit_softcap (None for no cap)", cap)
-    cfg = dataclasses.replace(cfg, softcap=cap)
-    if cfg.divergence is None:
-        return cfg
-    if cfg.divergence not in _DIVERGENCES:
+    if cfg.divergence is not None and cfg.divergence not in _DIVERGENCES:
         raise ValueError(
             f"divergence must be one of {_DIVERGENCES} when fused, got {cfg.divergence!r}"
         )
-    tau = losses._check_positive("temperature", cfg.temperature)
-    if cfg.divergence == "kl":
-        return dataclasses.replace(cfg, temperature=tau)
-    losses._check_top_k(cfg.top_k, vocab)
-    beta = losses._check_positive("beta", cfg.beta)
-    eps = losses._check_positive("eps_alpha", cfg.eps_alpha)
-    return dataclasses.replace(cfg, temperature=tau, beta=beta, eps_alpha=eps)
+    if cfg.divergence == "tad":
+        cfg.tad.check_vocab(vocab)
+    cap = cfg.softcap
+    if cap is not None:
+        cap = losses._check_positive("final_logit_softcap (None for no cap)", cap)
+    return dataclasses.replace(cfg, softcap=cap)
 
 
 def _check_head(who: str, hidden, head, bias) -> int:
@@ -134,13 +92,16 @@ def _check_head(who: str, hidden, head, bias) -> int:
     return head.shape[1]
 
 
-def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets) -> _Config:
+def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _Config:
     vocab = _check_head("student", hs, ws, bs)
     if ht is not None:
         if _check_head("teacher", ht, wt, bt) != vocab:
             raise ValueError(
-                f"the heads disagree on the vocabulary: student {ws.shape} vs teacher {wt.shape}; "
-                "pad the smaller head's columns (with -inf bias) to a shared vocabulary"
+                f"the heads disagree on the vocabulary: student {ws.shape} vs teacher {wt.shape}. "
+                "Slice the larger head (and its bias) to the shared vocabulary, "
+                "head[:, :V_shared]; or, if the student's head is the smaller one, pad it with "
+                "zero columns and a student_bias of -inf on them (such entries are dropped from "
+                "both distributions)"
             )
         if ht.shape[:-1] != hs.shape[:-1]:
             raise ValueError(
@@ -148,6 +109,10 @@ def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets) -> _Config:
             )
     if mask is not None and mask.shape != hs.shape[:-1]:
         raise ValueError(f"mask must have shape [..., T] = {hs.shape[:-1]}, got {mask.shape}")
+    if cfg.divergence == "tad" and cfg.tad.beta_scope == "segment" and (
+            segment_ids is None or segment_ids.shape != hs.shape[:-1]):
+        raise ValueError(f'beta_scope="segment" needs segment_ids of shape [..., T] = '
+                         f"{hs.shape[:-1]} (the document of each position)")
     if targets is not None:
         if targets.shape != hs.shape[:-1]:
             raise ValueError(
@@ -244,118 +209,54 @@ def _logits(h_md, w_dv, b_v, softcap):
     return softcap * tz, 1.0 - tz * tz
 
 
-def _drop_top(x_mv, idx_mk, fill):
-    """x with its top-K entries replaced by `fill`, by scattering the indices.
-
-    Measured on XLA CPU ([256, 32000]): scattering into the values (or into a float32 0/1 tail
-    weight) is 3-5x faster than a boolean membership mask followed by `where`, and far faster than
-    comparing against an iota per index or `t >= kth_value` (see the spec).
-    """
-    if idx_mk.shape[-1] == 0:  # K = 0: nothing is in the top set
-        return x_mv
-    return x_mv.at[jnp.arange(idx_mk.shape[0])[:, None], idx_mk].set(fill)
-
-
-def _teacher_stats(lt_mv, top_k: int):
-    """Top-K indices, log-partition and log tail mass of tempered teacher logits."""
-    if top_k == 0:  # the tail is the whole vocabulary: α_T = 1
-        idx = jnp.zeros(lt_mv.shape[:-1] + (0,), jnp.int32)
-    else:
-        _, idx = jax.lax.top_k(lt_mv, top_k)
-    lse = losses._lse(lt_mv)
-    # log α_T from the log-sum-exp of the tail, never as log(1 - top mass) (cancellation).
-    log_at = losses._lse(_drop_top(lt_mv, idx, -jnp.inf)) - lse
-    return idx, lse, log_at
-
-
-def _gamma(log_at_rt, mask_rt, cfg: _Config):
-    """β(X) − 1 per position [R, T] (`losses._beta_x`: ᾱ over the row's valid positions)."""
-    beta_x_r = losses._beta_x(log_at_rt, mask_rt, cfg.beta, cfg.eps_alpha)
-    return jnp.broadcast_to(beta_x_r[:, None] - 1.0, mask_rt.shape)
-
-
-def _div_terms(ls_mv, lt_mv, lse_t_m, idx_mk, log_at_m):
-    """KL, α_T·D_KL2 per token and their gradients w.r.t. the tempered student logits.
-
-    Returns (kl_m, tail_m, g_kl_mv, g_tail_mv); the tail pieces are None for plain KL
-    (`idx_mk` None).
-    """
-    logp_s = jax.nn.log_softmax(ls_mv, axis=-1)
-    logp_t = lt_mv - lse_t_m[..., None]
-    p_s, p_t = jnp.exp(logp_s), jnp.exp(logp_t)
-    # 0 · log 0 = 0: positions where the teacher puts no mass (e.g. -inf padded vocabulary).
-    terms = jnp.where(p_t > 0, p_t * (logp_t - logp_s), 0.0)
-    kl = terms.sum(-1)
-    if idx_mk is None:
-        return kl, None, p_s - p_t, None
-    tail_w = _drop_top(jnp.ones_like(p_t), idx_mk, 0.0)  # 1 on the tail, 0 on the top-K
-    # log α_S from the tail's own log-sum-exp (finite even when the tail underflows p_S); its
-    # exponentials e_i = exp(z_i − max_tail) also give α_T·p̃_S,i = e_i · α_T / Σe (no 2nd exp).
-    logp_s_tail = _drop_top(logp_s, idx_mk, -jnp.inf)
-    max_tail = jnp.max(logp_s_tail, axis=-1)
-    max_tail = jnp.where(jnp.isfinite(max_tail), max_tail, 0.0)
-    e = jnp.exp(logp_s_tail - max_tail[:, None])
-    log_sum_e = jnp.log(e.sum(-1))
-    log_as = max_tail + log_sum_e
-    has_tail = log_at_m > -jnp.inf  # α_T = 0: the tail term is 0, not NaN
-    log_ratio = jnp.where(has_tail, log_at_m - log_as, 0.0)
-    tail_kl = (tail_w * terms).sum(-1)
-    tail = jnp.where(has_tail, tail_kl - jnp.exp(log_at_m) * log_ratio, 0.0)
-    # ∂(α_T D_KL2)/∂z_i = p_S,i α_T/α_S − p_T,i on the tail, 0 on the top-K.
-    scale = jnp.where(has_tail, jnp.exp(log_at_m - log_sum_e), 0.0)
-    g_tail = e * scale[:, None] - tail_w * p_t
-    return kl, tail, p_s - p_t, g_tail
+def _gamma(log_at_rt, mask_rt, seg_rt, cfg: _Config):
+    """β(X) − 1 per position [R, T] (0 for plain KL)."""
+    if cfg.divergence == "kl":
+        return jnp.zeros_like(log_at_rt)
+    return core.beta_x(log_at_rt, mask_rt, cfg.tad, seg_rt) - 1.0
 
 
 def _clm_terms(zs_mv, y_m):
     """Cross-entropy per token and its gradient w.r.t. the (untempered) student logits."""
-    logp = jax.nn.log_softmax(zs_mv, axis=-1)
+    logp = core.log_softmax(zs_mv)
     nll = -jnp.take_along_axis(logp, y_m[..., None], axis=-1)[..., 0]
     onehot = jnp.arange(zs_mv.shape[-1]) == y_m[..., None]
     return nll, jnp.exp(logp) - onehot
 
 
-def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool, defer: bool):
+def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
     """One scan step on m tokens: per-token losses [m] and, if wanted, dz of raw logits [m, V].
 
-    β(X) comes from `xs["gamma"]` (pre-pass), from the chunk itself (it holds whole rows), or, if
-    `defer`, is not known yet: then the KL and tail parts stay apart (losses "kl"/"tail", and dz
-    as a pair) for `_run` to combine once ᾱ(X) is known.
+    γ = β(X) − 1 comes from `xs["gamma"]` (pre-pass) or from the chunk itself (whole rows).
     """
     ws, bs, wt, bt = params
     zs, dcap = _logits(xs["hs"], ws, bs, cfg.softcap)
-    out, dzs = {}, [jnp.zeros_like(zs)]
+    out, dz = {}, jnp.zeros_like(zs)
+    w = xs.get("w")
     if cfg.divergence is not None:
-        tau = cfg.temperature
-        lt, _ = _logits(xs["ht"], wt, bt, cfg.softcap)
-        lt = lt / tau
-        if cfg.divergence == "tad" and "idx" not in xs:  # no pre-pass
-            idx, lse_t, log_at = _teacher_stats(lt, cfg.top_k)
-            xs = dict(xs, idx=idx, lse_t=lse_t, log_at=log_at)
-            if not defer:  # the chunk holds whole rows
-                gamma = _gamma(log_at.reshape(rows, -1), xs["mask"].reshape(rows, -1), cfg)
-                xs["gamma"] = gamma.reshape(-1)
-        lse_t = xs["lse_t"] if "lse_t" in xs else losses._lse(lt)
-        kl, tail, g_kl, g_tail = _div_terms(zs / tau, lt, lse_t, xs.get("idx"), xs.get("log_at"))
-        # τ² · (KL + (β(X) − 1) α_T D_KL2) = τ² · (D_KL1 + β(X) α_T D_KL2).
-        if defer:
-            out.update(kl=tau * tau * kl, tail=tau * tau * tail, log_at=xs["log_at"])
-        else:
-            out["div"] = tau * tau * (kl if tail is None else kl + xs["gamma"] * tail)
-        if want_grad:
-            w = (tau * xs["w"])[:, None]  # τ² · ∂/∂(z/τ) · 1/τ
-            if defer:
-                dzs = [dzs[0] + w * g_kl, w * g_tail]
-            else:
-                g = g_kl if g_tail is None else g_kl + xs["gamma"][:, None] * g_tail
-                dzs[0] = dzs[0] + w * g
+        tau = cfg.tad.temperature
+        # Student -inf entries are only those of a -inf bias, merged into bt by `_run`.
+        a, b = core.tempered_pair(zs, _logits(xs["ht"], wt, bt, cfg.softcap)[0], tau, merge=False)
+        head = core.teacher_head(b, cfg.tad.top_k)
+        terms = core.token_terms(a, b, head)
+        gamma = xs.get("gamma")
+        if gamma is None:  # the chunk holds whole rows
+            seg = xs.get("seg")
+            gamma = _gamma(terms.log_alpha_t.reshape(rows, -1), xs["mask"].reshape(rows, -1),
+                           None if seg is None else seg.reshape(rows, -1), cfg).reshape(-1)
+        # τ² · (D_KL1 + β(X) α_T D_KL2)
+        tail = jnp.exp(terms.log_alpha_t) * terms.kl2
+        out["div"] = tau * tau * (terms.kl1 + (1.0 + gamma) * tail)
+        if want_grad:  # τ² · ∂/∂(z/τ) · 1/τ
+            dz = dz + (tau * w)[:, None] * core.token_grad(a, b, head, terms, gamma)
     if cfg.clm:
         out["clm"], g_clm = _clm_terms(zs, xs["targets"])
         if want_grad:
-            dzs[0] = dzs[0] + xs["w"][:, None] * g_clm
-    if want_grad and dcap is not None:
-        dzs = [dz * dcap for dz in dzs]
-    return out, dzs
+            dz = dz + w[:, None] * g_clm
+    if want_grad:
+        # where, not a product: a weight-0 (masked) position must not pass on a NaN or inf.
+        dz = jnp.where(w[:, None] != 0, dz if dcap is None else dz * dcap, 0.0)
+    return out, dz
 
 
 # ----------------------------------------------------------------------------- scans
@@ -367,7 +268,7 @@ def _take(x_rncd, i):
     return x.reshape(-1, x.shape[-1])
 
 
-def _prepare(cfg: _Config, hs, ht, mask, targets):
+def _prepare(cfg: _Config, hs, ht, mask, targets, seg):
     """The hidden states as blocks [a, n, c, d], per-token inputs as chunks [n, m], the mask."""
     t = hs.shape[-2]
     rows = math.prod(hs.shape[:-2])
@@ -379,109 +280,83 @@ def _prepare(cfg: _Config, hs, ht, mask, targets):
     small = {"i": jnp.arange(lay.n), "mask": _to_chunks(lay, mask_rt)}
     if targets is not None:
         small["targets"] = _to_chunks(lay, targets.reshape(rows, t).astype(jnp.int32))
-    return lay, big, small, mask_rt
+    seg_rt = None
+    if seg is not None and cfg.tad.beta_scope == "segment":
+        seg_rt = seg.reshape(rows, t).astype(jnp.int32)
+        small["seg"] = _to_chunks(lay, seg_rt)
+    return lay, big, small, mask_rt, seg_rt
 
 
-def _pre_pass(cfg: _Config, lay: _Layout, wt, bt, big, small, mask_rt):
-    """Teacher statistics of every chunk (top-K indices, log-partition, log α_T) and β(X) − 1."""
+def _pre_pass(cfg: _Config, lay: _Layout, params, big, small, mask_rt, seg_rt):
+    """γ = β(X) − 1 of every position, chunked [n, m], from a pass over the teacher head only."""
+    ws, bs, wt, bt = params
 
     def body(_, i):
         lt, _ = _logits(_take(big["ht"], i), wt, bt, cfg.softcap)
-        idx, lse, log_at = _teacher_stats(lt / cfg.temperature, cfg.top_k)
-        return None, {"idx": idx, "lse_t": lse, "log_at": log_at}
+        b = lt / cfg.tad.temperature if cfg.tad.temperature != 1.0 else lt
+        return None, core.teacher_log_alpha(b, core.teacher_head(b, cfg.tad.top_k))
 
-    _, stats = jax.lax.scan(body, None, small["i"])
-    gamma_rt = _gamma(_from_chunks(lay, stats["log_at"]), mask_rt, cfg)
-    stats["gamma"] = _to_chunks(lay, gamma_rt)
-    return stats
+    _, log_at = jax.lax.scan(body, None, small["i"], unroll=_UNROLL)
+    return _to_chunks(lay, _gamma(_from_chunks(lay, log_at), mask_rt, seg_rt, cfg))
 
 
-def _main_pass(cfg: _Config, params, big, small, want_grad: bool, defer: bool):
-    """Scans the chunks: per-token losses [n, m] and, if wanted, (dW, dbs, dhs).
-
-    dbs/dhs hold db [V] and dh [R, n, c, d], plus, if `defer`, the tail parts: db per row [R, V]
-    and dh (the head gradient is never deferred: `defer` implies a frozen head or no gradient).
-    """
+def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
+    """Scans the chunks: per-token losses [n, m] and, if wanted, (dW, db, dh [a, n, c, d])."""
     ws = params[0]
     rows = big["hs"].shape[0]  # rows per step
     carry0 = ()
     if want_grad:  # float32 accumulators; dh is written in place, chunk by chunk
-        dbs = (jnp.zeros(ws.shape[1], _F32),) + ((jnp.zeros((rows, ws.shape[1]), _F32),) * defer)
-        dhs = (jnp.zeros(big["hs"].shape, _F32),) * (1 + defer)
-        carry0 = (jnp.zeros(ws.shape if cfg.head_grad else (), _F32), dbs, dhs)
+        carry0 = (jnp.zeros(ws.shape if cfg.head_grad else (), _F32),
+                  jnp.zeros(ws.shape[1], _F32), jnp.zeros(big["hs"].shape, _F32))
 
     def body(carry, xs_c):
         i = xs_c["i"]
         xs_c = dict(xs_c, **{k: _take(v, i) for k, v in big.items()})
-        out, dzs = _chunk(cfg, params, xs_c, rows, want_grad, defer)
+        out, dz = _chunk(cfg, params, xs_c, rows, want_grad)
         if not want_grad:
             return carry, out
-        dw, dbs, dhs = carry
+        dw, db, dh = carry
         if cfg.head_grad:  # skipped for a frozen head: a third of the student's head FLOPs
             hs = xs_c["hs"].astype(_F32)
-            dw = dw + jnp.einsum("md,mv->dv", hs, dzs[0], preferred_element_type=_F32)
-        new_dbs, new_dhs = [], []
-        for db, dh, dz in zip(dbs, dhs, dzs, strict=True):
-            new_dbs.append(db + dz.reshape(db.shape[:-1] + (-1, dz.shape[-1])).sum(-2))
-            dh_md = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
-            dh_rcd = dh_md.reshape(rows, -1, dh.shape[-1])
-            new_dhs.append(jax.lax.dynamic_update_index_in_dim(dh, dh_rcd, i, axis=1))
-        return (dw, tuple(new_dbs), tuple(new_dhs)), out
+            dw = dw + jnp.einsum("md,mv->dv", hs, dz, preferred_element_type=_F32)
+        dh_md = jnp.einsum("mv,dv->md", dz, ws.astype(_F32), preferred_element_type=_F32)
+        dh = jax.lax.dynamic_update_index_in_dim(dh, dh_md.reshape(rows, -1, dh.shape[-1]), i,
+                                                 axis=1)
+        return (dw, db + dz.sum(0), dh), out
 
-    return jax.lax.scan(body, carry0, small)
+    return jax.lax.scan(body, carry0, small, unroll=_UNROLL)
 
 
-def _combine_deferred(cfg: _Config, lay: _Layout, out, grads, mask_rt):
-    """β(X) known at last: div = KL + (β(X) − 1)·tail per token [R, T], dh and db likewise."""
-    kl, tail, log_at = (out.pop(k) for k in ("kl", "tail", "log_at"))
-    gamma_rt = _gamma(log_at, mask_rt, cfg)
-    out["div"] = kl + gamma_rt * tail
-    if not grads:
-        return out, grads
-    dw, (db, db_tail), (dh, dh_tail) = grads
-    db = db + (gamma_rt[:, :1] * db_tail).sum(0)  # by_rows=False here: a = R
-    dh = _unblock(lay, dh) + gamma_rt[..., None] * _unblock(lay, dh_tail)
-    return out, (dw, (db,), (dh,))
-
-
-def _run(cfg: _Config, params, hs, ht, mask, targets, weights_rt, want_grad: bool):
-    """Per-token losses [R, T] and, if wanted, the gradients (dh, dW, db), in float32.
-
-    TAD with rows spanning several chunks gets β(X) from a teacher pre-pass when the head's
-    gradient is wanted, and otherwise (frozen head, or values only) defers the tail parts until
-    β(X) is known.
-    """
-    lay, big, small, mask_rt = _prepare(cfg, hs, ht, mask, targets)
-    several = cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows
-    defer = several and not (want_grad and cfg.head_grad)
-    if several and not defer:
-        small.update(_pre_pass(cfg, lay, params[2], params[3], big, small, mask_rt))
+def _run(cfg: _Config, params, hs, ht, mask, targets, seg, weights_rt, want_grad: bool):
+    """Per-token losses [R, T] and, if wanted, the gradients (dh, dW, db), in float32."""
+    lay, big, small, mask_rt, seg_rt = _prepare(cfg, hs, ht, mask, targets, seg)
+    ws, bs, wt, bt = params
+    if cfg.divergence is not None and bs is not None and cfg.softcap is None:
+        # A -inf student bias (a padded column) drops the entry from both distributions, as
+        # `tad_core.tempered_pair` does (with a soft-cap no logit is -inf).
+        bt = jnp.where(jnp.isneginf(bs), -jnp.inf, 0.0 if bt is None else bt.astype(_F32))
+        params = (ws, bs, wt, bt)
+    if cfg.divergence == "kl":
+        small["gamma"] = jnp.zeros(small["mask"].shape, _F32)
+    elif cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows:  # rows span chunks
+        small["gamma"] = _pre_pass(cfg, lay, params, big, small, mask_rt, seg_rt)
     if want_grad:
         small["w"] = _to_chunks(lay, weights_rt)
-    grads, out = _main_pass(cfg, params, big, small, want_grad, defer)
-    out = {k: _from_chunks(lay, v) for k, v in out.items()}
-    if defer:
-        out, grads = _combine_deferred(cfg, lay, out, grads, mask_rt)
-    elif want_grad:
-        dw, dbs, (dh,) = grads
-        grads = (dw, dbs, (_unblock(lay, dh),))
+    grads, out = _main_pass(cfg, params, big, small, want_grad)
     # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
-    per_tok = {k: jnp.where(mask_rt > 0, v, 0.0) for k, v in out.items() if k in ("clm", "div")}
+    per_tok = {k: jnp.where(mask_rt > 0, _from_chunks(lay, v), 0.0) for k, v in out.items()}
     if want_grad:
-        dw, (db,), (dh,) = grads
-        grads = (dh.reshape(hs.shape[:-1] + (-1,)), dw, db)
+        dw, db, dh = grads
+        grads = (_unblock(lay, dh).reshape(hs.shape[:-1] + (-1,)), dw, db)
     return per_tok, mask_rt, grads
 
 
 # ----------------------------------------------------------------------------- custom_vjp
 
 
-def _reduce(cfg: _Config, loss_rt, mask_rt, lead_shape):
-    return losses._reduce(loss_rt.reshape(lead_shape), mask_rt, cfg.reduction)
-
-
 def _outputs(cfg: _Config, per_tok, mask_rt, lead_shape):
-    parts = {k: _reduce(cfg, v, mask_rt, lead_shape) for k, v in per_tok.items()}
+    parts = {k: losses._reduce(v.reshape(lead_shape), mask_rt, cfg.reduction)
+             for k, v in per_tok.items()}
     return sum(parts.values()), parts
 
 
@@ -507,19 +382,19 @@ def _cast_grads(grads, hs, ws, bs):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _fused(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
-    per_tok, mask_rt, _ = _run(cfg, (ws, bs, wt, bt), hs, ht, mask, targets, None, False)
+def _fused(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets, seg):
+    per_tok, mask_rt, _ = _run(cfg, (ws, bs, wt, bt), hs, ht, mask, targets, seg, None, False)
     return _outputs(cfg, per_tok, mask_rt, hs.shape[:-1])
 
 
-def _fused_fwd(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
+def _fused_fwd(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets, seg):
     params = (ws, bs, wt, bt)
     if cfg.reduction == "none":  # per-token cotangent: the backward pass runs the scan again
-        per_tok, mask_rt, _ = _run(cfg, params, hs, ht, mask, targets, None, False)
-        res = (params, hs, ht, mask, targets)
+        per_tok, mask_rt, _ = _run(cfg, params, hs, ht, mask, targets, seg, None, False)
+        res = (params, hs, ht, mask, targets, seg)
     else:  # scalar cotangent: the gradient is computed now and only scaled later
         w_rt = _weights(cfg, mask, hs)
-        per_tok, mask_rt, grads = _run(cfg, params, hs, ht, mask, targets, w_rt, True)
+        per_tok, mask_rt, grads = _run(cfg, params, hs, ht, mask, targets, seg, w_rt, True)
         # float32 residuals, cast once after scaling (casting twice would round bf16 twice).
         res = (grads, _dtypes_like(hs, ws, bs))
     return _outputs(cfg, per_tok, mask_rt, hs.shape[:-1]), res
@@ -529,299 +404,100 @@ def _fused_bwd(cfg: _Config, res, cts):
     # Only the total carries a gradient: the public functions stop the gradient of the parts.
     ct = cts[0]
     if cfg.reduction == "none":
-        params, hs, ht, mask, targets = res
+        params, hs, ht, mask, targets, seg = res
         rows = math.prod(hs.shape[:-2])
         w_rt = ct.reshape(rows, hs.shape[-2]).astype(_F32)
         w_rt = w_rt * _mask_rt(mask, *w_rt.shape)
-        _, _, grads = _run(cfg, params, hs, ht, mask, targets, w_rt, True)
+        _, _, grads = _run(cfg, params, hs, ht, mask, targets, seg, w_rt, True)
         dh, dw, db = _cast_grads(grads, hs, params[0], params[1])
     else:
         (dh, dw, db), like = res
         dh, dw, db = _cast_grads((ct * dh, ct * dw, ct * db), *like)
-    # Zero cotangents for the teacher (a constant of the loss), the mask and the targets.
-    return dh, dw, db, None, None, None, None, None
+    # Zero cotangents for the teacher (a constant of the loss), the mask, targets and segments.
+    return dh, dw, db, None, None, None, None, None, None
 
 
 _fused.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _call(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets):
-    cfg = _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets)
-    total, parts = _fused(cfg, hs, ws, bs, ht, wt, bt, mask, targets)
-    return total, jax.lax.stop_gradient(parts)
-
-
 # ----------------------------------------------------------------------------- public API
 
 
-def fused_tad_loss(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    mask=None,
-    *,
-    top_k: int = 10,
-    beta: float = 2.0,
-    temperature: float = 1.0,
-    eps_alpha: float = 1e-6,
-    chunk_size: int = 1024,
-    student_bias=None,
-    teacher_bias=None,
-    final_logit_softcap: float | None = None,
-    reduction: str = "mean",
-    student_head_grad: bool = True,
-):
-    """TAD divergence of the heads' logits, computed in token chunks (no [N, V] tensor).
+def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head, targets,
+                            mask=None, *, divergence="tad", top_k=10, beta=2.0, temperature=1.0,
+                            eps_alpha=1e-6, beta_scope="row", segment_ids=None, chunk_size=1024,
+                            student_bias=None, teacher_bias=None, final_logit_softcap=None,
+                            reduction="mean", student_head_grad=True, config=None):
+    """Eq. 4, L_CLM + L_DIV, in one chunked pass: each chunk's student logits serve both terms.
 
-    Equals `tad_divergence(softcap(h_s @ W_s + b_s), softcap(h_t @ W_t + b_t), mask, ...)` in value
-    and in its gradients w.r.t. the student's hidden states, head and bias, with the exact per-row
-    β(X) of TAD_SPEC.md even when a row spans several chunks (teacher pre-pass, see the module doc).
+    Equals `losses.distillation_loss(softcap(h_s W_s + b_s), softcap(h_t W_t + b_t), targets, mask,
+    ...)` (without the cosine term) in value and in its gradients w.r.t. the student's hidden
+    states, head and bias, with the exact β(X) of TAD_SPEC.md even when a row spans chunks.
 
     Args:
         student_hidden: final student hidden states [..., T, d_s] (after the last norm).
         student_head: student output head [d_s, V] (a tied embedding table transposed).
         teacher_hidden: final teacher hidden states [..., T, d_t]; a constant (zero cotangent).
         teacher_head: teacher output head [d_t, V]; a constant (zero cotangent).
+        targets: int next-token ids [..., T], or None for the divergence alone.
         mask: [..., T], 1 where the position counts; None means all positions count.
-        top_k: K, the size of the teacher's top set, 0 <= K < V.
-        beta: β > 0 of Eq. 3.
-        temperature: τ > 0; the divergence is multiplied by τ².
-        eps_alpha: floor of the mean teacher tail mass ᾱ(X) in β(X) = β / max(ᾱ(X), eps_alpha).
-        chunk_size: tokens per scan step (summed over the rows; each step takes
-            max(1, chunk_size // rows) positions of every row). Peak memory ~ chunk_size × V floats.
-        student_bias: optional [V] bias of the student head.
-        teacher_bias: optional [V] bias of the teacher head.
+        divergence: "tad", "kl" (vanilla KD), or None (CLM alone).
+        top_k, beta, temperature, eps_alpha, beta_scope: TAD's settings (`tad_core.TADConfig`);
+            τ applies to the divergence only, which is multiplied by τ².
+        segment_ids: int [..., T], the document of each position (beta_scope "segment").
+        chunk_size: tokens per scan step (summed over the rows; each step takes whole rows when
+            T <= chunk_size, else max(1, chunk_size // rows) positions of every row). Peak memory
+            ~ chunk_size × V floats.
+        student_bias, teacher_bias: optional [V] biases of the heads (a -inf student bias drops
+            the entry from both distributions: a padded vocabulary).
         final_logit_softcap: Gemma2's soft-cap c (logits = c·tanh(logits / c), before τ), or None.
         reduction: "none" ([..., T], 0 at masked positions), "sum", or "mean" (over the valid
             positions of the whole batch).
-        student_head_grad: False for a frozen head (e.g. tied to frozen embeddings): the head's
-            gradient is then not computed (zero cotangent), saving d·V FLOPs per token and a
-            [d, V] float32 accumulator.
+        student_head_grad: False for a frozen head: its gradient is not computed (zero cotangent),
+            saving d·V FLOPs per token and a [d, V] float32 accumulator.
+        config: a `TADConfig` used instead of top_k/beta/temperature/eps_alpha/beta_scope.
 
     Returns:
-        The loss: a float32 scalar, or [..., T] for reduction="none".
+        (total, {"clm": ..., "div": ...}) (only the parts that are computed); only `total`
+        carries a gradient (the parts are under `stop_gradient`).
 
     Raises:
-        ValueError: on mismatched shapes or vocabularies, chunk_size < 1, or an invalid top_k, beta,
-            temperature, eps_alpha, soft-cap or reduction.
+        ValueError: on mismatched shapes or vocabularies, chunk_size < 1, an invalid TAD setting,
+            soft-cap, reduction or divergence, or non-integer targets.
     """
-    cfg = _Config(
-        divergence="tad",
-        clm=False,
-        top_k=top_k,
-        beta=beta,
-        temperature=temperature,
-        eps_alpha=eps_alpha,
-        chunk_size=chunk_size,
-        softcap=final_logit_softcap,
-        reduction=reduction,
-        head_grad=student_head_grad,
-    )
-    return _call(
-        cfg,
-        student_hidden,
-        student_head,
-        student_bias,
-        teacher_hidden,
-        teacher_head,
-        teacher_bias,
-        mask,
-        None,
-    )[0]
-
-
-def fused_kl_loss(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    mask=None,
-    *,
-    temperature: float = 1.0,
-    chunk_size: int = 1024,
-    student_bias=None,
-    teacher_bias=None,
-    final_logit_softcap: float | None = None,
-    reduction: str = "mean",
-    student_head_grad: bool = True,
-):
-    """Vanilla KD, τ² · KL(p_T || p_S), of the heads' logits computed in token chunks.
-
-    Equals `kl_divergence(softcap(h_s @ W_s + b_s), softcap(h_t @ W_t + b_t), mask, ...)` in value
-    and in its gradients w.r.t. the student's hidden states, head and bias. One pass, no top_k.
-
-    Args:
-        student_hidden: final student hidden states [..., T, d_s].
-        student_head: student output head [d_s, V].
-        teacher_hidden: final teacher hidden states [..., T, d_t]; a constant (zero cotangent).
-        teacher_head: teacher output head [d_t, V]; a constant (zero cotangent).
-        mask: [..., T], 1 where the position counts; None means all positions count.
-        temperature: τ > 0; the divergence is multiplied by τ².
-        chunk_size: tokens per scan step (see `fused_tad_loss`).
-        student_bias: optional [V] bias of the student head.
-        teacher_bias: optional [V] bias of the teacher head.
-        final_logit_softcap: Gemma2's soft-cap (before τ), or None.
-        reduction: "none", "sum" or "mean" (as in `fused_tad_loss`).
-        student_head_grad: False for a frozen head (see `fused_tad_loss`).
-
-    Returns:
-        The loss: a float32 scalar, or [..., T] for reduction="none".
-
-    Raises:
-        ValueError: on mismatched shapes or vocabularies, chunk_size < 1, or an invalid temperature,
-            soft-cap or reduction.
-    """
-    cfg = _Config(
-        divergence="kl",
-        clm=False,
-        top_k=0,
-        beta=1.0,
-        temperature=temperature,
-        eps_alpha=1.0,
-        chunk_size=chunk_size,
-        softcap=final_logit_softcap,
-        reduction=reduction,
-        head_grad=student_head_grad,
-    )
-    return _call(
-        cfg,
-        student_hidden,
-        student_head,
-        student_bias,
-        teacher_hidden,
-        teacher_head,
-        teacher_bias,
-        mask,
-        None,
-    )[0]
-
-
-def fused_causal_lm_loss(
-    student_hidden,
-    student_head,
-    targets,
-    mask=None,
-    *,
-    chunk_size: int = 1024,
-    student_bias=None,
-    final_logit_softcap: float | None = None,
-    reduction: str = "mean",
-    student_head_grad: bool = True,
-):
-    """Cross-entropy of the next tokens under the head's logits, computed in token chunks.
-
-    Equals `causal_lm_loss(softcap(h @ W + b), targets, mask, ...)`: `targets` are already the next
-    tokens, aligned with `student_hidden` (no shift here). No temperature.
-
-    Args:
-        student_hidden: final hidden states [..., T, d].
-        student_head: output head [d, V].
-        targets: int token ids [..., T] in [0, V).
-        mask: [..., T], 1 where the position counts; None means all positions count.
-        chunk_size: tokens per scan step (see `fused_tad_loss`).
-        student_bias: optional [V] bias of the head.
-        final_logit_softcap: Gemma2's soft-cap, or None.
-        reduction: "none", "sum" or "mean" (as in `fused_tad_loss`).
-        student_head_grad: False for a frozen head (see `fused_tad_loss`).
-
-    Returns:
-        The loss: a float32 scalar, or [..., T] for reduction="none".
-
-    Raises:
-        ValueError: on mismatched shapes, non-integer targets, chunk_size < 1, an invalid soft-cap
-            or reduction.
-    """
-    cfg = _Config(
-        divergence=None,
-        clm=True,
-        top_k=0,
-        beta=1.0,
-        temperature=1.0,
-        eps_alpha=1.0,
-        chunk_size=chunk_size,
-        softcap=final_logit_softcap,
-        reduction=reduction,
-        head_grad=student_head_grad,
-    )
-    return _call(cfg, student_hidden, student_head, student_bias, None, None, None, mask, targets)[
-        0
-    ]
-
-
-def fused_distillation_loss(
-    student_hidden,
-    student_head,
-    teacher_hidden,
-    teacher_head,
-    targets,
-    mask=None,
-    *,
-    divergence: str = "tad",
-    top_k: int = 10,
-    beta: float = 2.0,
-    temperature: float = 1.0,
-    eps_alpha: float = 1e-6,
-    chunk_size: int = 1024,
-    student_bias=None,
-    teacher_bias=None,
-    final_logit_softcap: float | None = None,
-    reduction: str = "mean",
-    student_head_grad: bool = True,
-):
-    """Eq. 4, L_CLM + L_DIV, in one chunked pass: each chunk's student logits serve both terms.
-
-    Equals `distillation_loss(student_logits, teacher_logits, targets, mask, divergence=...)` of
-    `tad_jax.losses` without the cosine term (add `cosine_hidden_loss` separately if wanted).
-
-    Args:
-        student_hidden: final student hidden states [..., T, d_s].
-        student_head: student output head [d_s, V].
-        teacher_hidden: final teacher hidden states [..., T, d_t]; a constant (zero cotangent).
-        teacher_head: teacher output head [d_t, V]; a constant (zero cotangent).
-        targets: int next-token ids [..., T].
-        mask: [..., T], 1 where the position counts; None means all positions count.
-        divergence: "tad" or "kl" (vanilla KD).
-        top_k: K of TAD.
-        beta: β of TAD.
-        temperature: τ of the divergence (the CLM term is at τ = 1).
-        eps_alpha: floor of ᾱ(X) in TAD.
-        chunk_size: tokens per scan step (see `fused_tad_loss`).
-        student_bias: optional [V] bias of the student head.
-        teacher_bias: optional [V] bias of the teacher head.
-        final_logit_softcap: Gemma2's soft-cap (before τ), or None.
-        reduction: "none", "sum" or "mean".
-        student_head_grad: False for a frozen head (see `fused_tad_loss`).
-
-    Returns:
-        (total, {"clm": ..., "div": ...}); only `total` carries a gradient (the parts are
-        reported under `stop_gradient`, so differentiate the total).
-
-    Raises:
-        ValueError: on any invalid argument, as the single-term functions.
-    """
-    if divergence not in _DIVERGENCES:
+    if divergence not in _DIVERGENCES + (None,):
         raise ValueError(f"divergence must be one of {_DIVERGENCES} when fused, got {divergence!r}")
-    cfg = _Config(
-        divergence=divergence,
-        clm=True,
-        top_k=top_k,
-        beta=beta,
-        temperature=temperature,
-        eps_alpha=eps_alpha,
-        chunk_size=chunk_size,
-        softcap=final_logit_softcap,
-        reduction=reduction,
-        head_grad=student_head_grad,
-    )
-    return _call(
-        cfg,
-        student_hidden,
-        student_head,
-        student_bias,
-        teacher_hidden,
-        teacher_head,
-        teacher_bias,
-        mask,
-        targets,
-    )
+    tad = config or core.TADConfig(top_k, beta, temperature, eps_alpha, beta_scope)
+    if divergence == "kl":  # the kernel at K = 0, β = 1 is KL exactly
+        tad = core.TADConfig(top_k=0, beta=1.0, temperature=tad.temperature)
+    cfg = _Config(divergence, targets is not None, tad, chunk_size, final_logit_softcap, reduction,
+                  student_head_grad)
+    args = (student_hidden, student_head, student_bias, teacher_hidden, teacher_head,
+            teacher_bias, mask, targets, segment_ids)
+    cfg = _check_inputs(cfg, *args)
+    total, parts = _fused(cfg, *args)
+    return total, jax.lax.stop_gradient(parts)
+
+
+def fused_tad_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, **kw):
+    """TAD of the heads' logits in token chunks: `fused_distillation_loss` without the CLM term.
+
+    Keyword arguments, errors and the exactness claim as `fused_distillation_loss`; returns the
+    float32 loss (scalar, or [..., T] for reduction="none").
+    """
+    return fused_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head,
+                                   None, mask, divergence="tad", **kw)[0]
+
+
+def fused_kl_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, **kw):
+    """Vanilla KD, τ²·KL(p_T || p_S), in token chunks (as `fused_tad_loss`, no top-K)."""
+    return fused_distillation_loss(student_hidden, student_head, teacher_hidden, teacher_head,
+                                   None, mask, divergence="kl", **kw)[0]
+
+
+def fused_causal_lm_loss(student_hidden, student_head, targets, mask=None, **kw):
+    """Cross-entropy of the next tokens (`targets`, already shifted) under the head's logits, in
+    token chunks: `losses.causal_lm_loss(softcap(h W + b), targets, mask)`. Keyword arguments:
+    chunk_size, student_bias, final_logit_softcap, reduction, student_head_grad."""
+    return fused_distillation_loss(student_hidden, student_head, None, None, targets, mask,
+                                   divergence=None, **kw)[0]

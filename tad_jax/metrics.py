@@ -1,6 +1,9 @@
 """Streaming evaluation metrics of a student against its teacher (TAD_SPEC.md, "Evaluation
 metrics").
 
+The log-softmax, top-K (ties: lowest index) and KL come from `tad_core`, the loss's kernel. The
+teacher's padded entries follow its convention: a student -inf entry is dropped from both.
+
 `eval_sums` reduces one batch of logits to a small dict of float32 sums (scalars and one [M] vector
 per Full-ECE bin statistic); sums of several batches add up key by key (`add_sums`), and `finalize`
 turns the total into the metrics of the whole split. Nothing of size [N, V] ever leaves the device,
@@ -16,39 +19,27 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tad_jax import tad_core as core
+
 DEFAULT_TAIL_KS = (1, 2, 5, 10, 20, 50)
-
-
-def _log_softmax(x_btv):
-    """float32 log-softmax; a -inf (padded) vocabulary entry gets log-probability -inf, not NaN."""
-    x_btv = x_btv.astype(jnp.float32)
-    m_bt = jnp.max(x_btv, axis=-1, keepdims=True)
-    m_bt = jnp.where(jnp.isfinite(m_bt), m_bt, 0.0)
-    z_btv = x_btv - m_bt
-    return z_btv - jnp.log(jnp.sum(jnp.exp(z_btv), axis=-1, keepdims=True))
 
 
 def _tail_mass_sums(lpt_btv, mask_bt, tail_ks):
     """Σ_t m_t α_T(K)(t) for each K, exactly (no 1 − Σ top-K cancellation).
 
-    α(Kmax) is a logsumexp over the vocabulary with the top-Kmax entries masked to -inf; each
-    smaller K adds the sorted top probabilities between K and Kmax to it. K ≥ V gives 0 (no tail).
+    α(Kmax) is the teacher's log tail mass of `tad_core` (a logsumexp over the tail, the head
+    told apart by value, as in the loss); each smaller K adds the sorted top probabilities between
+    K and Kmax to it. K ≥ V gives 0 (no tail).
     """
     vocab = lpt_btv.shape[-1]
     k_max = min(max(tail_ks), vocab)
-    top_lp_btk, top_idx_btk = jax.lax.top_k(lpt_btv, k_max)
+    top_lp_btk, top_idx_btk = core.top_k(lpt_btv, k_max)
     if k_max < vocab:
-        lead_shape = top_idx_btk.shape[:-1]
-        flat_idx = top_idx_btk.reshape(-1, k_max)
-        rows = jnp.arange(flat_idx.shape[0])[:, None]
-        in_top = jnp.zeros((flat_idx.shape[0], vocab), bool).at[rows, flat_idx].set(True)
-        in_top_btv = in_top.reshape(lead_shape + (vocab,))
-        alpha_max_bt = jnp.exp(jax.nn.logsumexp(jnp.where(in_top_btv, -jnp.inf, lpt_btv), -1))
-        alpha_max_bt = jnp.nan_to_num(alpha_max_bt)  # an all -inf tail is mass 0
+        log_alpha_bt = core.teacher_log_alpha(lpt_btv, core.head_of(top_lp_btk, top_idx_btk))
+        alpha_max_bt = jnp.nan_to_num(jnp.exp(log_alpha_bt))  # an all -inf tail is mass 0
     else:
         alpha_max_bt = jnp.zeros(lpt_btv.shape[:-1], jnp.float32)
     top_p_btk = jnp.exp(top_lp_btk)
@@ -71,7 +62,7 @@ def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
     of the position's total mass. That is ~6x faster on XLA CPU than M masked passes over [N, V].
     """
     vocab = lps_btv.shape[-1]
-    top_p_btk = jnp.exp(jax.lax.top_k(lps_btv, min(ece_bins, vocab))[0])
+    top_p_btk = jnp.exp(core.top_k(lps_btv, min(ece_bins, vocab))[0])
     top_bin_btk = _bin_of(top_p_btk, ece_bins)
     total_bt = jnp.sum(jnp.exp(lps_btv), axis=-1)  # ≈ 1; summed rather than assumed
     weighted_btk = jnp.where(mask_bt[..., None] > 0, top_p_btk, 0.0)
@@ -134,15 +125,13 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
     _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins)
     mask_bt = (jnp.asarray(mask) != 0).astype(jnp.float32)
     targets_bt = jnp.asarray(targets).astype(jnp.int32)
-    lps_btv = _log_softmax(student_logits)
-    lpt_btv = _log_softmax(teacher_logits)
+    s_btv, t_btv = core.tempered_pair(student_logits, teacher_logits, 1.0)
+    lps_btv, lpt_btv = core.log_softmax(s_btv), core.log_softmax(t_btv)
     # jnp.argmax, not top_k's first index: using top_k's indices made XLA CPU ~50x slower here.
     s_top_bt, t_top_bt = jnp.argmax(lps_btv, -1), jnp.argmax(lpt_btv, -1)
     tail = _tail_mass_sums(lpt_btv, mask_bt, tuple(tail_ks))
     ece = _full_ece_sums(lps_btv, targets_bt, mask_bt, int(ece_bins))
-    # Same formula as losses.kl_divergence (0·log 0 = 0 for -inf padded entries), on the
-    # log-softmaxes already at hand rather than recomputing them.
-    kl_bt = jnp.sum(jnp.where(lpt_btv > -jnp.inf, jnp.exp(lpt_btv) * (lpt_btv - lps_btv), 0.0), -1)
+    kl_bt = core.token_terms(s_btv, t_btv, None).kl  # the loss's kernel, K = 0
     sums = {
         "count": jnp.sum(mask_bt),
         "kl": _valid_sum(kl_bt, mask_bt),

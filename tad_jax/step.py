@@ -123,8 +123,10 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
     """
     lo = config.loss
     accum = int(config.opt.grad_accum_steps)
-    use_hidden = lo.cosine_weight > 0
     head_trainable = _head_trainable(student_model.config, mask)
+    # Built once from the config: the step itself never branches on fused / unfused.
+    make = _fused_loss if lo.fused else _unfused_loss
+    loss_fn = make(lo, student_model.config, teacher_model.config, vocab_size, head_trainable)
 
     def micro_loss(train_p, frozen_p, mb, teacher_params):
         params = merge_trainable(train_p, frozen_p)
@@ -140,20 +142,7 @@ def make_train_step(config, student_model, teacher_model, mask, tx, schedule, vo
             return total, jnp.stack([total, parts["clm"], parts["div"], parts["cosine"]])
         t_out = teacher_model.apply({"params": teacher_params}, mb["input_ids"], **fwd)
         s_out = student_model.apply({"params": params}, mb["input_ids"], **fwd)
-        t_hidden = jax.lax.stop_gradient(t_out.hidden_states)
-        if lo.fused:
-            total, parts = _fused_loss(lo, student_model.config, params, s_out.hidden_states,
-                                       teacher_model.config, teacher_params, t_hidden, mb,
-                                       vocab_size, head_trainable)
-        else:
-            t_logits = jax.lax.stop_gradient(t_out.logits[..., :vocab_size])
-            total, parts = losses.distillation_loss(
-                s_out.logits[..., :vocab_size], t_logits, mb["targets"], mb["loss_mask"],
-                divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
-                temperature=lo.temperature, eps_alpha=lo.eps_alpha, jsd_weight=lo.jsd_weight,
-                cosine_weight=lo.cosine_weight,
-                student_hidden=s_out.hidden_states if use_hidden else None,
-                teacher_hidden=t_hidden if use_hidden else None, reduction="sum")
+        total, parts = loss_fn(params, s_out, teacher_params, t_out, mb)
         return total, jnp.stack([total, parts["clm"], parts["div"], parts["cosine"]])
 
     grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
@@ -193,29 +182,63 @@ def _head_trainable(student_cfg, mask) -> bool:
     return bool(mask["lm_head"]["kernel"])
 
 
-def _fused_loss(lo, s_cfg, s_params, s_hidden, t_cfg, t_params, t_hidden, mb, vocab_size,
-                head_trainable):
+def _loss_settings(lo, mb):
+    """TAD's validated settings and the segment ids they need (None for beta_scope "row")."""
+    from tad_jax.config import tad_config
+
+    tad = tad_config(lo)
+    return tad, (mb["segment_ids"] if tad.beta_scope == "segment" else None)
+
+
+def _unfused_loss(lo, s_cfg, t_cfg, vocab_size, head_trainable):
+    """Eq. 4 (+ cosine) from the models' [B, T, V] logits, sliced to the shared vocabulary."""
+    del s_cfg, t_cfg, head_trainable
+    use_hidden = lo.cosine_weight > 0
+
+    def loss_fn(s_params, s_out, t_params, t_out, mb):
+        del s_params, t_params
+        tad, seg = _loss_settings(lo, mb)
+        t_hidden = jax.lax.stop_gradient(t_out.hidden_states)
+        return losses.distillation_loss(
+            s_out.logits[..., :vocab_size], jax.lax.stop_gradient(t_out.logits[..., :vocab_size]),
+            mb["targets"], mb["loss_mask"], divergence=lo.divergence, top_k=tad.top_k,
+            beta=tad.beta, temperature=tad.temperature, eps_alpha=tad.eps_alpha,
+            beta_scope=tad.beta_scope, segment_ids=seg, jsd_weight=lo.jsd_weight,
+            cosine_weight=lo.cosine_weight,
+            student_hidden=s_out.hidden_states if use_hidden else None,
+            teacher_hidden=t_hidden if use_hidden else None, reduction="sum")
+
+    return loss_fn
+
+
+def _fused_loss(lo, s_cfg, t_cfg, vocab_size, head_trainable):
     """Eq. 4 from hidden states and output heads in token chunks (tad_jax.fused): no [B, T, V]
     logits are ever materialised. The cosine term is added here (the fused loss has none). A
     frozen head (the paper's frozen, tied embeddings) skips the [d, V] head gradient altogether."""
     from tad_jax import fused
     from tad_jax.models import lm_head
 
-    w_s, b_s = lm_head(s_cfg, s_params)
-    w_t, b_t = jax.tree.map(jax.lax.stop_gradient, lm_head(t_cfg, t_params))
     cut = lambda b: None if b is None else b[:vocab_size]
-    total, parts = fused.fused_distillation_loss(
-        s_hidden, w_s[:, :vocab_size], t_hidden, w_t[:, :vocab_size], mb["targets"],
-        mb["loss_mask"], divergence=lo.divergence, top_k=lo.top_k, beta=lo.beta,
-        temperature=lo.temperature, eps_alpha=lo.eps_alpha, chunk_size=lo.chunk_size,
-        student_bias=cut(b_s), teacher_bias=cut(b_t),
-        final_logit_softcap=s_cfg.final_logit_softcap, reduction="sum",
-        student_head_grad=head_trainable)
-    cos = jnp.zeros((), jnp.float32)
-    if lo.cosine_weight > 0:
-        cos = losses.cosine_hidden_loss(s_hidden, t_hidden, mb["loss_mask"], reduction="sum")
-        total = total + lo.cosine_weight * cos
-    return total, {"clm": parts["clm"], "div": parts["div"], "cosine": jax.lax.stop_gradient(cos)}
+
+    def loss_fn(s_params, s_out, t_params, t_out, mb):
+        tad, seg = _loss_settings(lo, mb)
+        s_hidden, t_hidden = s_out.hidden_states, jax.lax.stop_gradient(t_out.hidden_states)
+        w_s, b_s = lm_head(s_cfg, s_params)
+        w_t, b_t = jax.tree.map(jax.lax.stop_gradient, lm_head(t_cfg, t_params))
+        total, parts = fused.fused_distillation_loss(
+            s_hidden, w_s[:, :vocab_size], t_hidden, w_t[:, :vocab_size], mb["targets"],
+            mb["loss_mask"], divergence=lo.divergence, config=tad, segment_ids=seg,
+            chunk_size=lo.chunk_size, student_bias=cut(b_s), teacher_bias=cut(b_t),
+            final_logit_softcap=s_cfg.final_logit_softcap, reduction="sum",
+            student_head_grad=head_trainable)
+        cos = jnp.zeros((), jnp.float32)
+        if lo.cosine_weight > 0:
+            cos = losses.cosine_hidden_loss(s_hidden, t_hidden, mb["loss_mask"], reduction="sum")
+            total = total + lo.cosine_weight * cos
+        return total, {"clm": parts["clm"], "div": parts["div"],
+                       "cosine": jax.lax.stop_gradient(cos)}
+
+    return loss_fn
 
 
 def _split_micro(batch, accum: int, mesh):

@@ -111,7 +111,7 @@ def _assert_match(name, x, chunk_size, cap=None, tol=TOL, **kw):
 
 
 # Rows of T = 7 positions, 3 rows. chunk_size < T cuts the time axis (rows span chunks: teacher
-# pre-pass or deferred β): 3 -> 1 position per row per step (7 steps), 6 -> 2 (4 steps, the last
+# pre-pass for β(X)): 3 -> 1 position per row per step (7 steps), 6 -> 2 (4 steps, the last
 # padded). chunk_size >= T takes whole rows per step: 9 -> 1 row (3 steps), 14 -> 2 rows (2 steps,
 # a padded row), 21 and 1024 -> all 3 rows in one step.
 CHUNKS = [3, 6, 9, 14, 21, 1024]
@@ -305,6 +305,161 @@ def test_bad_targets_and_divergence_raise():
     [("tad", 6, "mean"), ("tad", 9, "none"), ("distill", 3, "sum"), ("tad", 21, "mean")],
 )
 def test_frozen_head(name, chunk_size, reduction):
-    """student_head_grad=False: β(X) deferred instead of a pre-pass; same dh and db, zero dW."""
+    """student_head_grad=False: same dh and db as the reference, and a zero dW."""
     x = _inputs(seed=10)
     _assert_match(name, x, chunk_size, top_k=K, reduction=reduction, student_head_grad=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# One kernel: ties, padding, chunking, segments (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+def _identity_head_case(t_logits, s_logits):
+    """Hidden states = one-hot rows, heads = the logits: the fused logits equal the given ones."""
+    n, v = t_logits.shape
+    h = jnp.eye(n, dtype=jnp.float32)[None]  # [1, n, n]
+    return h, jnp.asarray(s_logits, jnp.float32), h, jnp.asarray(t_logits, jnp.float32)
+
+
+def test_tie_at_kth_place_fused_equals_unfused():
+    """V=1024, K=2: teacher 5.0 at 70, 3.0 at 5 and 71 (a tie at the 2nd place), student 4.0 at 5.
+
+    The lowest index (5) wins the tie everywhere; float64 numpy reference of that head.
+    """
+    t = np.zeros((1, 1024))
+    t[0, 70], t[0, 5], t[0, 71] = 5.0, 3.0, 3.0
+    s = np.zeros((1, 1024))
+    s[0, 5] = 4.0
+    hs, ws, ht, wt = _identity_head_case(t, s)
+    unfused = losses.tad_divergence(jnp.asarray(s)[None], jnp.asarray(t)[None], top_k=2)
+    for c in (1, 7):
+        got = fused.fused_tad_loss(hs, ws, ht, wt, top_k=2, chunk_size=c)
+        np.testing.assert_allclose(got, unfused, rtol=1e-6)
+    # Reference: head I = {70, 5}; one position, so β(X) = β / α_T and L = D_KL1 + β·D_KL2.
+    pt, ps = np.exp(t - t.max()), np.exp(s - s.max())
+    pt, ps = pt / pt.sum(), ps / ps.sum()
+    head = np.zeros(1024, bool)
+    head[[70, 5]] = True
+    at, as_ = pt[0, ~head].sum(), ps[0, ~head].sum()
+    kl1 = np.sum(pt[0, head] * np.log(pt[0, head] / ps[0, head])) + at * np.log(at / as_)
+    ptt, pst = pt[0, ~head] / at, ps[0, ~head] / as_
+    kl2 = np.sum(ptt * np.log(ptt / pst))
+    np.testing.assert_allclose(unfused, kl1 + 2.0 * kl2, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [3, 5])
+def test_random_tie_heavy_rows_fused_equals_unfused(k):
+    """Integer-valued logits (many ties at the K-th place), V split in chunks or not."""
+    ks = jax.random.split(jax.random.key(k), 4)
+    v, shape = 256, (2, 6)
+    t = jnp.round(1.5 * jax.random.normal(ks[0], shape + (v,)))
+    s = jnp.round(1.5 * jax.random.normal(ks[1], shape + (v,)))
+    m = jax.random.bernoulli(ks[2], 0.8, shape)
+    want, want_g = jax.value_and_grad(losses.tad_divergence)(s, t, m, top_k=k)
+    eye = jnp.broadcast_to(jnp.eye(6, dtype=jnp.float32), shape + (6,))
+    for c in (1, 4, 12):
+        # Per-row heads: hidden = one-hot positions, head = that row's logits, as h @ W.
+        def f(s_, c=c):
+            return sum(fused.fused_tad_loss(eye[r:r + 1], s_[r], eye[r:r + 1], t[r], m[r:r + 1],
+                                            top_k=k, chunk_size=c, reduction="sum")
+                       for r in range(2)) / jnp.sum(m)
+
+        got, g = jax.value_and_grad(f)(s)
+        np.testing.assert_allclose(got, want, rtol=1e-5)
+        np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
+
+
+def test_independent_of_vocab_padding_and_chunk_size():
+    """Padding V with student -inf columns (any teacher value there) changes nothing."""
+    x = _inputs(seed=11)
+    ref = _fused("tad", x, None, 6, top_k=K)
+    ref_out, ref_g = _value_and_grads(jax.jit(ref), x)
+    for pad, c in ((0, 3), (0, 21), (27, 6), (91, 21)):
+        y = dict(x)
+        y["ws"] = jnp.concatenate([x["ws"], jnp.zeros((DS, pad))], 1)
+        y["bs"] = jnp.concatenate([x["bs"], jnp.full((pad,), -jnp.inf)])
+        y["wt"] = jnp.concatenate([x["wt"], jnp.ones((DT, pad))], 1)  # large teacher values
+        y["bt"] = jnp.concatenate([x["bt"], jnp.full((pad,), 9.0)])
+        out, g = _value_and_grads(jax.jit(_fused("tad", y, None, c, top_k=K)), y)
+        np.testing.assert_allclose(out, ref_out, **TOL)
+        np.testing.assert_allclose(g[0], ref_g[0], **TOL)
+        np.testing.assert_allclose(g[1][:, :V], ref_g[1], **TOL)
+        np.testing.assert_allclose(g[2][:V], ref_g[2], **TOL)
+        assert not np.any(np.asarray(g[1][:, V:])) and not np.any(np.asarray(g[2][V:]))
+        # The unfused loss on the same padded logits, too.
+        zs = _logits(y["hs"], y["ws"], y["bs"], None)
+        zt = _logits(y["ht"], y["wt"], y["bt"], None)
+        np.testing.assert_allclose(losses.tad_divergence(zs, zt, y["mask"], top_k=K), ref_out,
+                                   **TOL)
+
+
+def test_issue_padded_student_bias_gives_zero():
+    """hidden 1, V=3, K=1, both heads zeros, student bias [0, 0, -inf]: 0.0, not inf."""
+    h = jnp.ones((1, 1, 1))
+    w = jnp.zeros((1, 3))
+    bs = jnp.array([0.0, 0.0, -jnp.inf])
+    for div in ("tad", "kl"):
+        kw = dict(top_k=1) if div == "tad" else {}
+        f = fused.fused_tad_loss if div == "tad" else fused.fused_kl_loss
+        val, g = jax.value_and_grad(lambda hs, f=f, kw=kw: f(hs, w, h, w, student_bias=bs,
+                                                              **kw))(h)
+        assert float(val) == 0.0 and np.all(np.isfinite(g)), (div, val, g)
+    zs, zt = jnp.array([[[0.0, 0.0, -jnp.inf]]]), jnp.zeros((1, 1, 3))
+    for fn in (losses.kl_divergence, losses.reverse_kl_divergence, losses.js_divergence):
+        val, g = jax.value_and_grad(fn)(zs, zt)
+        assert abs(float(val)) < 1e-7 and np.all(np.isfinite(g)), (fn, val, g)
+    assert abs(float(losses.tad_divergence(zs, zt, top_k=1))) < 1e-7
+
+
+def test_mismatched_heads_advice_works():
+    """The error's advice (pad the student's head with zero columns and a -inf bias) gives the
+    sliced result."""
+    x = _inputs(seed=12)
+    small_w, small_b = x["ws"][:, :30], x["bs"][:30]
+    with pytest.raises(ValueError, match="-inf"):
+        fused.fused_tad_loss(x["hs"], small_w, x["ht"], x["wt"], top_k=K)
+    padded_w = jnp.concatenate([small_w, jnp.zeros((DS, V - 30))], 1)
+    padded_b = jnp.concatenate([small_b, jnp.full((V - 30,), -jnp.inf)])
+    for div, f in (("tad", fused.fused_tad_loss), ("kl", fused.fused_kl_loss)):
+        kw = dict(top_k=K) if div == "tad" else {}
+        got = f(x["hs"], padded_w, x["ht"], x["wt"], x["mask"], student_bias=padded_b,
+                teacher_bias=x["bt"], chunk_size=6, **kw)
+        want = f(x["hs"], small_w, x["ht"], x["wt"][:, :30], x["mask"], student_bias=small_b,
+                 teacher_bias=x["bt"][:30], chunk_size=6, **kw)
+        np.testing.assert_allclose(got, want, **TOL)
+
+
+def _segment_reference(log_alpha_t, mask, seg, beta, eps):
+    """β(X) per position, X = the positions of a row with the same segment id (numpy)."""
+    at, m, seg = np.exp(np.asarray(log_alpha_t, np.float64)), np.asarray(mask), np.asarray(seg)
+    out = np.zeros(at.shape)
+    for r in range(at.shape[0]):
+        for sid in np.unique(seg[r]):
+            here = seg[r] == sid
+            valid = here & (m[r] > 0)
+            mean = at[r][valid].mean() if valid.any() else 0.0
+            out[r][here] = beta / max(mean, eps)
+    return out
+
+
+@pytest.mark.parametrize("chunk_size", [3, 7, 21])
+def test_segment_scope_beta_matches_numpy_and_unfused(chunk_size):
+    x = _inputs(seed=13)
+    seg = jnp.array([[1, 1, 1, 2, 2, 3, 3], [1, 1, 1, 1, 1, 1, 1], [1, 2, 2, 2, 2, 0, 0]])
+    kw = dict(top_k=K, beta_scope="segment", segment_ids=seg)
+    zs = _logits(x["hs"], x["ws"], x["bs"], None)
+    zt = _logits(x["ht"], x["wt"], x["bt"], None)
+    comp = losses.tad_components(zs, zt, x["mask"], top_k=K, beta_scope="segment",
+                                 segment_ids=seg)
+    want_beta = _segment_reference(jnp.log(comp["alpha_t"] + (1 - x["mask"])), x["mask"], seg,
+                                   2.0, 1e-6)
+    valid = np.asarray(x["mask"]) > 0
+    np.testing.assert_allclose(np.asarray(comp["beta_x"])[valid], want_beta[valid], rtol=1e-5)
+    # Per-token loss against the numpy β(X): D_KL1 + β(X)·α_T·D_KL2.
+    want_tok = np.where(valid, comp["kl1"] + want_beta * comp["alpha_t"] * comp["kl2"], 0.0)
+    got_tok = losses.tad_divergence(zs, zt, x["mask"], reduction="none", **kw)
+    np.testing.assert_allclose(got_tok, want_tok, rtol=1e-5, atol=1e-6)
+    row_tok = losses.tad_divergence(zs, zt, x["mask"], reduction="none", top_k=K)
+    assert not np.allclose(got_tok, row_tok)  # the scope matters on this data
+    _assert_match("tad", dict(x), chunk_size, **kw)

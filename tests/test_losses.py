@@ -144,7 +144,8 @@ def test_components_and_kl_identity(x64):
     want = ref_components(s, t, m, 4, 2.0, 1.5)
     for key in ("kl1", "kl2", "alpha_t", "alpha_s"):
         np.testing.assert_allclose(c[key], jnp.where(m, want[key], 0.0), **EXACT, err_msg=key)
-    np.testing.assert_allclose(c["beta_x"], want["beta_x"], **EXACT)
+    np.testing.assert_allclose(c["beta_x"], jnp.broadcast_to(want["beta_x"][:, None], m.shape),
+                               **EXACT)
     # The spec's identity: KL = D_KL1 + α_T·D_KL2, against an independent KL.
     kl = ref_kl_bt(s, t, 1.5) / 1.5**2
     np.testing.assert_allclose(c["kl1"] + c["alpha_t"] * c["kl2"], jnp.where(m, kl, 0.0), **EXACT)
@@ -158,7 +159,7 @@ def test_beta_x_one_gives_kl(x64):
     # β = ᾱ(X) makes β(X) = 1, so TAD reduces to KL: values and gradients.
     tad = lambda s: tad_divergence(s, t, m, top_k=3, beta=abar)
     np.testing.assert_allclose(tad(s), jnp.mean(ref_kl_bt(s, t)), **EXACT)
-    np.testing.assert_allclose(tad_components(s, t, m, top_k=3, beta=abar)["beta_x"], [1.0],
+    np.testing.assert_allclose(tad_components(s, t, m, top_k=3, beta=abar)["beta_x"], [[1.0] * 6],
                                **EXACT)
     kl_grad = jax.grad(lambda s: jnp.mean(ref_kl_bt(s, t)))(s)
     np.testing.assert_allclose(jax.grad(tad)(s), kl_grad, **EXACT)
@@ -196,17 +197,18 @@ def test_k_vocab_minus_one_is_kl(x64):
     np.testing.assert_allclose(g, want, **EXACT)
 
 
-def test_two_stage_top_k_is_exact():
-    from tad_jax.losses import _top_k  # private: the fast path needs V with a chunk divisor
+def test_two_stage_top_k_is_lax_top_k():
+    # V = 1024 takes the two-stage path; ties must go to the lowest index, as lax.top_k.
+    from tad_jax.tad_core import top_k
 
     x = _logits(21, (3, 4, 1024))
     ties = jnp.round(_logits(22, (3, 4, 1024), scale=1.5))  # many equal values
-    for arr in (x, ties, jnp.where(x > 2.0, -jnp.inf, x)):
-        vals, idx = _top_k(arr, 11)
-        want_vals, _ = jax.lax.top_k(arr, 11)
-        np.testing.assert_array_equal(vals, want_vals)
-        np.testing.assert_array_equal(jnp.take_along_axis(arr, idx, -1), vals)
-        assert np.all(np.diff(np.sort(np.asarray(idx), -1), axis=-1) > 0)  # distinct indices
+    for arr in (x, ties, jnp.where(x > 2.0, -jnp.inf, x), jnp.zeros((2, 1024))):
+        for k in (1, 11, 3):
+            vals, idx = top_k(arr, k)
+            want_vals, want_idx = jax.lax.top_k(arr, k)
+            np.testing.assert_array_equal(vals, want_vals)
+            np.testing.assert_array_equal(idx, want_idx)
 
 
 def test_tad_on_a_chunked_vocabulary(x64):
@@ -251,7 +253,8 @@ def test_beta_x_uses_valid_positions_only(x64):
     s, t, m = _data(dtype=jnp.float64)
     at = ref_components(s, t, m, 3, 2.0)["alpha_t"]
     want = 2.0 / (jnp.sum(jnp.where(m, at, 0.0), -1) / jnp.sum(m, -1))
-    np.testing.assert_allclose(tad_components(s, t, m, top_k=3)["beta_x"], want, **EXACT)
+    np.testing.assert_allclose(tad_components(s, t, m, top_k=3)["beta_x"],
+                               jnp.broadcast_to(want[:, None], m.shape), **EXACT)
 
 
 @pytest.mark.parametrize("fn", [tad_divergence, kl_divergence, reverse_kl_divergence,
@@ -541,3 +544,74 @@ S = jnp.zeros((2, 3, 16))  # V = 16 > the default top_k
 def test_bad_input_raises(call, match):
     with pytest.raises(ValueError, match=match):
         call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded vocabularies, infinities, the custom_vjp, β(X) per segment (issue 11)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fn", [tad_divergence, kl_divergence, reverse_kl_divergence,
+                                js_divergence])
+def test_student_padded_vocabulary_equals_sliced(fn):
+    # The student is -inf on padded columns, the teacher anything (here large): dropped from both.
+    s, t, m = _data()
+    pad = 4
+    sp = jnp.concatenate([s, jnp.full(s.shape[:-1] + (pad,), -jnp.inf)], -1)
+    tp = jnp.concatenate([t, 8.0 + _logits(9, t.shape[:-1] + (pad,))], -1)
+    loss, g = jax.value_and_grad(fn)(sp, tp, m)
+    _finite(loss, g)
+    np.testing.assert_allclose(loss, fn(s, t, m), **F32)
+    np.testing.assert_allclose(g[..., :-pad], jax.grad(fn)(s, t, m), **F32)
+    assert np.all(np.asarray(g[..., -pad:]) == 0.0)
+
+
+def test_reverse_kl_teacher_inf_has_finite_gradient(x64):
+    # The teacher is -inf where the student has mass: RKL = +inf, the gradient is defined (that
+    # of a teacher with the smallest normal probability there), finite, never NaN.
+    s, t, m = _data(dtype=jnp.float64)
+    t = t.at[..., 3].set(-jnp.inf)
+    loss, g = jax.value_and_grad(reverse_kl_divergence)(s, t, m)
+    assert np.isposinf(float(loss))
+    assert np.all(np.isfinite(np.asarray(g)))
+    tiny = jnp.finfo(jnp.float64).tiny
+    lpt = jax.nn.log_softmax(t)
+    lpt = jnp.where(jnp.isneginf(lpt), jnp.log(tiny), lpt)
+
+    def ref(s):
+        lps = jax.nn.log_softmax(s)
+        return ref_mean(jnp.sum(jnp.exp(lps) * (lps - lpt), -1), m)
+
+    np.testing.assert_allclose(g, jax.grad(ref)(s), **EXACT)
+    assert np.all(np.asarray(g)[..., 3][np.asarray(m)] > 0)  # pushes the student off the entry
+
+
+def test_grad_uses_the_custom_vjp():
+    s, t, m = _data()
+    for fn in (tad_divergence, kl_divergence):
+        assert "custom_vjp_call" in str(jax.make_jaxpr(fn)(s, t, m)), fn.__name__
+        assert "name=_tad_eq6_grad" in str(jax.make_jaxpr(jax.grad(fn))(s, t, m)), fn.__name__
+
+
+def test_segment_scope_beta_x(x64):
+    s, t, _ = _data(shape=(2, 6, 11), dtype=jnp.float64)
+    m = jnp.array([[1, 1, 0, 1, 1, 1], [1, 1, 1, 1, 0, 0]], bool)
+    seg = jnp.array([[1, 1, 1, 2, 2, 3], [5, 5, 7, 7, 0, 0]])
+    at = ref_components(s, t, m, 3, 2.0)["alpha_t"]
+    want = np.zeros(m.shape)
+    for r in range(2):
+        for sid in np.unique(seg[r]):
+            here, valid = np.asarray(seg[r] == sid), np.asarray((seg[r] == sid) & m[r])
+            mean = float(np.asarray(at[r])[valid].mean()) if valid.any() else 0.0
+            want[r][here] = 2.0 / max(mean, 1e-6)
+    got = tad_components(s, t, m, top_k=3, beta_scope="segment", segment_ids=seg)["beta_x"]
+    np.testing.assert_allclose(got, want, **EXACT)
+    loss = tad_divergence(s, t, m, top_k=3, beta_scope="segment", segment_ids=seg,
+                          reduction="none")
+    c = ref_components(s, t, m, 3, 2.0)
+    np.testing.assert_allclose(loss, jnp.where(m, c["kl1"] + want * c["alpha_t"] * c["kl2"], 0),
+                               **EXACT)
+    with pytest.raises(ValueError, match="segment_ids"):
+        tad_divergence(s, t, m, beta_scope="segment")
+    with pytest.raises(ValueError, match="beta_scope"):
+        tad_divergence(s, t, m, beta_scope="doc")
