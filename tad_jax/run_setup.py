@@ -51,7 +51,7 @@ def check_batches(config, mesh) -> None:
     shards = sharding.batch_shards(mesh)
     sharding.check_batch_divisible(config.data.global_batch_size, mesh)
     sharding.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-    accum = config.opt.grad_accum_steps
+    accum = config.opt.grad_accum_steps or 1  # 0 (automatic) is resolved later
     if config.data.global_batch_size % (accum * shards):
         raise ValueError(
             f"data.global_batch_size={config.data.global_batch_size} must be divisible by "

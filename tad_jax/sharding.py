@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -130,8 +131,12 @@ def _environment_is_multihost() -> bool:
         return True
     if int(env.get("SLURM_NTASKS", "1")) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
         return True
-    # A multi-host TPU slice lists several workers, comma separated.
-    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    # A multi-host TPU slice lists several workers, comma separated. On a host without TPU
+    # metadata, importing jax with libtpu installed may leave a warning sentence in the variable
+    # ("WARNING: could not determine TPU worker hostnames ..., please set ..."): host names hold
+    # no spaces, so such a value names no workers.
+    hosts = [h.strip() for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return len(hosts) > 1 and not any(re.search(r"\s", h) for h in hosts)
 
 
 def unbox(tree: Any) -> Any:
