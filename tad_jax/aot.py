@@ -29,6 +29,7 @@ import numpy as np
 from tad_jax import sharding
 from tad_jax.builders import with_shardings
 from tad_jax.config import num_steps
+from tad_jax.run_setup import eval_chunk_size
 from tad_jax.step import (
     init_state,
     make_eval_step,
@@ -107,24 +108,11 @@ def compile_eval_step(config, models: Models, mesh):
     param_sh = jax.tree.map(lambda x: x.sharding, models.student_params)
     teacher_sh = jax.tree.map(lambda x: x.sharding, models.teacher_params)
     step = make_eval_step(models.student_model, models.teacher_model, models.vocab,
-                          **_eval_kwargs(config))
+                          chunk_size=eval_chunk_size(config))
     jitted = jax.jit(step, in_shardings=(param_sh, teacher_sh, batch_sh),
                      out_shardings=sharding.replicated(mesh))
     batch_abs = _abstract_batch(config.eval.batch_size, config.data.seq_len, batch_sh)
     return jitted.lower(models.student_params, models.teacher_params, batch_abs).compile()
-
-
-def _eval_kwargs(config) -> dict[str, Any]:
-    """make_eval_step's keyword arguments that the config decides (the fused path, if offered)."""
-    import inspect
-
-    params = inspect.signature(make_eval_step).parameters
-    kw = {}
-    if "fused" in params:
-        kw["fused"] = bool(config.loss.fused)
-    if "chunk_size" in params:
-        kw["chunk_size"] = int(config.loss.chunk_size)
-    return kw
 
 
 # ---------------------------------------------------------------------------------------------
