@@ -25,6 +25,8 @@ from tad_jax.step import (
     state_shardings,
 )
 
+FUSED_DIVERGENCES = ("tad", "kl")  # the divergences tad_jax.fused implements
+
 
 class Run:
     """Everything the loop needs, built by `setup_run` (models, state, compiled steps, data)."""
@@ -34,10 +36,14 @@ class Run:
 
 
 def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy with derived defaults filled in (data.tokenizer: the student's or teacher's)."""
+    """A copy with derived defaults filled in (data.tokenizer: the student's or teacher's;
+    loss.fused: False for divergences without a fused kernel, so that e.g. the paper configs'
+    baselines stay one override, --config.loss.divergence=rkl)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if not config.data.tokenizer:
         config.data.tokenizer = config.student.path or config.teacher.path
+    if config.loss.divergence not in FUSED_DIVERGENCES:
+        config.loss.fused = False
     return config
 
 
