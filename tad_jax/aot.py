@@ -99,7 +99,18 @@ def lower_train_step(config, models: Models, mesh, accum: int | None = None):
 
 def compile_train_step(config, models: Models, mesh, accum: int | None = None):
     """The train step compiled for the mesh's devices (`accum`: micro-batches; None = config's)."""
-    return lower_train_step(config, models, mesh, accum).compile()
+    return lower_train_step(config, models, mesh, accum).compile(compiler_options(mesh))
+
+
+def compiler_options(mesh) -> dict[str, Any]:
+    """XLA options for compiles on `mesh`'s platform.
+
+    GPU targets compiled without a GPU (jax 0.10.2): XLA's Triton GEMM tiling finds no tile sizes
+    for some of Phi-2's / Phi-3's matmuls ("Couldn't find output tile sizes") when no device can
+    be queried; cuBLAS GEMMs compile, so Triton GEMMs are switched off for these compiles only.
+    """
+    platform = mesh.devices.flat[0].platform if mesh is not None else ""
+    return {"xla_gpu_enable_triton_gemm": False} if platform in ("gpu", "cuda") else {}
 
 
 def compile_eval_step(config, models: Models, mesh):
@@ -112,7 +123,8 @@ def compile_eval_step(config, models: Models, mesh):
     jitted = jax.jit(step, in_shardings=(param_sh, teacher_sh, batch_sh),
                      out_shardings=sharding.replicated(mesh))
     batch_abs = _abstract_batch(config.eval.batch_size, config.data.seq_len, batch_sh)
-    return jitted.lower(models.student_params, models.teacher_params, batch_abs).compile()
+    lowered = jitted.lower(models.student_params, models.teacher_params, batch_abs)
+    return lowered.compile(compiler_options(mesh))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -170,10 +170,29 @@ def test_auto_micro_batching_picks_the_fewest_that_fit():
 
 def test_dry_run_auto_mode_on_the_host_with_a_fake_budget():
     lines = []
-    cfg = tiny_config(**{"data.global_batch_size": 16, "opt.grad_accum_steps": 0,
+    cfg = tiny_config(**{"data.global_batch_size": 4, "opt.grad_accum_steps": 0,
                          "dry_run.memory_gib": 1e-9, "dry_run.eval_step": False})
     f = dry_run(cfg, print_fn=lines.append)
     out = "\n".join(lines)
-    assert f["auto_accum"]["fits"] is False and f["grad_accum_steps"] == 16
+    assert f["auto_accum"]["fits"] is False and f["grad_accum_steps"] == 4
     assert "verdict: does not fit by" in out and "try:" in out
     assert "CPU figures" in out
+
+
+def test_training_resolves_auto_micro_batching_from_the_devices_memory(monkeypatch, capsys):
+    cfg = tiny_config(**{"data.global_batch_size": 4, "dry_run.memory_margin": 0.0})
+    mesh = sharding.make_mesh(cfg.mesh)
+    cfg, models = _abstract_models(cfg, mesh)
+    host = targets.resolve_target("")
+    with run_setup.mesh_context(mesh):
+        assert run_setup._auto_accum(cfg, models, mesh) == 1  # CPU: no limit reported
+        assert "no memory limit" in capsys.readouterr().out
+        one = aot.train_memory(cfg, models, mesh, aot.compile_train_step(cfg, models, mesh, 1),
+                               accum=1).total
+        limited = targets.Target("", "cpu", host.devices, None, one, attached=True)
+        monkeypatch.setattr(targets, "resolve_target", lambda *a, **k: limited)
+        assert run_setup._auto_accum(cfg, models, mesh) == 1  # exactly fits
+        limited = targets.Target("", "cpu", host.devices, None, one - 1, attached=True)
+        monkeypatch.setattr(targets, "resolve_target", lambda *a, **k: limited)
+        assert run_setup._auto_accum(cfg, models, mesh) > 1
+    assert "micro-batches (the fewest that fit" in capsys.readouterr().out
