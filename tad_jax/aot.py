@@ -250,7 +250,8 @@ class StepCosts(NamedTuple):
     micro_flops: float
 
 
-def step_costs(config, models: Models, accum: int | None = None) -> StepCosts:
+def step_costs(config, models: Models, accum: int | None = None, *,
+               model_flops: bool = True) -> StepCosts:
     """FLOPs of one optimizer step, every loop's trip count accounted for.
 
     Method: XLA counts a while loop's body once, so the step is not measured as compiled. One
@@ -260,7 +261,7 @@ def step_costs(config, models: Models, accum: int | None = None) -> StepCosts:
     compiler gives no cost analysis). The step's FLOPs are `accum` times that: the optimizer
     update, which runs once per step, is then counted `accum` times (about 20 FLOPs per trained
     parameter, < 0.1% of a micro-batch at the paper's sizes). The same without remat gives
-    `model_flops`.
+    `model_flops` (`model_flops=False`: not measured, reported equal to `flops`).
     """
     accum = int(config.opt.grad_accum_steps if accum is None else accum)
     micro = with_accum(config, 1)
@@ -272,7 +273,7 @@ def step_costs(config, models: Models, accum: int | None = None) -> StepCosts:
         return cost_flops(lowered)
 
     executed = measure(micro, models)
-    plain = _without_remat(models)
+    plain = _without_remat(models) if model_flops else models
     model = executed if plain is models else measure(micro, plain)
     return StepCosts(flops=executed * accum, model_flops=model * accum, micro_flops=executed)
 

@@ -172,7 +172,7 @@ def _flop_figures(config, models, accum: int) -> dict[str, float]:
     tokens = config.data.global_batch_size * config.data.seq_len
     costs = aot.step_costs(config, models, accum)
     kd_cfg = aot.with_accum(config, accum, divergence="kl")
-    kd = aot.step_costs(kd_cfg, models, accum)
+    kd = aot.step_costs(kd_cfg, models, accum, model_flops=False)
     per_tok, kd_per_tok = costs.flops / tokens, kd.flops / tokens
     n = config.dry_run.flops_tokens
     return dict(step_flops=costs.flops, step_model_flops=costs.model_flops,
