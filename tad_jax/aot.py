@@ -324,7 +324,8 @@ class AccumChoice(NamedTuple):
 
 
 def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
-                      measure: Callable[[int], float] | None = None) -> AccumChoice:
+                      measure: Callable[[int], float] | None = None,
+                      known: dict[int, float] | None = None) -> AccumChoice:
     """The smallest micro-batch count whose compiled train step fits `budget_bytes` per device.
 
     Memory falls as micro-batches shrink, so a binary search over `accum_candidates` compiles
@@ -333,6 +334,7 @@ def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
     Args:
       budget_bytes: the per-device memory the step may use (capacity less a margin).
       measure: accum -> per-device bytes (default: compile the train step and sum `MemorySplit`).
+      known: accum -> per-device bytes already measured (e.g. the configured micro-batches).
 
     Returns:
       An `AccumChoice`; `fits=False` when even one sequence per shard does not fit (then `accum` is
@@ -346,6 +348,14 @@ def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
     tried: dict[int, float] = {}
     lo, hi = 0, len(cands) - 1
     best = None
+    for a, total in (known or {}).items():  # compiles already made narrow the search
+        if a in cands:
+            tried[a] = total
+            if total <= budget_bytes:
+                best = cands.index(a) if best is None else min(best, cands.index(a))
+                hi = min(hi, cands.index(a) - 1)
+            else:
+                lo = max(lo, cands.index(a) + 1)
     while lo <= hi:
         mid = (lo + hi) // 2
         tried[cands[mid]] = measure(cands[mid])
