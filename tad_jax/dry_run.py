@@ -183,34 +183,57 @@ def _flop_figures(config, models, accum: int) -> dict[str, float]:
 
 
 def _roofline(config, target: targets.Target, mesh, f: dict[str, Any]) -> dict[str, Any]:
-    """A lower bound on the step time: max(FLOPs / peak, bytes / HBM bandwidth) per device.
+    """The roofline figures of the compiled step on the target's chip (see `roofline`).
 
-    FLOPs per device = the step's global FLOPs / devices (the batch is split evenly). Bytes per
-    device: XLA's "bytes accessed" of the compiled step where the compiler gives it (its loop bodies
-    counted once, so a lower bound), and never less than the weights each micro-batch streams
-    (teacher forward, student forward and backward: every device reads every weight it multiplies
-    by, after FSDP's all-gathers; tensor parallelism splits them).
+    Bytes per device: XLA's "bytes accessed" of the compiled step where the compiler gives it
+    (its loop bodies counted once, so a lower bound), and never less than `weight_bytes`.
     """
     if target.chip is None:
         return {}
-    flops_s, bytes_s = targets.per_device_peak(target.chip)
-    accum = f["grad_accum_steps"]
-    bytes_per_param = {"bfloat16": 2, "float16": 2, "float32": 4}
-    weights = (f["teacher_params"] * bytes_per_param[config.teacher.dtype]
-               + 2 * f["student_params"] * bytes_per_param[config.student.param_dtype])
-    stream = accum * weights / mesh.shape["tensor"]
     xla = f["train_bytes_accessed"]
+    stream = weight_bytes(config, f, mesh.shape["tensor"])
     bytes_dev = max(stream, xla if np.isfinite(xla) else 0.0)
-    t_flops = f["step_flops"] / mesh.size / flops_s
-    t_bytes = bytes_dev / bytes_s
+    return roofline(target.chip, f["step_flops"], f["step_model_flops"], bytes_dev, mesh.size,
+                    f["step_tokens"], num_steps(config))
+
+
+def weight_bytes(config, f: dict[str, Any], tensor: int = 1) -> float:
+    """Bytes of weights one device reads per step, a lower bound on its HBM traffic: each
+    micro-batch runs the teacher forward and the student forward and backward, and every device
+    reads every weight it multiplies by (after FSDP's all-gathers; tensor parallelism splits
+    them)."""
+    size = {"bfloat16": 2, "float16": 2, "float32": 4}
+    per_pass = (f["teacher_params"] * size[config.teacher.dtype]
+                + 2 * f["student_params"] * size[config.student.param_dtype])
+    return f["grad_accum_steps"] * per_pass / tensor
+
+
+def roofline(chip: targets.Chip, step_flops: float, model_flops: float, bytes_per_device: float,
+             devices: int, step_tokens: int, steps: int) -> dict[str, Any]:
+    """A lower bound on the step time: max(FLOPs / peak, bytes / HBM bandwidth) per device.
+
+    Args:
+      chip: the vendor figures (`targets.CHIPS`).
+      step_flops: the step's FLOPs on the whole batch, as executed (remat included); each device
+        runs `step_flops / devices` (the batch is split evenly).
+      model_flops: the same without rematerialisation (for the MFU bound).
+      bytes_per_device: HBM bytes one device reads and writes per step.
+      devices: JAX devices of the mesh (a v4 chip counts 2).
+      step_tokens: tokens per step; steps: steps of the run.
+
+    Returns:
+      step_time_s, bound, tokens_per_s, mfu_upper_bound (model FLOPs / (time x peak)),
+      run_steps, run_tokens, run_days, run_chip_hours, bytes_per_device.
+    """
+    flops_s, bytes_s = targets.per_device_peak(chip)
+    t_flops, t_bytes = step_flops / devices / flops_s, bytes_per_device / bytes_s
     step_s = max(t_flops, t_bytes)
-    steps = num_steps(config)
-    chips = mesh.size / target.chip.devices_per_chip
-    return dict(bytes_per_device=bytes_dev, step_time_s=step_s,
+    chips = devices / chip.devices_per_chip
+    return dict(bytes_per_device=bytes_per_device, step_time_s=step_s,
                 bound="compute" if t_flops >= t_bytes else "memory bandwidth",
-                tokens_per_s=f["step_tokens"] / step_s,
-                mfu_upper_bound=f["step_model_flops"] / (step_s * flops_s * mesh.size),
-                run_steps=steps, run_tokens=steps * f["step_tokens"],
+                tokens_per_s=step_tokens / step_s,
+                mfu_upper_bound=model_flops / (step_s * flops_s * devices),
+                run_steps=steps, run_tokens=steps * step_tokens,
                 run_days=steps * step_s / 86400, run_chip_hours=steps * step_s * chips / 3600)
 
 
