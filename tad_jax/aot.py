@@ -313,6 +313,16 @@ def accum_candidates(config, mesh) -> list[int]:
     return [a for a in range(1, per_shard + 1) if per_shard % a == 0]
 
 
+def guess_accum(split: MemorySplit, accum: int, candidates: list[int], budget_bytes: float):
+    """The fewest micro-batches predicted to fit from one compile at `accum`: the temporaries
+    scale with the micro-batch's rows (`temporaries · accum / a`), the rest stays."""
+    fixed = split.total - split.temporaries
+    for a in candidates:
+        if fixed + split.temporaries * accum / a <= budget_bytes:
+            return a
+    return candidates[-1]
+
+
 class AccumChoice(NamedTuple):
     """The chosen `opt.grad_accum_steps`, its per-device bytes, and every compile's bytes."""
 
@@ -325,7 +335,8 @@ class AccumChoice(NamedTuple):
 
 def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
                       measure: Callable[[int], float] | None = None,
-                      known: dict[int, float] | None = None) -> AccumChoice:
+                      known: dict[int, float] | None = None,
+                      guess: int | None = None) -> AccumChoice:
     """The smallest micro-batch count whose compiled train step fits `budget_bytes` per device.
 
     Memory falls as micro-batches shrink, so a binary search over `accum_candidates` compiles
@@ -335,6 +346,8 @@ def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
       budget_bytes: the per-device memory the step may use (capacity less a margin).
       measure: accum -> per-device bytes (default: compile the train step and sum `MemorySplit`).
       known: accum -> per-device bytes already measured (e.g. the configured micro-batches).
+      guess: the candidate to compile first (e.g. `guess_accum`'s); the search then walks from it
+        (two compiles when the guess is right).
 
     Returns:
       An `AccumChoice`; `fits=False` when even one sequence per shard does not fit (then `accum` is
@@ -356,13 +369,18 @@ def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
                 hi = min(hi, cands.index(a) - 1)
             else:
                 lo = max(lo, cands.index(a) + 1)
+    # With a guess: compile it, then walk to its neighbour (fits: the next fewer micro-batches,
+    # else the next more) until the boundary is found; without one: binary search.
+    nxt = cands.index(guess) if guess in cands else None
     while lo <= hi:
-        mid = (lo + hi) // 2
+        mid = nxt if nxt is not None and lo <= nxt <= hi else (lo + hi) // 2
         tried[cands[mid]] = measure(cands[mid])
         if tried[cands[mid]] <= budget_bytes:
             best, hi = mid, mid - 1
+            nxt = None if nxt is None else mid - 1
         else:
             lo = mid + 1
+            nxt = None if nxt is None else mid + 1
     if best is None:
         last = cands[-1]
         return AccumChoice(last, tried[last], tried, budget_bytes, fits=False)

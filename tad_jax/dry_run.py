@@ -122,8 +122,13 @@ def _memory_and_accum(config, models, mesh, configured, budget, print_fn) -> dic
         measure(configured)
     choice = None
     if budget is not None and (configured == 0 or config.dry_run.auto_accum):
+        guess = None
+        if configured:  # one compile predicts where to look first
+            guess = aot.guess_accum(cache[configured][1], configured,
+                                    aot.accum_candidates(config, mesh), budget)
         choice = aot.choose_grad_accum(config, models, mesh, budget, measure=measure,
-                                       known={a: c[1].total for a, c in cache.items()})
+                                       known={a: c[1].total for a, c in cache.items()},
+                                       guess=guess)
         out["auto_accum"] = dict(accum=choice.accum, fits=choice.fits,
                                  tried_gib={a: b / GIB for a, b in sorted(choice.tried.items())},
                                  budget_gib=budget / GIB)

@@ -199,3 +199,20 @@ def test_training_resolves_auto_micro_batching_from_the_devices_memory(monkeypat
         monkeypatch.setattr(targets, "resolve_target", lambda *a, **k: limited)
         assert run_setup._auto_accum(cfg, models, mesh) > 1
     assert "micro-batches (the fewest that fit" in capsys.readouterr().out
+
+
+def test_auto_micro_batching_search_with_a_guess_compiles_twice():
+    cfg = tiny_config(**{"data.global_batch_size": 16})
+    mesh = sharding.make_mesh(cfg.mesh)
+    fake = lambda a: 10.0 + 80.0 / a  # bytes: fixed + temporaries that shrink with micro-batches
+    plain = aot.choose_grad_accum(cfg, None, mesh, 35.0, measure=fake)
+    assert (plain.accum, plain.fits) == (4, True) and set(plain.tried) == {1, 2, 4}
+    split = aot.MemorySplit(2.0, 3.0, 4.0, 1.0, temporaries=5.0, outputs=0.0, code=0.0)
+    # 16 micro-batches measured: 10 fixed + 5 temporaries; 4 micro-batches -> 10 + 20 <= 35.
+    guess = aot.guess_accum(split, 16, aot.accum_candidates(cfg, mesh), 35.0)
+    assert guess == 4
+    guided = aot.choose_grad_accum(cfg, None, mesh, 35.0, measure=fake, known={16: 15.0},
+                                   guess=guess)
+    assert (guided.accum, set(guided.tried)) == (4, {16, 4, 2})
+    wrong = aot.choose_grad_accum(cfg, None, mesh, 35.0, measure=fake, guess=1)
+    assert (wrong.accum, set(wrong.tried)) == (4, {1, 2, 4})
