@@ -30,7 +30,7 @@ def main(argv):
         for c in _CHIPS.value:
             r = roofline(targets.CHIPS[c], f["step_flops"], f["step_model_flops"],
                          f["bytes_per_device"], f["devices"], f["step_tokens"], f["run_steps"])
-            cells += [f"{r['step_time_s']:.2f}", f"{r['run_days']:.1f}"]
+            cells += [f"{r['step_time_s']:.2f}", f"{r['run_days']:.2f}"]
         print("| " + " | ".join(cells) + " |")
 
 
