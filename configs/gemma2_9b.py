@@ -26,11 +26,11 @@ def get_config():
     c.loss.divergence = "tad"  # TAD (Eq. 4); "kl" for the vanilla-KD baseline.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.
-    # 256K vocabulary: --config.loss.fused=True never materialises [B, T, V] logits (8-device
-    # dry run: 70 GiB per device instead of 81.6); 512-token chunks keep its temporaries < 5% of
-    # unfused. Off by default because XLA's cost analysis counts the fused loss's chunk loop once,
-    # so the dry run's FLOP figures (the paper's Table 3 measure) are only right on the logits path.
-    c.loss.chunk_size = 512
+    # 256K vocabulary: the fused output heads + loss (tad_jax.fused) never materialise float32
+    # [tokens, V] logits (most of the unfused step's temporaries); 512-token chunks. The dry run
+    # counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).
+    c.loss.fused = True
+    c.loss.chunk_size = 512  # tokens per chunk of the fused loss.
     c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (DistilBERT-style, Sec. 3.2.2).
     c.opt.lr = 1e-4  # Adam learning rate (App. B).
     c.opt.weight_decay = 0.1  # weight decay (App. B).

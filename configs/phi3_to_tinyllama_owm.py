@@ -23,9 +23,14 @@ def get_config():
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta (Sec. 3.3: 2.0).
     c.loss.vocab_size = 32000  # the shared Llama tokenizer (Phi-3 pads to 32064).
+    # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
+    # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).
+    c.loss.fused = True
     c.opt.lr = 3e-5  # Adam learning rate for continued pretraining (App. B).
     c.opt.weight_decay = 0.1  # weight decay.
-    c.opt.grad_accum_steps = 8  # 128 sequences as 8 micro-batches of 16.
+    # 0: the fewest micro-batches whose compiled step fits the devices' memory (tad_jax.aot);
+    # fixed: e.g. --config.opt.grad_accum_steps=8 (128 sequences as 8 micro-batches of 16).
+    c.opt.grad_accum_steps = 0
     c.data.global_batch_size = 128  # sequences per step.
     c.data.seq_len = 2048  # context size.
     c.data.train_files = ""  # OpenWebMath files (open-web-math/open-web-math parquet).

@@ -22,10 +22,15 @@ def get_config():
     c.loss.beta = 2.0  # beta.
     c.loss.beta_scope = "segment"  # X of Eq. 3 = one packed example, not the whole packed row.
     c.loss.vocab_size = 32000  # the shared Llama tokenizer (Phi-3 pads to 32064).
+    # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
+    # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).
+    c.loss.fused = True
     c.opt.lr = 1e-5  # Adam learning rate for supervised distillation (App. B).
     c.opt.weight_decay = 0.1  # weight decay.
     c.opt.warmup_steps = 50  # short warmup: the student is already trained.
-    c.opt.grad_accum_steps = 2  # 32 sequences as 2 micro-batches of 16.
+    # 0: the fewest micro-batches whose compiled step fits the devices' memory (tad_jax.aot);
+    # fixed: e.g. --config.opt.grad_accum_steps=2 (32 sequences as 2 micro-batches of 16).
+    c.opt.grad_accum_steps = 0
     c.data.mode = "sft"  # prompt/response records; only response tokens count.
     c.data.global_batch_size = 32  # sequences per step (App. B).
     c.data.seq_len = 2048  # context size (App. B).

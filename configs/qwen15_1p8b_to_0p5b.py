@@ -23,9 +23,14 @@ def get_config():
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta (Table 2: best at 2).
     c.loss.vocab_size = 151646  # the tokenizer's size: Qwen pads its embedding to 151936.
+    # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
+    # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).
+    c.loss.fused = True
     c.opt.lr = 1e-4  # Adam learning rate.
     c.opt.weight_decay = 0.1  # weight decay.
-    c.opt.grad_accum_steps = 4  # 128 sequences as 4 micro-batches of 32.
+    # 0: the fewest micro-batches whose compiled step fits the devices' memory (tad_jax.aot);
+    # fixed: e.g. --config.opt.grad_accum_steps=4 (128 sequences as 4 micro-batches of 32).
+    c.opt.grad_accum_steps = 0
     c.data.global_batch_size = 128  # sequences per step.
     c.data.seq_len = 2048  # context size.
     c.data.train_files = ""  # Regmix sample files.

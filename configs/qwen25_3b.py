@@ -23,9 +23,14 @@ def get_config():
     c.loss.beta = 2.0  # beta.
     c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2).
     c.loss.vocab_size = 151665  # the Qwen2.5 tokenizer's size (the embedding is padded to 151936).
+    # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
+    # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).
+    c.loss.fused = True
     c.opt.lr = 1e-4  # Adam learning rate.
     c.opt.weight_decay = 0.1  # weight decay.
-    c.opt.grad_accum_steps = 8  # 128 sequences as 8 micro-batches of 16.
+    # 0: the fewest micro-batches whose compiled step fits the devices' memory (tad_jax.aot);
+    # fixed: e.g. --config.opt.grad_accum_steps=8 (128 sequences as 8 micro-batches of 16).
+    c.opt.grad_accum_steps = 0
     c.data.global_batch_size = 128  # sequences per step.
     c.data.seq_len = 2048  # context size.
     c.data.train_files = ""  # Regmix sample files.

@@ -1,8 +1,12 @@
 """Distil a teacher into a student: `python scripts/train.py --config configs/X.py --workdir DIR`.
 
   --config.a.b=v     override any config field (unknown fields are an error)
-  --dry_run          build the abstract state on the configured mesh, compile the step and print
-                     parameter counts, per-device memory and FLOPs (no weights are loaded)
+  --dry_run          compile the steps on abstract shapes for this host's devices or, with
+                     --config.dry_run.topology=v5p:2x2x1 (h100:2, ...), for accelerators that are
+                     not attached; print memory per device, a fit verdict, the micro-batching
+                     opt.grad_accum_steps=0 would choose, FLOPs, a roofline step time and the
+                     run's days (no weights are loaded)
+  --dry_run_json=F   with --dry_run: also write the figures to F
 
 Rerunning the same command with the same --workdir resumes from the newest checkpoint.
 Thin on purpose: everything lives in tad_jax.train.
@@ -18,6 +22,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Run config file (conf
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Folder of checkpoints and metrics.")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Compile on abstract shapes and print figures.")
+_DRY_RUN_JSON = flags.DEFINE_string("dry_run_json", None, "With --dry_run: also write the figures "
+                                    "to this JSON file.")
 flags.mark_flag_as_required("config")
 
 
@@ -31,7 +37,7 @@ def main(argv):
     from tad_jax.sharding import PeerFailure
 
     if _DRY_RUN.value:
-        train.dry_run(_CONFIG.value)
+        train.dry_run(_CONFIG.value, json_path=_DRY_RUN_JSON.value)
         return
     if not _WORKDIR.value:
         raise app.UsageError("--workdir is required (or pass --dry_run).")

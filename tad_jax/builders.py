@@ -115,9 +115,15 @@ def build_teacher(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder
     return model, _init_sharded(model, rng, mesh)
 
 
+def _abstract_key():
+    """An abstract PRNG key: nothing may run eagerly under a mesh of devices that are not
+    attached (ahead-of-time compiles for a TPU topology or a GPU target)."""
+    return jax.eval_shape(lambda: jax.random.key(0))
+
+
 def _abstract_boxed(model: nn.Module):
-    ids = jnp.zeros((1, 8), jnp.int32)
-    return jax.eval_shape(lambda r: model.init(r, ids)["params"], jax.random.key(0))
+    ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+    return jax.eval_shape(lambda r, i: model.init(r, i)["params"], _abstract_key(), ids)
 
 
 def build_student(config, teacher_model, teacher_params, mesh=None):
@@ -169,7 +175,7 @@ def _student_init_fn(config, teacher_cfg: ModelConfig):
         return jax.tree.map(lambda p: p.astype(pdtype), sharding.unbox(params))
 
     teacher_abstract = sharding.unbox(_abstract_boxed(Decoder(teacher_cfg)))
-    jax.eval_shape(init_fn, teacher_abstract, jax.random.key(0))
+    jax.eval_shape(init_fn, teacher_abstract, _abstract_key())
     return found["config"], init_fn, found["mask"]
 
 
@@ -290,5 +296,5 @@ def abstract_student(config, teacher_model, teacher_abs, mesh):
     model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
     boxed = _abstract_boxed(model)
     shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None
-    params = jax.eval_shape(init_fn, teacher_abs, jax.random.key(0))
+    params = jax.eval_shape(init_fn, teacher_abs, _abstract_key())
     return model, with_shardings(params, shardings), mask

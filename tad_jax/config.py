@@ -20,12 +20,14 @@ DIVERGENCES = ("tad", "kl", "rkl", "jsd")
 DTYPES = ("float32", "bfloat16", "float16")
 
 # Fields that may differ between the run that wrote a checkpoint and the run that resumes it:
-# they change how the run is watched or stored, never what is computed.
+# they change how the run is watched or stored, never what is computed (micro-batching included:
+# the step divides the summed losses once by the whole batch's tokens).
 RESUMABLE_FIELDS = (
     "max_steps_per_run", "ckpt.every_steps", "ckpt.keep", "ckpt.async_save",
     "ckpt.allow_config_change", "log", "eval.every_steps", "eval.max_batches", "dry_run",
     "teacher.path", "student.path", "data.train_files", "data.val_files", "data.tokenizer",
-    "mesh", "data.num_workers", "data.read_threads", "data.worker_buffer_size",
+    "mesh", "opt.grad_accum_steps", "data.num_workers", "data.read_threads",
+    "data.worker_buffer_size",
     # How attention is computed, not what: the same numbers, so a run resumes across backends.
     "teacher.attention", "student.attention",
 )
@@ -93,7 +95,9 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     lo.jsd_weight = 0.5  # mixture weight of the JSD divergence.
     lo.cosine_weight = 0.0  # lambda of the cosine loss on final hidden states (Sec. 3.2.2).
     lo.vocab_size = 0  # slice both vocabularies to this many entries; 0 = min of the two models.
-    lo.fused = False  # fused output-head + loss in token chunks (tad_jax.fused), no [B,T,V] logits.
+    # fused output-head + loss in token chunks (tad_jax.fused), no [B,T,V] logits; only "tad" and
+    # "kl" have a fused kernel: "rkl" / "jsd" run unfused whatever this says.
+    lo.fused = False
     lo.chunk_size = 1024  # tokens per chunk of the fused loss.
     return lo
 
@@ -108,7 +112,9 @@ def _opt_defaults() -> ml_collections.ConfigDict:
     o.b2 = 0.95  # Adam beta2 (the paper is silent; 0.95 is the common LM choice).
     o.eps = 1e-8  # Adam epsilon.
     o.clip_norm = 1.0  # global-norm gradient clipping; 0 = off.
-    o.grad_accum_steps = 1  # micro-batches per step (a scan inside the step).
+    # micro-batches per step (a scan inside the step); 0 = the fewest whose compiled step fits the
+    # device's memory (tad_jax.aot.choose_grad_accum).
+    o.grad_accum_steps = 1
     return o
 
 
@@ -162,6 +168,13 @@ def _dry_run_defaults() -> ml_collections.ConfigDict:
     # 9B compile fits a CPU test; 0 = the configured sizes.
     d.num_layers = 0
     d.flops_tokens = 1_000_000  # the paper's Table 3 measure: FLOPs to train on this many tokens.
+    # Compile for devices that are not attached (tad_jax.targets): a TPU topology ("v5p:2x2x1",
+    # "v5e:2x2", "v6e:2x4", "v4:2x2x1") or GPUs ("h100:2", "a100-80g:8", "h200:8"); "" = this host.
+    d.topology = ""
+    d.memory_margin = 0.1  # the step must leave this fraction of the device's memory free.
+    d.memory_gib = 0.0  # > 0: per-device memory in GiB instead of the device's (what-ifs, tests).
+    d.auto_accum = True  # also report what opt.grad_accum_steps=0 would choose (a few compiles).
+    d.eval_step = True  # also compile the eval step and report its memory.
     return d
 
 
@@ -230,9 +243,6 @@ def _check_loss(lo: ml_collections.ConfigDict) -> None:
         tad_config(lo)
     except ValueError as e:
         raise ValueError(f"loss.{e} (set --config.loss.*)") from e
-    if lo.fused and lo.divergence not in ("tad", "kl"):
-        raise ValueError(f"loss.fused=True supports divergence 'tad' or 'kl', not "
-                         f"{lo.divergence!r}; set --config.loss.fused=False.")
     if lo.cosine_weight < 0:
         raise ValueError(f"loss.cosine_weight={lo.cosine_weight} must be >= 0.")
 
@@ -248,8 +258,9 @@ def tad_config(lo: ml_collections.ConfigDict):
 def _check_opt(o: ml_collections.ConfigDict) -> None:
     if o.lr <= 0:
         raise ValueError(f"opt.lr={o.lr} must be > 0.")
-    if o.grad_accum_steps < 1:
-        raise ValueError(f"opt.grad_accum_steps={o.grad_accum_steps} must be >= 1.")
+    if o.grad_accum_steps < 0:
+        raise ValueError(f"opt.grad_accum_steps={o.grad_accum_steps} must be >= 1, or 0 (the "
+                         "fewest micro-batches that fit the device's memory).")
     if not 0 <= o.min_lr_ratio <= 1:
         raise ValueError(f"opt.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
 

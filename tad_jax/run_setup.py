@@ -28,6 +28,7 @@ from tad_jax.step import (
 )
 
 logger = logging.getLogger(__name__)
+FUSED_DIVERGENCES = ("tad", "kl")  # the divergences tad_jax.fused implements
 
 
 class Run:
@@ -38,10 +39,14 @@ class Run:
 
 
 def resolved_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """A copy with derived defaults filled in (data.tokenizer: the student's or teacher's)."""
+    """A copy with derived defaults filled in (data.tokenizer: the student's or teacher's;
+    loss.fused: False for divergences without a fused kernel, so that e.g. the paper configs'
+    baselines stay one override, --config.loss.divergence=rkl)."""
     config = ml_collections.ConfigDict(config.to_dict())
     if not config.data.tokenizer:
         config.data.tokenizer = config.student.path or config.teacher.path
+    if config.loss.divergence not in FUSED_DIVERGENCES:
+        config.loss.fused = False
     return config
 
 
@@ -55,7 +60,7 @@ def check_batches(config, mesh) -> None:
     shards = sharding.batch_shards(mesh)
     sharding.check_batch_divisible(config.data.global_batch_size, mesh)
     sharding.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
-    accum = config.opt.grad_accum_steps
+    accum = config.opt.grad_accum_steps or 1  # 0 (automatic) is resolved later
     if config.data.global_batch_size % (accum * shards):
         raise ValueError(
             f"data.global_batch_size={config.data.global_batch_size} must be divisible by "
@@ -70,10 +75,17 @@ def _compile_steps(config, models, tx, schedule, state_sh, mesh):
     step = make_train_step(config, student_model, teacher_model, mask, tx, schedule, vocab, mesh)
     step_fn = jax.jit(step, in_shardings=(state_sh, batch_sh, teacher_sh),
                       out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(student_model, teacher_model, vocab),
+    eval_fn = jax.jit(make_eval_step(student_model, teacher_model, vocab,
+                                     chunk_size=eval_chunk_size(config)),
                       in_shardings=(state_sh["params"], teacher_sh, batch_sh),
                       out_shardings=sharding.replicated(mesh))
     return step_fn, eval_fn, batch_sh
+
+
+def eval_chunk_size(config) -> int | None:
+    """The eval step's token chunks: `loss.chunk_size` when the loss is fused (no [B, T, V]
+    logits anywhere in the run), else None (whole logits)."""
+    return int(config.loss.chunk_size) if config.loss.fused else None
 
 
 def setup_run(config, workdir: str) -> Run:
@@ -118,6 +130,8 @@ def setup_run(config, workdir: str) -> Run:
         abstract = jax.eval_shape(lambda p: init_state(p, mask, tx), params)
         state_sh = state_shardings(abstract, jax.tree.map(lambda x: x.sharding, params), mesh)
         state = jax.jit(lambda p: init_state(p, mask, tx), out_shardings=state_sh)(params)
+        if config.opt.grad_accum_steps == 0:
+            config.opt.grad_accum_steps = _auto_accum(config, models, mesh)
         if latest is not None:
             abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                     abstract, state_sh)
@@ -130,6 +144,25 @@ def setup_run(config, workdir: str) -> Run:
     return Run(config=config, workdir=workdir, mesh=mesh, models=models, state=state,
                step_fn=step_fn, eval_fn=eval_fn, batch_sh=batch_sh, ckpt=ckpt,
                data_iter=data_iter, start_step=latest or 0, total_steps=total)
+
+
+def _auto_accum(config, models, mesh) -> int:
+    """`opt.grad_accum_steps=0`: the fewest micro-batches whose compiled step fits the devices'
+    memory (`memory_stats()["bytes_limit"]` less `dry_run.memory_margin`); 1 where the devices
+    report no limit (CPU)."""
+    from tad_jax import aot, targets
+
+    limit = targets.resolve_target("").memory_limit_bytes
+    if limit is None:
+        print("opt.grad_accum_steps=0: these devices report no memory limit; 1 micro-batch.")
+        return 1
+    budget = limit * (1.0 - config.dry_run.memory_margin)
+    choice = aot.choose_grad_accum(config, aot.Models(*models), mesh, budget)
+    tried = ", ".join(f"{a}: {b / 2**30:.1f}" for a, b in sorted(choice.tried.items()))
+    print(f"opt.grad_accum_steps=0: {choice.accum} micro-batches ("
+          f"{'the fewest that fit' if choice.fits else 'none fits; the most'} "
+          f"{budget / 2**30:.1f} GiB per device; GiB by micro-batches: {tried}).")
+    return choice.accum
 
 
 def mesh_context(mesh):

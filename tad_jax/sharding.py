@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -199,7 +200,11 @@ def _environment_is_multihost() -> bool:
     platforms = env.get("JAX_PLATFORMS", "")
     if platforms and "tpu" not in platforms.lower().split(","):
         return False
-    return len([h for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]) > 1
+    # On a host without TPU metadata, importing jax with libtpu installed may leave a warning
+    # sentence in the variable ("WARNING: could not determine TPU worker hostnames ..., please
+    # set ..."): host names hold no spaces, so such a value names no workers.
+    hosts = [h.strip() for h in env.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    return len(hosts) > 1 and not any(re.search(r"\s", h) for h in hosts)
 
 
 def unbox(tree: Any) -> Any:

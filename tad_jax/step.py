@@ -19,6 +19,7 @@ moments for them and no gradient is computed for them).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from tad_jax import losses, sharding
+from tad_jax.models import lm_head
 
 _DECAYED = ("kernel", "embedding")  # the param names that get weight decay
 METRIC_KEYS = ("loss", "clm_loss", "div_loss", "cosine_loss", "grad_norm", "lr", "valid_tokens")
@@ -258,25 +260,66 @@ def _split_micro(batch, accum: int, mesh):
     return jax.tree.map(split, batch)
 
 
-def make_eval_step(student_model, teacher_model, vocab_size, *, tail_ks=None, ece_bins=10):
+def make_eval_step(student_model, teacher_model, vocab_size, *, tail_ks=None, ece_bins=10,
+                   chunk_size=None):
     """`eval_step(student_params, teacher_params, batch) -> dict of float32 sums`.
 
     The sums are `tad_jax.metrics.eval_sums` (held-out KL, CE, top-1 agreement, mismatch, tail
     mass for each K in `tail_ks` (None: the paper's), Full-ECE statistics over `ece_bins` bins);
     add them over batches, then `finalize_eval` (or `metrics.finalize`).
+
+    `chunk_size` (tokens; None = all at once): the heads are applied to blocks of about that many
+    tokens (`max(1, chunk_size // B)` positions of every row) inside a `lax.scan` and the sums are
+    added block by block, so no [B, T, V] logits exist (what `loss.fused=True` runs use: two
+    float32 [8, 2048, 256000] logits are 33.6 GB). The sums are the same up to float32 rounding.
     """
     from tad_jax import metrics
 
     tail_ks = metrics.DEFAULT_TAIL_KS if tail_ks is None else tuple(tail_ks)
+    sums_of = functools.partial(metrics.eval_sums, tail_ks=tail_ks, ece_bins=ece_bins)
 
     def eval_step(student_params, teacher_params, batch):
-        fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
-        t = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd).logits
-        s = student_model.apply({"params": student_params}, batch["input_ids"], **fwd).logits
-        return metrics.eval_sums(s[..., :vocab_size], t[..., :vocab_size], batch["targets"],
-                                 batch["loss_mask"], tail_ks=tail_ks, ece_bins=ece_bins)
+        fwd = dict(segment_ids=batch["segment_ids"], positions=batch["positions"],
+                   return_logits=chunk_size is None)
+        t = teacher_model.apply({"params": teacher_params}, batch["input_ids"], **fwd)
+        s = student_model.apply({"params": student_params}, batch["input_ids"], **fwd)
+        if chunk_size is None:
+            return sums_of(s.logits[..., :vocab_size], t.logits[..., :vocab_size],
+                           batch["targets"], batch["loss_mask"])
+        heads = [(m.config, lm_head(m.config, p)) for m, p in
+                 ((student_model, student_params), (teacher_model, teacher_params))]
+        return _chunked_eval_sums(sums_of, heads, s.hidden_states, t.hidden_states, batch,
+                                  vocab_size, chunk_size)
 
     return eval_step
+
+
+def _chunked_eval_sums(sums_of, heads, hs_btd, ht_btd, batch, vocab_size, chunk_size):
+    """`eval_sums` added over blocks of positions: [B, c, V] logits of each model at a time."""
+    from tad_jax.models import head_logits
+
+    b, t = batch["targets"].shape
+    c = min(t, max(1, chunk_size // b))
+    n = -(-t // c)
+
+    def blocks(x):  # [B, T, ...] -> [n, B, c, ...], zero-padded (the mask is 0 there)
+        x = jnp.pad(x, [(0, 0), (0, n * c - t)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.swapaxes(x.reshape((b, n, c) + x.shape[2:]), 0, 1)
+
+    xs = (blocks(hs_btd), blocks(ht_btd), blocks(batch["targets"]), blocks(batch["loss_mask"]))
+
+    def chunk_sums(x):
+        hs, ht, tgt, mask = x
+        (cs, (ws, bs)), (ct, (wt, bt)) = heads
+        cut = lambda bias: None if bias is None else bias[:vocab_size]
+        ls = head_logits(cs, hs, ws[:, :vocab_size], cut(bs))
+        lt = head_logits(ct, ht, wt[:, :vocab_size], cut(bt))
+        return sums_of(ls, lt, tgt, mask)
+
+    body = lambda acc, x: (jax.tree.map(jnp.add, acc, chunk_sums(x)), None)
+    shapes = jax.eval_shape(chunk_sums, jax.tree.map(lambda v: v[0], xs))
+    acc0 = jax.tree.map(lambda z: jnp.zeros(z.shape, z.dtype), shapes)
+    return jax.lax.scan(body, acc0, xs)[0]
 
 
 def finalize_eval(sums: dict[str, Any]) -> dict[str, float]:

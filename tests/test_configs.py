@@ -106,7 +106,7 @@ def test_unknown_override_key_is_an_error():
     (dict(teacher=dict(preset="gemma2_9b")), ValueError, "keep one of them"),
     (dict(student=dict(path="/no/such/student")), FileNotFoundError, "student.path"),
     (dict(student=dict(preset="tinyllama-1.1b")), FileNotFoundError, "student.path is empty"),
-    (dict(opt=dict(grad_accum_steps=0)), ValueError, "grad_accum_steps"),
+    (dict(opt=dict(grad_accum_steps=-1)), ValueError, "grad_accum_steps"),
     (dict(steps=0), ValueError, "steps"),
     (dict(student=dict(dtype="fp8")), ValueError, "student.dtype"),
 ])

@@ -138,3 +138,16 @@ def test_hand_set_coordinator_is_passed_explicitly(monkeypatch):
     monkeypatch.delenv("JAX_PROCESS_ID")
     with pytest.raises(ValueError, match="JAX_PROCESS_ID not set"):
         sharding.maybe_initialize_distributed("auto")
+
+
+def test_libtpu_warning_in_tpu_worker_hostnames_is_not_a_multihost_slice(monkeypatch):
+    # What importing jax with libtpu installed leaves on a host without TPU metadata.
+    for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
+                "OMPI_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "WARNING: could not determine TPU worker hostnames "
+                       "or IP addresses, please set env var `TPU_WORKER_HOSTNAMES` manually, "
+                       "otherwise libtpu.so may not properly initialize.")
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda: calls.append(1))
+    assert not sharding.maybe_initialize_distributed("auto") and not calls

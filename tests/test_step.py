@@ -155,3 +155,16 @@ def test_eval_step_matches_numpy(one_step):
     np.testing.assert_allclose(out["eval_ppl"], np.exp((ce * m).sum() / m.sum()), rtol=1e-4)
     assert out["eval_top1_agreement"] == pytest.approx((agree * m).sum() / m.sum(), abs=1e-7)
     assert out["eval_tokens"] == m.sum()
+
+
+@pytest.mark.parametrize("chunk_size", [40, 1024])  # 5 positions of the 8 rows (padded), all
+def test_chunked_eval_step_equals_the_whole_logits_one(one_step, chunk_size):
+    _, models, batch, _ = one_step
+    teacher_model, teacher_params, student_model, params, _, vocab = models
+    whole = jax.jit(make_eval_step(student_model, teacher_model, vocab))(
+        params, teacher_params, batch)
+    chunked = jax.jit(make_eval_step(student_model, teacher_model, vocab,
+                                     chunk_size=chunk_size))(params, teacher_params, batch)
+    assert whole.keys() == chunked.keys()
+    for k in whole:
+        np.testing.assert_allclose(chunked[k], whole[k], rtol=2e-5, atol=1e-5, err_msg=k)
