@@ -67,14 +67,16 @@ def _abstract_batch(batch: int, seq_len: int, sh=None) -> dict[str, jax.ShapeDty
             for k in BATCH_KEYS}
 
 
-def _abstract_train_batch(config, batch: int, sh=None) -> dict[str, jax.ShapeDtypeStruct]:
+def _abstract_train_batch(config, batch: int, sh=None,
+                          cache_samples: int = 16) -> dict[str, jax.ShapeDtypeStruct]:
     """The train step's abstract batch: the token arrays, plus the cached teacher's statistics
-    when the run reads a teacher cache (`data.teacher_cache`: no teacher forward)."""
+    (`cache_samples` tail draws per token) when the run reads a teacher cache
+    (`data.teacher_cache`: no teacher forward)."""
     out = _abstract_batch(batch, config.data.seq_len, sh)
     if config.data.get("teacher_cache") and not config.data.get("teacher_cache_online"):
         from tad_jax.teacher_cache.cost import abstract_cache_batch
 
-        out.update(abstract_cache_batch(config, batch, sh))
+        out.update(abstract_cache_batch(config, batch, sh, cache_samples))
     return out
 
 
@@ -88,14 +90,16 @@ def _abstract_state(config, models: Models, mesh):
     return with_shardings(state_abs, state_sh), state_sh, tx, schedule
 
 
-def lower_train_step(config, models: Models, mesh, accum: int | None = None):
-    """The train step lowered on abstract inputs (`mesh=None`: unsharded, for counting)."""
+def lower_train_step(config, models: Models, mesh, accum: int | None = None,
+                     cache_samples: int = 16):
+    """The train step lowered on abstract inputs (`mesh=None`: unsharded, for counting;
+    `cache_samples`: tail draws per token of a teacher cache, when the run reads one)."""
     cfg = with_accum(config, config.opt.grad_accum_steps if accum is None else accum)
     state_abs, state_sh, tx, schedule = _abstract_state(cfg, models, mesh)
     step = make_train_step(cfg, models.student_model, models.teacher_model, models.mask, tx,
                            schedule, models.vocab, mesh)
     if mesh is None:
-        batch_abs = _abstract_train_batch(cfg, cfg.data.global_batch_size)
+        batch_abs = _abstract_train_batch(cfg, cfg.data.global_batch_size, None, cache_samples)
         teacher = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
                                models.teacher_params)
         state_abs = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state_abs)
@@ -104,7 +108,7 @@ def lower_train_step(config, models: Models, mesh, accum: int | None = None):
     teacher_sh = jax.tree.map(lambda x: x.sharding, models.teacher_params)
     jitted = jax.jit(step, in_shardings=(state_sh, batch_sh, teacher_sh),
                      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
-    batch_abs = _abstract_train_batch(cfg, cfg.data.global_batch_size, batch_sh)
+    batch_abs = _abstract_train_batch(cfg, cfg.data.global_batch_size, batch_sh, cache_samples)
     return jitted.lower(state_abs, batch_abs, models.teacher_params)
 
 
@@ -261,7 +265,7 @@ class StepCosts(NamedTuple):
 
 
 def step_costs(config, models: Models, accum: int | None = None, *,
-               model_flops: bool = True) -> StepCosts:
+               model_flops: bool = True, cache_samples: int = 16) -> StepCosts:
     """FLOPs of one optimizer step, every loop's trip count accounted for.
 
     Method: XLA counts a while loop's body once, so the step is not measured as compiled. One
@@ -279,7 +283,7 @@ def step_costs(config, models: Models, accum: int | None = None, *,
 
     def measure(cfg, models_):
         with _unrolled_scans():
-            lowered = lower_train_step(cfg, models_, None, accum=1)
+            lowered = lower_train_step(cfg, models_, None, accum=1, cache_samples=cache_samples)
         return cost_flops(lowered)
 
     executed = measure(micro, models)

@@ -154,7 +154,7 @@ def test_custom_gradient_is_the_gradient_of_the_estimate(x64):
         alpha = jnp.exp(tg.log_alpha)
         log_alpha_s = jax.scipy.special.logsumexp(tail_s, -1) - jax.scipy.special.logsumexp(s, -1)
         cross = jnp.sum(tg.tail_mass * jnp.take_along_axis(lpt, tg.tail_ids, -1), -1)
-        bx = cl.beta_x(tg.log_alpha, mask, 2.0, 1e-6)[..., None]
+        bx = cl.beta_x(tg.log_alpha, mask, 2.0, 1e-6)
         loss = head + alpha * (tg.log_alpha - log_alpha_s) + bx * (
             tg.tail_plogp - alpha * tg.log_alpha - cross)
         return jnp.sum(jnp.where(mask, loss, 0.0)) / jnp.sum(mask)

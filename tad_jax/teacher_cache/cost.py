@@ -1,9 +1,10 @@
 """FLOPs per token of the train step with a teacher cache against the online step.
 
-Both steps are compiled on abstract shapes (nothing allocated) for one micro-batch, and XLA's
-cost analysis counts their FLOPs. Big configs compile with `dry_run.num_layers` cut teachers (the
-student shrinks in proportion); FLOPs are affine in the layer count, so two cut sizes give the
-full model's figure by linear extrapolation (`flops_cached_vs_online`).
+Both steps are lowered on abstract shapes (nothing allocated) and counted as the dry run counts
+them (`tad_jax.aot.step_costs`: XLA's cost analysis with every loop's trip count accounted). Big
+configs compile with `dry_run.num_layers` cut teachers (the student shrinks in proportion); FLOPs
+are affine in the layer count, so two cut sizes give the full model's figure by linear
+extrapolation (`flops_cached_vs_online`).
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ import jax.numpy as jnp
 import ml_collections
 
 from tad_jax import sharding
-from tad_jax.builders import abstract_student, abstract_teacher, shared_vocab_size, with_shardings
+from tad_jax.builders import abstract_student, abstract_teacher, shared_vocab_size
 from tad_jax.run_setup import mesh_context, resolved_config
-from tad_jax.step import init_state, make_optimizer, make_train_step, state_shardings
 from tad_jax.teacher_cache.reader import CACHE_KEYS
-
-_BATCH_KEYS = ("input_ids", "targets", "segment_ids", "positions", "loss_mask")
 
 
 def abstract_cache_batch(cfg, rows: int, batch_sh, num_samples: int = 16) -> dict:
@@ -33,40 +31,21 @@ def abstract_cache_batch(cfg, rows: int, batch_sh, num_samples: int = 16) -> dic
             for name, (shape, dtype) in shapes.items()}
 
 
-def _abstract_batch(cfg, rows, num_samples, batch_sh, cached):
-    batch = {k: jax.ShapeDtypeStruct((rows, cfg.data.seq_len),
-                                     jnp.float32 if k == "loss_mask" else jnp.int32,
-                                     sharding=batch_sh) for k in _BATCH_KEYS}
-    if cached:
-        batch.update(abstract_cache_batch(cfg, rows, batch_sh, num_samples))
-    return batch
-
-
 def step_flops_per_token(config, *, cached: bool, num_samples: int = 16) -> float:
-    """FLOPs per token of one micro-batch of the configured step, online or from a cache."""
+    """FLOPs per token of the configured step, online or from a cache of `num_samples` draws
+    per token, counted the dry run's way (`tad_jax.aot.step_costs`: loops' trip counts in)."""
+    from tad_jax import aot
+
     cfg = ml_collections.ConfigDict(resolved_config(config).to_dict())
-    cfg.data.global_batch_size //= cfg.opt.grad_accum_steps
-    cfg.opt.grad_accum_steps = 1
     cfg.data.teacher_cache = "<abstract>" if cached else ""
     mesh = sharding.make_mesh(cfg.mesh)
     with mesh_context(mesh):
         t_model, t_abs, _ = abstract_teacher(cfg, mesh)
         s_model, p_abs, mask = abstract_student(cfg, t_model, t_abs, mesh)
         vocab = shared_vocab_size(cfg, t_model.config, s_model.config)
-        tx, schedule = make_optimizer(cfg, 10)
-        state_abs = jax.eval_shape(lambda p: init_state(p, mask, tx), p_abs)
-        state_sh = state_shardings(state_abs, jax.tree.map(lambda x: x.sharding, p_abs), mesh)
-        batch_sh = sharding.batch_sharding(mesh)
-        batch = _abstract_batch(cfg, cfg.data.global_batch_size, num_samples, batch_sh, cached)
-        step = make_train_step(cfg, s_model, t_model, mask, tx, schedule, vocab, mesh)
-        t_sh = jax.tree.map(lambda x: x.sharding, t_abs)
-        compiled = jax.jit(step, in_shardings=(state_sh, batch_sh, t_sh),
-                           donate_argnums=0).lower(with_shardings(state_abs, state_sh), batch,
-                                                   t_abs).compile()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    tokens = cfg.data.global_batch_size * cfg.data.seq_len
-    return float(cost["flops"]) * mesh.size / tokens
+    models = aot.Models(t_model, t_abs, s_model, p_abs, mask, vocab)
+    costs = aot.step_costs(cfg, models, model_flops=False, cache_samples=num_samples)
+    return costs.flops / (cfg.data.global_batch_size * cfg.data.seq_len)
 
 
 def flops_cached_vs_online(config, *, layers=None, num_samples: int = 16) -> dict:

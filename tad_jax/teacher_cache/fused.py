@@ -53,18 +53,18 @@ def fused_cached_loss(hidden_btd, w_dv, cache_batch: TeacherStats, targets_bt, m
         top_k = cache_batch.head_ids.shape[-1]
     targets = cl.read_top_k(cache_batch, top_k)
     if divergence == "tad":
-        bx_b = cl.beta_x(targets.log_alpha, mask_bt, cl._positive("beta", beta),
+        bx_bt = cl.beta_x(targets.log_alpha, mask_bt, cl._positive("beta", beta),
                          cl._positive("eps_alpha", eps_alpha))
     else:
-        bx_b = jnp.ones(mask_bt.shape[:-1], jnp.float32)
+        bx_bt = jnp.ones(mask_bt.shape, jnp.float32)
     temperature = cl._positive("temperature", temperature)
     dtype = jnp.promote_types(hidden_btd.dtype, jnp.float32)  # float32, or float64 if given
     n = mask_bt.size
     chunk = min(chunk_size, n)
     n_chunks = -(-n // chunk)
     flat = lambda x: _chunked(x.reshape((n,) + x.shape[mask_bt.ndim:]), n_chunks, chunk)
-    xs = (flat(hidden_btd), jax.tree.map(flat, targets), flat(jnp.broadcast_to(
-        bx_b[..., None], mask_bt.shape)), flat(mask_bt), flat(targets_bt.astype(jnp.int32)))
+    xs = (flat(hidden_btd), jax.tree.map(flat, targets), flat(bx_bt), flat(mask_bt),
+          flat(targets_bt.astype(jnp.int32)))
 
     @jax.checkpoint
     def chunk_sums(w_dv, bias_v, h_cd, t, bx_c, m_c, y_c):
@@ -73,9 +73,10 @@ def fused_cached_loss(hidden_btd, w_dv, cache_batch: TeacherStats, targets_bt, m
             logits_cv = logits_cv + bias_v.astype(dtype)
         if final_logit_softcap:
             logits_cv = final_logit_softcap * jnp.tanh(logits_cv / final_logit_softcap)
-        # Each position is its own row ([C, 1, ...]) so that it carries its own row's β(X).
+        # Positions as [C, 1, ...]: β(X) is per position already (its sequence's, computed above).
         one = jax.tree.map(lambda x: x[:, None], t)
-        div = cl._cached_per_position(logits_cv[:, None], one, bx_c, m_c[:, None], temperature)
+        div = cl._cached_per_position(logits_cv[:, None], one, bx_c[:, None], m_c[:, None],
+                                      temperature)
         lse = jax.nn.logsumexp(logits_cv, axis=-1)
         ce = lse - jnp.take_along_axis(logits_cv, y_c[:, None], axis=-1)[:, 0]
         return jnp.sum(jnp.where(m_c > 0, ce, 0.0)), jnp.sum(div)

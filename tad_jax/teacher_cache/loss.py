@@ -34,6 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tad_jax import tad_core
 from tad_jax.teacher_cache.stats import TeacherStats, _lse, head_mask
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -136,10 +137,10 @@ def tail_constant(t: TailTargets):
 
 
 def beta_x(log_alpha_t_bt, mask_bt, beta: float, eps_alpha: float):
-    """β(X) = β / max(ᾱ(X), eps_alpha) per row `[...]`; ᾱ(X) = mean α_T over valid positions."""
-    count_b = jnp.sum(mask_bt, axis=-1)
-    alpha_b = jnp.sum(jnp.where(mask_bt > 0, jnp.exp(log_alpha_t_bt), 0.0), axis=-1)
-    return beta / jnp.maximum(alpha_b / jnp.maximum(count_b, 1.0), eps_alpha)
+    """β(X) = β / max(ᾱ(X), eps_alpha) at every position `[..., T]`, ᾱ(X) the mean α_T over the
+    row's valid positions: the one kernel's `tad_core.beta_x` (Eq. 3)."""
+    cfg = tad_core.TADConfig(top_k=0, beta=beta, eps_alpha=eps_alpha)
+    return tad_core.beta_x(log_alpha_t_bt, mask_bt, cfg)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,9 +149,9 @@ def beta_x(log_alpha_t_bt, mask_bt, beta: float, eps_alpha: float):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _cached_per_position(student_btv, t, beta_x_b, mask_bt, temperature):
+def _cached_per_position(student_btv, t, beta_x_bt, mask_bt, temperature):
     """τ²·(D_KL1 + β(X)·α_T·D_KL2 estimate) per position, 0 where masked; float32 `[..., T]`."""
-    return _cached_fwd(student_btv, t, beta_x_b, mask_bt, temperature)[0]
+    return _cached_fwd(student_btv, t, beta_x_bt, mask_bt, temperature)[0]
 
 
 def _scaled(x, temperature):
@@ -158,14 +159,14 @@ def _scaled(x, temperature):
     return x / temperature if temperature != 1.0 else x
 
 
-def _cached_fwd(student_btv, t, beta_x_b, mask_bt, temperature):
+def _cached_fwd(student_btv, t, beta_x_bt, mask_bt, temperature):
     s_btv = _scaled(student_btv, temperature)
     lse_s, lse_tail_s = student_log_normalisers(s_btv, t.head_ids)
     kl1 = head_term(s_btv, lse_s, t) + bucket_term(t.log_alpha, lse_tail_s - lse_s)
     tail = tail_constant(t) - tail_cross(s_btv, lse_tail_s, t)
-    loss_bt = temperature**2 * (kl1 + beta_x_b[..., None] * tail)
+    loss_bt = temperature**2 * (kl1 + beta_x_bt * tail)
     loss_bt = jnp.where(mask_bt > 0, loss_bt, 0.0)
-    return loss_bt, (student_btv, t, beta_x_b, mask_bt, lse_s, lse_tail_s)
+    return loss_bt, (student_btv, t, beta_x_bt, mask_bt, lse_s, lse_tail_s)
 
 
 def _scatter_add(ids_btk, w_btk, vocab):
@@ -178,7 +179,7 @@ def _cached_bwd(temperature, res, g_bt):
     """The exact gradient of the forward above (so of the estimate), times τ (τ²·1/τ):
     (P_I + α_T)·p_S − p_T[I] + (β(X)·W − α_T)·p̃_S[tail] − β(X)·Σ_m w_m e_{id_m},
     with P_I = Σ_I p_T and W = Σ_m w_m (both sum to 1 and α_T up to the cache's rounding)."""
-    student_btv, t, beta_x_b, mask_bt, lse_s, lse_tail_s = res
+    student_btv, t, beta_x_bt, mask_bt, lse_s, lse_tail_s = res
     vocab = student_btv.shape[-1]
     s_btv = jnp.maximum(_scaled(student_btv, temperature), -2 * _FLOOR)
     ps_btv = jnp.exp(s_btv - lse_s[..., None])
@@ -187,7 +188,7 @@ def _cached_bwd(temperature, res, g_bt):
         jnp.isfinite(lse_tail_s), lse_tail_s, 0.0)[..., None]))
     p_head = jnp.exp(t.head_logp)
     alpha_t = jnp.exp(t.log_alpha)
-    bx = beta_x_b[..., None]
+    bx = beta_x_bt
     coef_tail = bx * jnp.sum(t.tail_mass, axis=-1) - alpha_t
     grad_btv = ((jnp.sum(p_head, axis=-1) + alpha_t)[..., None] * ps_btv
                 - _scatter_add(t.head_ids, p_head, vocab)
@@ -267,8 +268,8 @@ def tad_divergence_cached(student_logits, cache_batch: TeacherStats, mask=None, 
     beta, temperature = _positive("beta", beta), _positive("temperature", temperature)
     eps_alpha = _positive("eps_alpha", eps_alpha)
     targets = read_top_k(cache_batch, top_k)
-    beta_x_b = beta_x(targets.log_alpha, mask_bt, beta, eps_alpha)
-    loss_bt = _cached_per_position(student_logits, targets, beta_x_b, mask_bt, temperature)
+    beta_x_bt = beta_x(targets.log_alpha, mask_bt, beta, eps_alpha)
+    loss_bt = _cached_per_position(student_logits, targets, beta_x_bt, mask_bt, temperature)
     return _reduce(loss_bt, mask_bt, reduction)
 
 
@@ -282,8 +283,8 @@ def kl_divergence_cached(student_logits, cache_batch: TeacherStats, mask=None, *
     mask_bt = _check(student_logits, cache_batch, mask, reduction)
     temperature = _positive("temperature", temperature)
     targets = read_top_k(cache_batch, cache_batch.head_ids.shape[-1])
-    ones_b = jnp.ones(mask_bt.shape[:-1], jnp.float32)
-    loss_bt = _cached_per_position(student_logits, targets, ones_b, mask_bt, temperature)
+    ones_bt = jnp.ones(mask_bt.shape, jnp.float32)
+    loss_bt = _cached_per_position(student_logits, targets, ones_bt, mask_bt, temperature)
     return _reduce(loss_bt, mask_bt, reduction)
 
 
