@@ -6,6 +6,8 @@ once, when jax is first imported, so it must be set here, before any test module
 
 import os
 
+import pytest
+
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
@@ -17,3 +19,12 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import jax  # noqa: E402
 
 assert jax.device_count() == 8, "tests/conftest.py must run before jax is imported elsewhere"
+
+
+@pytest.fixture
+def x64():
+    """float64 on for one test, restored afterwards."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    yield
+    jax.config.update("jax_enable_x64", old)

@@ -28,15 +28,6 @@ EXACT = dict(rtol=1e-10, atol=1e-12)  # float64 exactness
 F32 = dict(rtol=1e-5, atol=1e-6)
 
 
-@pytest.fixture
-def x64():
-    """float64 on for one test, restored afterwards."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 def _logits(seed, shape, dtype=jnp.float32, scale=2.0):
     return (scale * jax.random.normal(jax.random.PRNGKey(seed), shape)).astype(dtype)
 

@@ -39,14 +39,6 @@ DRAWS = 2000
 Z_MAX = 3.0
 
 
-@pytest.fixture
-def x64():
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
-    yield
-    jax.config.update("jax_enable_x64", old)
-
-
 def _data(shape=(2, 4, 24), seed=0, dtype=jnp.float32):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
     s = (2.0 * jax.random.normal(ks[0], shape)).astype(dtype)
