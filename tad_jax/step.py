@@ -208,7 +208,8 @@ def _unfused_loss(lo, s_cfg, t_cfg, vocab_size, head_trainable):
             beta_scope=tad.beta_scope, segment_ids=seg, jsd_weight=lo.jsd_weight,
             cosine_weight=lo.cosine_weight,
             student_hidden=s_out.hidden_states if use_hidden else None,
-            teacher_hidden=t_hidden if use_hidden else None, reduction="sum")
+            teacher_hidden=t_hidden if use_hidden else None, reduction="sum",
+            student_padding=False)  # a model head's logits are finite
 
     return loss_fn
 

@@ -21,10 +21,13 @@ Conventions, for every caller:
   never from 1 − Σ_I p (cancellation when the head holds almost all the mass).
 
 Cost, measured on the TPU v5p program compiled ahead of time (`scripts/bench_loss.py`): jax.grad
-of TAD moves 1.72x (f32) / 1.44x (bf16) the bytes of KL at [1, 4096, 32000], [1, 2048, 128256]
-and [1, 1024, 256000], with no [N, V] float32 temporary (before this kernel: 5.4x / 7.9x, 4.0x /
-5.8x, 3.5x / 5.1x and 3.75 temporaries). The f32 excess is the teacher merged with the student's
-padding, materialised as top_k's input. XLA CPU fuses the tail reductions less well (TAD/KL
+of TAD moves 1.72x the bytes of KL (f32 and bf16) at [1, 4096, 32000], [1, 2048, 128256] and
+[1, 1024, 256000], with no [N, V] float32 temporary (before this kernel: 5.4x / 7.9x, 4.0x /
+5.8x, 3.5x / 5.1x and 3.75 temporaries). XLA TPU's TopK copies its input and fuses no producer:
+top_k of the raw teacher costs 3 reads/writes of [N, V], of the teacher merged with the
+student's padding 6. With finite student logits (`pair_head(merge=False)`, the losses'
+`student_padding=False`, as the training step calls them) TAD/KL is 1.29x (f32) / 1.57x (bf16).
+XLA CPU fuses the tail reductions less well (TAD/KL
 fwd+bwd 1.9-3.1x on 2 shared cores, vs 1.24-1.47x for the earlier CPU-tuned code): a CPU-only
 variant would belong next to `top_k`'s.
 """
@@ -101,12 +104,15 @@ def tempered_pair(s_v, t_v, temperature, merge=True):
     callers that guarantee it already (the fused loss merges the heads' biases once); it saves
     XLA materialising the merged teacher logits for top_k.
     """
-    s_v, t_v = widen(s_v), widen(t_v)
-    if merge:
-        t_v = jnp.where(jnp.isneginf(s_v), -jnp.inf, t_v)
+    s_v, t_v = widen(s_v), widen(merge_padding(s_v, t_v) if merge else t_v)
     if temperature != 1.0:
         s_v, t_v = s_v / temperature, t_v / temperature
     return s_v, t_v
+
+
+def merge_padding(s_v, t_v):
+    """t with -inf wherever s is -inf (the student's padded entries leave both distributions)."""
+    return jnp.where(jnp.isneginf(s_v), -jnp.inf, t_v)
 
 
 def _finite(x):
@@ -160,12 +166,14 @@ def _top_k_2d(x_v, k):
 
 
 def _top_k_cpu(x_v, k):
+    dtype = x_v.dtype  # the values go back in it (exact: they are entries of x)
     x_v = widen(x_v)  # lax.top_k on bf16 is a full sort on XLA CPU (~70x slower, measured)
     vocab = x_v.shape[-1]
     chunk = next((c for c in (256, 250, 200, 128, 125, 100, 64, 50, 32)
                   if vocab % c == 0 and vocab // c >= 4 * k), None)
     if chunk is None:  # (no barrier here: XLA CPU's TopkDecomposer aborts on one, jax 0.10)
-        return tuple(jax.lax.top_k(x_v, k))
+        vals_k, idx_k = jax.lax.top_k(x_v, k)
+        return vals_k.astype(dtype), idx_k
     x_nc = x_v.reshape(*x_v.shape[:-1], vocab // chunk, chunk)
     cidx_k = jnp.sort(jax.lax.top_k(jnp.max(x_nc, axis=-1), k)[1], axis=-1)
     cand_kc = jnp.take_along_axis(x_nc, cidx_k[..., None], axis=-2)
@@ -173,7 +181,7 @@ def _top_k_cpu(x_v, k):
     idx_k = jnp.take_along_axis(cidx_k, j_k // chunk, axis=-1) * chunk + j_k % chunk
     # The barrier keeps XLA CPU from fusing the indices into their consumers, which turns top_k
     # into a full [.., V] sort (~25x slower, measured).
-    return jax.lax.optimization_barrier((vals_k, idx_k))
+    return jax.lax.optimization_barrier((vals_k.astype(dtype), idx_k))
 
 
 def _whole_vocab(x_v):
@@ -202,6 +210,26 @@ def teacher_head(b_v, k) -> Head | None:
     if k == 0:
         return None
     return head_of(*top_k(b_v, k))
+
+
+def pair_head(s_v, t_v, k, temperature, merge=True) -> Head | None:
+    """The head I of the teacher of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
+
+    Equal to `teacher_head(tempered_pair(s, t, τ, merge)[1], k)`, but top_k reads t in its own
+    dtype when that ranks entries as b = t/τ does (τ = 1, or t narrower than float32: distinct
+    bf16 values stay distinct after widening and dividing): XLA TPU's TopK does not fuse its
+    producer, so a widened copy would be written and read again. Measured on the TPU v5p program
+    compiled ahead of time (`scripts/bench_loss.py`, jax.grad of TAD at [1, 4096, 32000] bf16):
+    6.0 -> 5.5 f32 [N, V] tensors' worth of bytes with `merge=False`, and the bf16 merge in the
+    input dtype took KL from 4.0 to 3.5.
+    """
+    if k == 0:
+        return None
+    if not (temperature == 1.0 or jnp.finfo(t_v.dtype).bits < 32):
+        return teacher_head(tempered_pair(s_v, t_v, temperature, merge)[1], k)
+    vals_k, idx_k = top_k(merge_padding(s_v, t_v) if merge else t_v, k)
+    vals_k = widen(vals_k)  # = b at idx_k: the same widening and division, elementwise
+    return head_of(vals_k / temperature if temperature != 1.0 else vals_k, idx_k)
 
 
 def head_of(vals_k, idx_k) -> Head:

@@ -23,6 +23,7 @@ from tad_jax import (
     tad_components,
     tad_divergence,
 )
+from tad_jax import tad_core as core
 
 EXACT = dict(rtol=1e-10, atol=1e-12)  # float64 exactness
 F32 = dict(rtol=1e-5, atol=1e-6)
@@ -606,3 +607,34 @@ def test_segment_scope_beta_x(x64):
         tad_divergence(s, t, m, beta_scope="segment")
     with pytest.raises(ValueError, match="beta_scope"):
         tad_divergence(s, t, m, beta_scope="doc")
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.7])
+def test_student_padding_false_equals_default_on_finite_students(tau):
+    # student_padding=False skips the merge before top_k (the training step's call): on finite
+    # student logits it must give the same values and gradients, ties at the K-th place included.
+    s, t, m = _data(shape=(2, 6, 40))
+    ties = jnp.round(t)  # many equal teacher values: the K-th place is decided by the index
+    for teacher in (t, ties):
+        for fn, kw in ((tad_divergence, dict(top_k=5)), (kl_divergence, {})):
+            want, want_g = jax.value_and_grad(fn)(s, teacher, m, temperature=tau, **kw)
+            got, got_g = jax.value_and_grad(fn)(s, teacher, m, temperature=tau,
+                                                student_padding=False, **kw)
+            np.testing.assert_array_equal(got, want)
+            np.testing.assert_array_equal(got_g, want_g)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+@pytest.mark.parametrize("tau", [1.0, 0.3])
+def test_pair_head_is_the_head_of_the_tempered_teacher(dtype, tau):
+    # top_k reads the teacher in its own dtype when that ranks as t/τ (τ = 1 or narrower than
+    # float32): same indices, K-th value and last index as top_k of the tempered, merged logits.
+    s = _logits(3, (3, 7, 300)).astype(dtype)
+    t = jnp.round(4.0 * _logits(4, (3, 7, 300))).astype(dtype) / 4  # ties at the K-th place
+    s = s.at[..., 5:9].set(-jnp.inf)  # student padding: those entries leave the teacher too
+    for k in (1, 6):
+        got = core.pair_head(s, t, k, tau)
+        want = core.teacher_head(core.tempered_pair(s, t, tau)[1], k)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+        assert not np.any(np.isin(np.asarray(got.idx_k), [5, 6, 7, 8]))
