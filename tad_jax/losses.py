@@ -208,7 +208,7 @@ def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
         (e.g. straight from a model's head; the training step's), and the teacher's top-K is
         taken without merging that padding in first: on TPU, XLA's TopK does not fuse its
         producer, so the merge costs a written and re-read copy of the teacher logits (jax.grad
-        TAD/KL bytes on a TPU v5p compile, f32: 1.72x with, 1.29x without; `scripts/bench_loss.py`).
+        TAD/KL bytes on a TPU v5p compile: 1.29x with, 1.14x without; `scripts/bench_loss.py`).
 
     Returns:
       float32 loss: scalar, or `[..., T]` for reduction="none".

@@ -20,16 +20,14 @@ Conventions, for every caller:
 - Log space: α_T, α_S and D_KL2 come from logsumexps over the tail (head excluded by a select),
   never from 1 − Σ_I p (cancellation when the head holds almost all the mass).
 
-Cost, measured on the TPU v5p program compiled ahead of time (`scripts/bench_loss.py`): jax.grad
-of TAD moves 1.72x the bytes of KL (f32 and bf16) at [1, 4096, 32000], [1, 2048, 128256] and
-[1, 1024, 256000], with no [N, V] float32 temporary (before this kernel: 5.4x / 7.9x, 4.0x /
-5.8x, 3.5x / 5.1x and 3.75 temporaries). XLA TPU's TopK copies its input and fuses no producer:
-top_k of the raw teacher costs 3 reads/writes of [N, V], of the teacher merged with the
-student's padding 6. With finite student logits (`pair_head(merge=False)`, the losses'
-`student_padding=False`, as the training step calls them) TAD/KL is 1.29x (f32) / 1.57x (bf16).
-XLA CPU fuses the tail reductions less well (TAD/KL
-fwd+bwd 1.9-3.1x on 2 shared cores, vs 1.24-1.47x for the earlier CPU-tuned code): a CPU-only
-variant would belong next to `top_k`'s.
+Cost, measured on the TPU v5p program compiled ahead of time (`scripts/bench_loss.py`, jax.grad,
+in f32 [N, V] tensors' worth of bytes; the same ratios at [1, 4096, 32000], [1, 2048, 128256]
+and [1, 1024, 256000], f32 and bf16): KL 7.0; TAD 9.0 = 1.29x (1.14x with finite student
+logits, `student_padding=False`, as the training step calls it), and no [N, V] temporary. Before
+this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 3.5x / 5.1x and 3.75 f32 [N, V] temporaries.
+Where the bytes go: top_k (XLA TPU's TopK copies its input and fuses no producer: 3 passes;
+`pair_head`), one pass of maxima and one of sums (`_reduce_v`), and the gradient (3 passes, as
+KL's). XLA CPU: TAD/KL fwd+bwd about 2x on 2 shared cores (the earlier CPU-tuned code: 1.24x).
 """
 
 from __future__ import annotations
@@ -218,10 +216,9 @@ def pair_head(s_v, t_v, k, temperature, merge=True) -> Head | None:
     Equal to `teacher_head(tempered_pair(s, t, τ, merge)[1], k)`, but top_k reads t in its own
     dtype when that ranks entries as b = t/τ does (τ = 1, or t narrower than float32: distinct
     bf16 values stay distinct after widening and dividing): XLA TPU's TopK does not fuse its
-    producer, so a widened copy would be written and read again. Measured on the TPU v5p program
-    compiled ahead of time (`scripts/bench_loss.py`, jax.grad of TAD at [1, 4096, 32000] bf16):
-    6.0 -> 5.5 f32 [N, V] tensors' worth of bytes with `merge=False`, and the bf16 merge in the
-    input dtype took KL from 4.0 to 3.5.
+    producer, so a widened or merged copy is written and read again. `merge=False` (finite
+    student logits guaranteed) drops the merge: jax.grad of TAD on the TPU v5p compile at
+    [1, 4096, 32000] f32 moves 8.0 instead of 9.0 f32 [N, V] tensors' worth of bytes.
     """
     if k == 0:
         return None
@@ -271,47 +268,92 @@ class TokenTerms(NamedTuple):
 def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
     """TAD's per-position terms from tempered logits a, b (`tempered_pair`) and the head I.
 
-    Two passes over [.., V] (maxima, then sums; XLA fuses each into one loop on accelerators) and
-    [.., K] gathers for the head:
-      α_T = exp(lse_tail(b) − lse(b)),  α_S = exp(lse_tail(a) − lse(a))
-      D_KL2 = Σ_tail p̃_T (log p̃_T − log p̃_S) = Σ_tail e^(b − m)(b − a) / Σ_tail e^(b − m)
-              − lse_tail(b) + lse_tail(a)
+    Two passes over [.., V], each one variadic reduction (`_reduce_v`), then [..] arithmetic:
+      maxima  m_s = max a, m_t = max b, and over the tail only m̃_s, m̃_t
+      sums    Z_s = Σ e^(a − m_s), Z_t = Σ e^(b − m_t), Z̃_s = Σ_tail e^(a − m̃_s),
+              Z̃_t = Σ_tail e^(b − m̃_t), C̃ = Σ_tail e^(b − m̃_t)·δ, H_0 = Σ_I e^(b − m_t),
+              H_1 = Σ_I e^(b − m_t)·δ,  with δ = (b − m_t) − (a − m_s) (row offsets cancel)
+      lse(a) = log Z_s + m_s, lse(b) = log Z_t + m_t, lse_tail likewise from Z̃, m̃
+      α_T = exp(lse_tail(b) − lse(b)),  α_S = exp(lse_tail(a) − lse(a))        (log space)
+      D_KL2 = Σ_tail p̃_T (log p̃_T − log p̃_S)
+            = C̃/Z̃_t − (lse_tail(b) − m_t) + (lse_tail(a) − m_s)
       D_KL1 = Σ_I p_T (log p_T − log p_S) + α_T (log α_T − log α_S)
+            = (H_1 − (log Z_t − log Z_s)·H_0)/Z_t + α_T (log α_T − log α_S)
     With `head` None (K = 0) the tail is everything: D_KL1 = 0, D_KL2 = KL.
     """
-    tail_v = in_tail(b_v, head)
-    lse_s, lse_t = logsumexp(a_v), logsumexp(b_v)
-    if head is None:
-        lse_tail_s, m_t = lse_s, _finite(jnp.max(b_v, axis=-1))
-        et_v = jnp.exp(b_v - m_t[..., None])
+    tail_v = None if head is None else in_tail(b_v, head)
+    ninf = jnp.asarray(-jnp.inf, a_v.dtype)
+    maxima = (a_v, b_v) if tail_v is None else (
+        a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf))
+    maxima = tuple(_finite(m) for m in _reduce_v(maxima, -jnp.inf, jnp.maximum))
+    m_s, m_t = maxima[:2]
+    ms_tail, mt_tail = (m_s, m_t) if tail_v is None else maxima[2:]
+    es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
+    # b > -inf implies a > -inf (`tempered_pair`), so δ is finite wherever e^b > 0.
+    delta_v = (b_v - m_t[..., None]) - (a_v - m_s[..., None])
+    if tail_v is None:
+        zs, zt, cross = _reduce_v((es_v, et_v, _times(et_v, delta_v)), 0.0, jnp.add)
+        zs_tail, zt_tail, h0, h1 = zs, zt, 0.0, 0.0
     else:
-        lse_tail_s = logsumexp(a_v, tail_v)
-        m_t = _finite(jnp.max(jnp.where(tail_v, b_v, -jnp.inf), axis=-1))
-        et_v = jnp.where(tail_v, jnp.exp(b_v - m_t[..., None]), 0.0)
-    zt_tail = jnp.sum(et_v, axis=-1)
-    # b > -inf implies a > -inf (`tempered_pair`), so b − a is finite where it counts.
-    cross = jnp.sum(jnp.where(et_v > 0, et_v * (b_v - a_v), 0.0), axis=-1)
-    lse_tail_t = jnp.log(zt_tail) + m_t
+        ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
+        ett_v = jnp.where(tail_v, jnp.exp(b_v - mt_tail[..., None]), 0.0)
+        eh_v = jnp.where(tail_v, 0.0, et_v)
+        zs, zt, zs_tail, zt_tail, cross, h0, h1 = _reduce_v(
+            (es_v, et_v, ets_v, ett_v, _times(ett_v, delta_v), eh_v, _times(eh_v, delta_v)),
+            0.0, jnp.add)
+    log_zs, log_zt = jnp.log(zs), jnp.log(zt)
+    lse_s, lse_t = log_zs + m_s, log_zt + m_t
+    lse_tail_s, lse_tail_t = jnp.log(zs_tail) + ms_tail, jnp.log(zt_tail) + mt_tail
     log_alpha_t = lse_tail_t - lse_t if head is not None else jnp.zeros_like(lse_t)
     log_alpha_s = lse_tail_s - lse_s if head is not None else jnp.zeros_like(lse_s)
     has_tail = zt_tail > 0  # α_T = 0: the tail terms are 0 (the limit x log x -> 0), not NaN
-    kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - lse_tail_t + lse_tail_s,
-                    0.0)
-    bucket = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
-    kl1 = bucket
-    if head is not None:  # Σ_I p_T (log p_T − log p_S), a masked reduction in the same pass
-        lpt_v = b_v - _finite(lse_t)[..., None]
-        lps_v = a_v - _finite(lse_s)[..., None]
-        kl1 = kl1 + jnp.sum(jnp.where(~tail_v & (b_v > -jnp.inf),
-                                      jnp.exp(lpt_v) * (lpt_v - lps_v), 0.0), axis=-1)
+    kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0)
+                    - (lse_tail_t - m_t) + (lse_tail_s - m_s), 0.0)
+    kl1 = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
+    if head is not None:
+        kl1 = kl1 + (h1 - (log_zt - log_zs) * h0) / zt
     return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, lse_s, lse_t, lse_tail_s)
 
 
+def _times(e_v, x_v):
+    """e·x with 0 where e = 0 (so e^(-inf)·inf padding terms are 0, not NaN)."""
+    return jnp.where(e_v > 0, e_v * x_v, 0.0)
+
+
+def _reduce_v(xs_v, init, op):
+    """op-reductions of several [.., V] arrays over V (op: jnp.add or jnp.maximum).
+
+    Accelerators: ONE variadic reduce, i.e. one pass that reads the logits once; XLA TPU did not
+    fuse the separate reductions into one loop (TPU v5p compile, `scripts/bench_loss.py`: jax.grad
+    of TAD at [1, 4096, 32000] moved 12.0 -> 9.0 f32 [N, V] tensors' worth of bytes, KL 7.0).
+    XLA CPU (isolated here): separate reductions, which it vectorises; the variadic reduce made
+    jax.grad of KL 2.1x slower there (2 cores, [8, 512, 32000] f32).
+    """
+    xs_v = tuple(jnp.asarray(x) for x in xs_v)
+    axis = xs_v[0].ndim - 1
+    reduce_one = jnp.sum if op is jnp.add else jnp.max
+
+    def variadic(*xs):
+        inits = tuple(jnp.asarray(init, x.dtype) for x in xs)
+        return tuple(jax.lax.reduce(xs, inits, lambda x, y: tuple(map(op, x, y)), (axis,)))
+
+    def separate(*xs):
+        return tuple(reduce_one(x, axis=axis) for x in xs)
+
+    return jax.lax.platform_dependent(*xs_v, cpu=separate, default=variadic)
+
+
 def teacher_log_alpha(b_v, head: Head | None):
-    """log α_T alone (the teacher pre-pass of the fused loss needs nothing else)."""
+    """log α_T alone (two variadic passes over b, as `token_terms`)."""
     if head is None:
         return jnp.zeros(b_v.shape[:-1], b_v.dtype)
-    return logsumexp(b_v, in_tail(b_v, head)) - logsumexp(b_v)
+    tail_v = in_tail(b_v, head)
+    m, m_tail = (_finite(x) for x in _reduce_v(
+        (b_v, jnp.where(tail_v, b_v, -jnp.inf)), -jnp.inf, jnp.maximum))
+    z, z_tail = _reduce_v((jnp.exp(b_v - m[..., None]),
+                           jnp.where(tail_v, jnp.exp(b_v - m_tail[..., None]), 0.0)),
+                          0.0, jnp.add)
+    return jnp.log(z_tail) + m_tail - jnp.log(z) - m
 
 
 def token_grad(a_v, b_v, head: Head | None, terms: TokenTerms, gamma):
