@@ -9,7 +9,9 @@ Prints one JSON object per (shape, dtype) case:
 CPU: fwd+bwd time, XLA temporaries and FLOPs of each method, run on this host.
 TPU: `jax.grad` of TAD and KL compiled ahead of time for one TPU v5p chip (libtpu; nothing runs,
 nothing is allocated), `bench: "tpu_aot"` lines with bytes accessed, FLOPs, transcendentals and
-temporaries at the accelerator shapes (`--tpu_cases`), and TAD/KL ratios.
+temporaries at the accelerator shapes (`--tpu_cases`), and TAD/KL ratios. "tad"/"kl" are the
+default calls, "tad_finite"/"kl_finite" those with `student_padding=False` (the training step's).
+GPU (`--gpu_target h100:1`, needs tad_jax[gpu-aot]): `bench: "gpu_aot"` lines, temporaries only.
 
 Goals: TPU TAD/KL bytes <= 1.5x; TAD temporaries <= 25% of one f32 [N, V] tensor; CPU TAD/KL
 fwd+bwd <= 1.3x at V = 32000 and <= 1.5x at 128K/256K.
@@ -18,7 +20,6 @@ fwd+bwd <= 1.3x at V = 32000 and <= 1.5x at 128K/256K.
 import argparse
 import functools
 import json
-import os
 import statistics
 import time
 
@@ -34,18 +35,20 @@ TOP_K, BETA = 10, 2.0
 
 
 def tpu_aot_cost(fn, args, topology="v5p:2x2x1"):
-    """Bytes accessed, FLOPs, transcendentals and temporaries of `fn` compiled for one TPU chip.
+    """Bytes accessed, FLOPs, transcendentals and temporaries of `fn` compiled for one device of
+    `topology` (a `tad_jax.targets` name: a TPU topology, or `h100:1` etc., whose compile gives
+    temporaries only: XLA GPU has no cost analysis).
 
-    `args` are `jax.ShapeDtypeStruct`s; they are placed (replicated) on a one-device mesh of the
-    TPU topology and `jax.jit(fn).lower(...).compile()` runs libtpu's compiler on this host (set
-    JAX_PLATFORMS=cpu: no TPU is needed). XLA counts a while/scan body once: callers unroll their
-    loops for FLOPs and bytes (see bench_fused.py).
+    `args` are `jax.ShapeDtypeStruct`s; they are placed (replicated) on a one-device mesh and
+    `jax.jit(fn).lower(...).compile()` runs the target's compiler on this host (set
+    JAX_PLATFORMS=cpu: no accelerator is needed). XLA counts a while/scan body once: callers
+    unroll their loops for FLOPs and bytes (see bench_fused.py).
     """
-    mesh = jax.sharding.Mesh(_tpu_devices(topology)[:1], ("x",))
+    mesh = jax.sharding.Mesh(_devices(topology)[:1], ("x",))
     rep = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=rep) for a in args]
     compiled = jax.jit(fn).lower(*args).compile()
-    cost = compiled.cost_analysis()
+    cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     mem = compiled.memory_analysis()
     return {"bytes": cost.get("bytes accessed"), "flops": cost.get("flops"),
@@ -54,16 +57,15 @@ def tpu_aot_cost(fn, args, topology="v5p:2x2x1"):
 
 
 @functools.cache
-def _tpu_devices(topology):
-    # Several processes on one host may compile for TPU at once: skip libtpu's lockfile.
-    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    from jax.experimental import topologies
+def _devices(topology):
+    from tad_jax import targets
 
-    return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
+    return targets.resolve_target(topology).devices
 
 
-def run_tpu_case(b, t, v, dtype):
-    """TPU-AOT costs of jax.grad of TAD and KL (mean over positions) at one shape."""
+def run_tpu_case(b, t, v, dtype, topology="v5p:2x2x1"):
+    """AOT costs of jax.grad of TAD and KL (mean over positions) at one shape, for one device of
+    `topology` (TPU: bytes, FLOPs and temporaries; GPU: temporaries)."""
     sds = jax.ShapeDtypeStruct
     args = (sds((b, t, v), dtype), sds((b, t, v), dtype), sds((b, t), jnp.float32))
     # "tad"/"kl": the default (a student -inf entry dropped from both sides); "tad_finite" /
@@ -73,15 +75,17 @@ def run_tpu_case(b, t, v, dtype):
            "tad_finite": lambda s, te, m: tad_divergence(s, te, m, top_k=TOP_K, beta=BETA,
                                                          student_padding=False),
            "kl_finite": lambda s, te, m: kl_divergence(s, te, m, student_padding=False)}
-    row = {"bench": "tpu_aot", "B": b, "T": t, "V": v, "dtype": jnp.dtype(dtype).name,
+    row = {"bench": "tpu_aot" if topology.startswith("v") else "gpu_aot", "target": topology,
+           "B": b, "T": t, "V": v, "dtype": jnp.dtype(dtype).name,
            "top_k": TOP_K, "f32_nv_bytes": 4 * b * t * v}
     for name, fn in fns.items():
-        for key, value in tpu_aot_cost(jax.grad(fn), args).items():
+        for key, value in tpu_aot_cost(jax.grad(fn), args, topology).items():
             row[f"{name}_{key}"] = value
     for key in ("bytes", "flops", "temp_bytes"):
-        row[f"tad/kl_{key}"] = row[f"tad_{key}"] / max(row[f"kl_{key}"], 1)
-        row[f"tad_finite/kl_finite_{key}"] = (row[f"tad_finite_{key}"]
-                                              / max(row[f"kl_finite_{key}"], 1))
+        if row[f"tad_{key}"] is not None:
+            row[f"tad/kl_{key}"] = row[f"tad_{key}"] / max(row[f"kl_{key}"], 1)
+            row[f"tad_finite/kl_finite_{key}"] = (row[f"tad_finite_{key}"]
+                                                  / max(row[f"kl_finite_{key}"], 1))
     for name in ("tad", "tad_finite"):
         row[f"{name}_temp/f32_nv"] = row[f"{name}_temp_bytes"] / row["f32_nv_bytes"]
     return row
@@ -192,6 +196,9 @@ def main():
     parser.add_argument("--methods", default="tad,autodiff,kl",
                         help="subset of tad,autodiff,autodiff_own,kl")
     parser.add_argument("--tpu_cases", default=TPU_CASES, help="comma list of BxTxV for TPU AOT")
+    parser.add_argument("--gpu_target", default="",
+                        help="also compile for this GPU (e.g. h100:1; needs tad_jax[gpu-aot]): "
+                             "temporaries")
     parser.add_argument("--skip_time", action="store_true", help="TPU-AOT costs only")
     parser.add_argument("--skip_tpu", action="store_true", help="CPU times only")
     args = parser.parse_args()
@@ -200,6 +207,9 @@ def main():
             b, t, v = (int(x) for x in case.lower().split("x"))
             for dtype in args.dtypes.split(","):
                 print(json.dumps(run_tpu_case(b, t, v, jnp.dtype(dtype))), flush=True)
+                if args.gpu_target:
+                    row = run_tpu_case(b, t, v, jnp.dtype(dtype), args.gpu_target)
+                    print(json.dumps(row), flush=True)
     if args.skip_time:
         return
     for case in args.cases.split(","):
