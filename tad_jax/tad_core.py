@@ -158,8 +158,11 @@ def top_k(x_v, k):
 
 def _top_k_2d(x_v, k):
     """lax.top_k on a 2-D view: XLA TPU's TopK rewrite only takes rank-2 operands (a rank-3
-    input becomes a full sort: measured at [1, 4096, 32000])."""
-    vals, idx = jax.lax.top_k(x_v.reshape(-1, x_v.shape[-1]), k)
+    input becomes a full sort: measured at [1, 4096, 32000]). The barrier keeps the TopK whole:
+    when its values are sliced downstream, XLA TPU otherwise rewrites it into a full sort of
+    [m, V] (measured in the fused loss's [512, 256000] chunks: fused TAD/KL bytes 1.66x -> 1.27x,
+    temporaries 1.62x -> 1.00x)."""
+    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(x_v.reshape(-1, x_v.shape[-1]), k))
     return vals.reshape(x_v.shape[:-1] + (k,)), idx.reshape(x_v.shape[:-1] + (k,))
 
 
