@@ -51,8 +51,8 @@ def _pre_pass_only(chunk_size, top_k):
     def run(hs, ws, ht, wt, mask):
         tad = fused.core.TADConfig(top_k=top_k)
         cfg = fused._Config("tad", False, tad, chunk_size, None, "mean")
-        lay, big, small, mask_rt, seg_rt = fused._prepare(cfg, hs, ht, mask, None, None)
-        return fused._pre_pass(cfg, lay, (ws, None, wt, None), big, small, mask_rt, seg_rt)
+        mask_rt = fused._mask_rt(mask, *mask.shape)
+        return fused._pre_pass(cfg, (ws, None, wt, None), ht, mask_rt, None)
 
     return run
 
@@ -108,11 +108,15 @@ def bench_tpu(args):
     for name, fn in (("fused_tad", _fused_grad("tad", args.chunk_size, top_k=args.top_k)),
                      ("fused_kl", _fused_grad("kl", args.chunk_size))):
         rec[f"{name}_temp_bytes"] = tpu_aot_cost(fn, shapes)["temp_bytes"]
-        fused._UNROLL = True  # FLOPs and bytes of every chunk, not of one loop body
+        # FLOPs and bytes of every chunk, not of one loop body. jax caches traces by function,
+        # not by this module global: without clearing, the rolled trace above would be reused.
+        fused._UNROLL = True
+        jax.clear_caches()
         try:
             cost = tpu_aot_cost(fn, shapes)
         finally:
             fused._UNROLL = 1
+            jax.clear_caches()
         rec.update({f"{name}_{k}": cost[k] for k in ("bytes", "flops", "transcendentals")})
     for key in ("bytes", "flops", "temp_bytes"):
         rec[f"tad/kl_{key}"] = rec[f"fused_tad_{key}"] / rec[f"fused_kl_{key}"]
