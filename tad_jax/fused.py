@@ -10,8 +10,8 @@ runs the scan again).
 
 β(X) is exact (TAD_SPEC.md, per row or per segment): when every step holds whole rows
 (T <= chunk_size) it comes from the step itself; otherwise a teacher pre-pass computes log α_T of
-every position first (one more teacher head matmul). Layouts, costs and measurements:
-docs/fused_loss.md.
+every position first (one more teacher head matmul, over vocabulary blocks: the teacher head is
+read once). Layouts, costs and measurements: docs/fused_loss.md.
 
 Shape suffixes: r = rows (the flattened leading axes), t = positions of a row, n = chunks,
 a = rows per chunk, c = positions of a row per chunk, m = a·c tokens of one chunk,
@@ -292,7 +292,7 @@ def _vocab_block(tokens: int, vocab: int, chunk_size: int, k: int) -> int:
     of one main-pass chunk; blocks of near-equal size, a multiple of 128 (TPU lanes) when larger
     than that, and more than K (a block's top-(K+1))."""
     nb = -(-vocab // max(chunk_size * vocab // tokens, k + 1))
-    vb = -(-vocab // nb)
+    vb = max(-(-vocab // nb), k + 1)
     return min(vocab, -(-vb // 128) * 128 if vb > 128 else vb)
 
 
