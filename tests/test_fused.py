@@ -543,10 +543,11 @@ def test_pre_pass_temperature_bias_softcap_and_k0():
 
 
 def test_vocab_block_size():
-    """N·Vb ≈ chunk_size·V (one chunk's logits), lane-aligned, > K."""
+    """N·Vb ≈ chunk_size·V (one chunk's logits), > K, lane-aligned unless it divides V."""
     assert fused._vocab_block(4096, 256000, 512, 10) == 32000
     assert fused._vocab_block(21, 37, 6, 4) == 10  # blocks 0, 10, 20 and 27 (clamped)
     assert fused._vocab_block(1 << 20, 32000, 512, 20) == 21  # 15 columns would be < K + 1
-    assert fused._vocab_block(1 << 16, 256000, 512, 10) == 2048
+    assert fused._vocab_block(1 << 16, 256000, 512, 10) == 2000  # divides V
+    assert fused._vocab_block(1 << 16, 250000, 512, 10) == 2048  # lanes; the last overlaps
     assert fused._vocab_block(1 << 20, 100, 1, 20) == 21
     assert fused._vocab_block(3, 37, 6, 4) == 37
