@@ -301,6 +301,7 @@ def _vocab_block(tokens: int, vocab: int, chunk_size: int, k: int) -> int:
 
 
 def _finite(x):
+    """x where finite, else 0: a logsumexp shift that keeps exp(-inf - shift) = 0, not NaN."""
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
 
