@@ -6,7 +6,9 @@
 
 TPU: `--tpu` prints a `bench: "tpu_aot"` line: fused TAD vs fused KL fwd+bwd compiled ahead of
 time for one TPU v5p chip (run with JAX_PLATFORMS=cpu), bytes accessed, FLOPs (the chunk scans
-unrolled, as XLA counts a loop body once) and temporaries (scans rolled), at V = 256000, bf16.
+unrolled, as XLA counts a loop body once) and temporaries (scans rolled), at V = 256000, bf16;
+with `chunk_size` tokens per step (rows span chunks: teacher pre-pass) and with whole rows per
+step (`*_whole_rows`: no pre-pass, [T, V] logits), the memory vs FLOPs trade-off.
 
 Memory: `jax.jit(grad).lower(ShapeDtypeStruct...).compile().memory_analysis()` of the loss's
 gradient w.r.t. the student hidden states and head, head matmuls included, at Gemma2 sizes
@@ -51,8 +53,8 @@ def _pre_pass_only(chunk_size, top_k):
     def run(hs, ws, ht, wt, mask):
         tad = fused.core.TADConfig(top_k=top_k)
         cfg = fused._Config("tad", False, tad, chunk_size, None, "mean")
-        lay, big, small, mask_rt, seg_rt = fused._prepare(cfg, hs, ht, mask, None, None)
-        return fused._pre_pass(cfg, lay, (ws, None, wt, None), big, small, mask_rt, seg_rt)
+        mask_rt = fused._mask_rt(mask, *mask.shape)
+        return fused._pre_pass(cfg, (ws, None, wt, None), ht, mask_rt, None)
 
     return run
 
@@ -105,17 +107,26 @@ def bench_tpu(args):
     rec = dict(bench="tpu_aot", tokens=n, rows=rows, vocab=args.vocab, d_student=args.d_student,
                d_teacher=args.d_teacher, chunk_size=args.chunk_size, top_k=args.top_k,
                dtype=dtype.name)
+    whole = n // rows  # chunk_size >= T: whole rows per step, no pre-pass, more logits memory
     for name, fn in (("fused_tad", _fused_grad("tad", args.chunk_size, top_k=args.top_k)),
-                     ("fused_kl", _fused_grad("kl", args.chunk_size))):
+                     ("fused_kl", _fused_grad("kl", args.chunk_size)),
+                     ("fused_tad_whole_rows", _fused_grad("tad", whole, top_k=args.top_k)),
+                     ("fused_kl_whole_rows", _fused_grad("kl", whole))):
         rec[f"{name}_temp_bytes"] = tpu_aot_cost(fn, shapes)["temp_bytes"]
-        fused._UNROLL = True  # FLOPs and bytes of every chunk, not of one loop body
+        # FLOPs and bytes of every chunk, not of one loop body. jax caches traces by function,
+        # not by this module global: without clearing, the rolled trace above would be reused.
+        fused._UNROLL = True
+        jax.clear_caches()
         try:
             cost = tpu_aot_cost(fn, shapes)
         finally:
             fused._UNROLL = 1
+            jax.clear_caches()
         rec.update({f"{name}_{k}": cost[k] for k in ("bytes", "flops", "transcendentals")})
     for key in ("bytes", "flops", "temp_bytes"):
         rec[f"tad/kl_{key}"] = rec[f"fused_tad_{key}"] / rec[f"fused_kl_{key}"]
+        rec[f"whole_rows_tad/kl_{key}"] = (rec[f"fused_tad_whole_rows_{key}"]
+                                           / rec[f"fused_kl_whole_rows_{key}"])
     print(json.dumps(rec), flush=True)
 
 

@@ -10,8 +10,8 @@ runs the scan again).
 
 β(X) is exact (TAD_SPEC.md, per row or per segment): when every step holds whole rows
 (T <= chunk_size) it comes from the step itself; otherwise a teacher pre-pass computes log α_T of
-every position first (one more teacher head matmul). Layouts, costs and measurements:
-docs/fused_loss.md.
+every position first (one more teacher head matmul, over vocabulary blocks: the teacher head is
+read once). Layouts, costs and measurements: docs/fused_loss.md.
 
 Shape suffixes: r = rows (the flattened leading axes), t = positions of a row, n = chunks,
 a = rows per chunk, c = positions of a row per chunk, m = a·c tokens of one chunk,
@@ -287,17 +287,92 @@ def _prepare(cfg: _Config, hs, ht, mask, targets, seg):
     return lay, big, small, mask_rt, seg_rt
 
 
-def _pre_pass(cfg: _Config, lay: _Layout, params, big, small, mask_rt, seg_rt):
-    """γ = β(X) − 1 of every position, chunked [n, m], from a pass over the teacher head only."""
-    ws, bs, wt, bt = params
+def _vocab_block(tokens: int, vocab: int, chunk_size: int, k: int) -> int:
+    """Columns per vocabulary block of the pre-pass: tokens·Vb ≈ chunk_size·V, the logits memory
+    of one main-pass chunk; blocks of near-equal size, more than K (a block's top-(K+1)). When
+    they do not divide V, a multiple of 128 (TPU lanes) for the larger ones: the last block then
+    overlaps the previous one, masked (on XLA CPU that costs ~20% of the pre-pass at V = 32000,
+    N = 2048, blocks of 4096 vs 4000: measured)."""
+    nb = -(-vocab // max(chunk_size * vocab // tokens, k + 1))
+    vb = max(-(-vocab // nb), k + 1)
+    if vocab % vb and vb > 128:
+        vb = -(-vb // 128) * 128
+    return min(vocab, vb)
 
-    def body(_, i):
-        lt, _ = _logits(_take(big["ht"], i), wt, bt, cfg.softcap)
-        b = lt / cfg.tad.temperature if cfg.tad.temperature != 1.0 else lt
-        return None, core.teacher_log_alpha(b, core.teacher_head(b, cfg.tad.top_k))
 
-    _, log_at = jax.lax.scan(body, None, small["i"], unroll=_UNROLL)
-    return _to_chunks(lay, _gamma(_from_chunks(lay, log_at), mask_rt, seg_rt, cfg))
+def _finite(x):
+    """x where finite, else 0: a logsumexp shift that keeps exp(-inf - shift) = 0, not NaN."""
+    return jnp.where(jnp.isfinite(x), x, 0.0)
+
+
+def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
+    """log α_T [N] of every position and the teacher's head (`core.Head`, None for K = 0), from
+    one read of the teacher head: a scan over vocabulary blocks of `block` columns.
+
+    Position chunks would each re-read the whole [d_t, V] head (1.8 GB in bf16 at d_t = 3584,
+    V = 256000, per 512 tokens); here the blocks of the head are read once and the [N, d_t]
+    hidden states once per block. Each position keeps, over the blocks seen so far, the
+    logsumexp of all its logits, its exact top-K (values, indices) and the logsumexp of the rest
+    (the tail, fed by a block's entries outside the block's top-K and by those the merge drops),
+    so log α_T = lse_tail − lse without 1 − Σ_I p (cancellation). The merge takes `core.top_k`
+    of [running, block's top-K]: the running entries have the lower vocabulary indices, so
+    listing them first keeps the lowest-index tie rule; the head equals `core.top_k` over V.
+    The last block starts at V − block when block does not divide V; its columns seen before
+    are -inf (no mass, never displacing an entry of the running top-K).
+    """
+    k, tau, vocab = cfg.tad.top_k, cfg.tad.temperature, wt.shape[1]
+    n_blocks = -(-vocab // block)
+    if k == 0:  # the tail is the whole vocabulary
+        return jnp.zeros(ht_nd.shape[0], _F32), None
+
+    def step(state, i):
+        lse, lse_tail, vals_k, idx_k = state
+        start = jnp.minimum(i * block, vocab - block)
+        w = jax.lax.dynamic_slice_in_dim(wt, start, block, axis=1)
+        bias = None if bt is None else jax.lax.dynamic_slice_in_dim(bt, start, block)
+        b_v, _ = _logits(ht_nd, w, bias, cfg.softcap)
+        if tau != 1.0:
+            b_v = b_v / tau
+        if vocab % block:
+            b_v = jnp.where(start + jnp.arange(block) >= i * block, b_v, -jnp.inf)
+        # Top-(K+1): its first value is the block's maximum and its last the maximum of the
+        # block's tail, the shifts of the two logsumexps, which then share one pass over b (the
+        # masked maximum of `core.logsumexp` would be a third). The barrier keeps XLA TPU's
+        # TopK a TopK: slices of its values taken apart make it a full sort of b (TPU v5p AOT,
+        # one [4096, 32000] block: 6.2 GB accessed instead of 2.0).
+        top_v, top_i = jax.lax.optimization_barrier(core.top_k(b_v, k + 1))
+        head = core.head_of(top_v[..., :k], top_i[..., :k])
+        m, m_tail = _finite(top_v[..., 0]), _finite(top_v[..., k])
+        lse_b = jnp.log(jnp.sum(jnp.exp(b_v - m[..., None]), -1)) + m
+        tail_b = jnp.log(jnp.sum(jnp.where(core.in_tail(b_v, head),
+                                           jnp.exp(b_v - m_tail[..., None]), 0.0), -1)) + m_tail
+        cand_v = jnp.concatenate([vals_k, top_v[..., :k]], -1)
+        cand_i = jnp.concatenate([idx_k, start + head.idx_k], -1)
+        vals_k, pos_k = core.top_k(cand_v, k)
+        dropped = core.logsumexp(cand_v, core.in_tail(cand_v, core.head_of(vals_k, pos_k)))
+        return (jnp.logaddexp(lse, lse_b), jnp.logaddexp(lse_tail, jnp.logaddexp(tail_b, dropped)),
+                vals_k, jnp.take_along_axis(cand_i, pos_k, -1))
+
+    n = ht_nd.shape[0]
+    none = jnp.full(n, -jnp.inf, _F32)
+    # Block 0 seeds the running top-K (an empty one merges as the identity), so it never holds
+    # placeholder entries.
+    state = step((none, none, jnp.zeros((n, 0), _F32), jnp.zeros((n, 0), jnp.int32)), 0)
+    if n_blocks > 1:
+        state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state, jnp.arange(1, n_blocks),
+                                unroll=_UNROLL)
+    lse, lse_tail, vals_k, idx_k = state
+    return lse_tail - lse, core.head_of(vals_k, idx_k)
+
+
+def _pre_pass(cfg: _Config, params, ht, mask_rt, seg_rt):
+    """γ = β(X) − 1 of every position [R, T] when rows span chunks, from one pass over the
+    teacher head (`_teacher_tail`)."""
+    rows, t = mask_rt.shape
+    ht_nd = ht.reshape(rows * t, ht.shape[-1])
+    block = _vocab_block(rows * t, params[2].shape[1], cfg.chunk_size, cfg.tad.top_k)
+    log_at, _ = _teacher_tail(cfg, params[2], params[3], ht_nd, block)
+    return _gamma(log_at.reshape(rows, t), mask_rt, seg_rt, cfg)
 
 
 def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
@@ -339,7 +414,7 @@ def _run(cfg: _Config, params, hs, ht, mask, targets, seg, weights_rt, want_grad
     if cfg.divergence == "kl":
         small["gamma"] = jnp.zeros(small["mask"].shape, _F32)
     elif cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows:  # rows span chunks
-        small["gamma"] = _pre_pass(cfg, lay, params, big, small, mask_rt, seg_rt)
+        small["gamma"] = _to_chunks(lay, _pre_pass(cfg, params, ht, mask_rt, seg_rt))
     if want_grad:
         small["w"] = _to_chunks(lay, weights_rt)
     grads, out = _main_pass(cfg, params, big, small, want_grad)

@@ -463,3 +463,91 @@ def test_segment_scope_beta_matches_numpy_and_unfused(chunk_size):
     row_tok = losses.tad_divergence(zs, zt, x["mask"], reduction="none", top_k=K)
     assert not np.allclose(got_tok, row_tok)  # the scope matters on this data
     _assert_match("tad", dict(x), chunk_size, **kw)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher pre-pass over vocabulary blocks (rows spanning chunks)
+# ---------------------------------------------------------------------------------------------
+
+
+def _np_tail(t, k):
+    """float64 numpy reference: the head (K largest, lowest index first on ties) and log α_T."""
+    t = np.asarray(t, np.float64)
+    order = np.lexsort((np.broadcast_to(np.arange(t.shape[-1]), t.shape), -t), axis=-1)
+    head = order[..., :k]
+    tail = np.ones(t.shape, bool)
+    np.put_along_axis(tail, head, False, axis=-1)
+
+    def lse(x, where):
+        x = np.where(where, x, -np.inf)
+        m = x.max(-1, keepdims=True)
+        return np.log(np.exp(x - m).sum(-1)) + m[..., 0]
+
+    return head, lse(t, tail) - lse(t, np.ones(t.shape, bool))
+
+
+def _blocked(t, k, block, temperature=1.0, bias=None, cap=None):
+    """`fused._teacher_tail` of the logits t [N, V] (hidden = identity, head = t)."""
+    cfg = fused._Config("tad", False, fused.core.TADConfig(top_k=k, temperature=temperature), 1,
+                        cap, "mean")
+    eye = jnp.eye(t.shape[0], dtype=jnp.float32)
+    return jax.jit(fused._teacher_tail, static_argnums=(0, 4))(
+        cfg, jnp.asarray(t, jnp.float32), None if bias is None else jnp.asarray(bias), eye, block)
+
+
+@pytest.mark.parametrize("block", [10, 8, 37])  # 37 = V (one block); 8 and 10 do not divide V
+def test_pre_pass_blocks_match_numpy(block):
+    """Random logits, a -inf (padded) column and integer logits with many ties at the K-th place,
+    against the float64 reference and the one-block kernel (`tad_core`), head indices too."""
+    ks = jax.random.split(jax.random.key(14), 2)
+    v = 37
+    t = np.asarray(3.0 * jax.random.normal(ks[0], (6, v)), np.float64)
+    t[1] = np.round(np.asarray(1.5 * jax.random.normal(ks[1], (v,))))  # tie-heavy
+    t[2] = 0.0  # all tied
+    bias = np.zeros(v, np.float32)
+    bias[-3:] = -np.inf  # padded columns (the last block's too)
+    for k in (1, 4, 7):
+        log_at, head = _blocked(t, k, block, bias=bias)
+        want_head, want = _np_tail(t + bias, k)
+        np.testing.assert_array_equal(head.idx_k, want_head)
+        np.testing.assert_allclose(log_at, want, rtol=1e-5, atol=1e-5)
+        b = jnp.asarray(t + bias, jnp.float32)
+        one = fused.core.teacher_log_alpha(b, fused.core.teacher_head(b, k))
+        np.testing.assert_allclose(log_at, one, rtol=1e-5, atol=1e-5)
+
+
+def test_pre_pass_tie_across_block_boundary():
+    """Ties at the K-th place split over blocks (of 10): the lowest index wins, as over all V."""
+    t = np.zeros((3, 40))
+    t[0, [25, 9, 10]] = [5.0, 3.0, 3.0]  # the tie at the 2nd place straddles blocks 0 and 1
+    t[1, [39, 19, 20, 35]] = [5.0, 3.0, 3.0, 3.0]  # three blocks, the winner in block 1
+    t[2, [30, 31, 2]] = [3.0, 3.0, 1.0]  # the earlier block's entry loses on value, not index
+    log_at, head = _blocked(t, 2, 10)
+    np.testing.assert_array_equal(head.idx_k, [[25, 9], [39, 19], [30, 31]])
+    np.testing.assert_allclose(log_at, _np_tail(t, 2)[1], rtol=1e-6)
+
+
+def test_pre_pass_temperature_bias_softcap_and_k0():
+    """τ ≠ 1, a bias with -inf (a padded student column merged in), a soft-cap; K = 0 gives 0."""
+    ks = jax.random.split(jax.random.key(15), 2)
+    t = np.asarray(4.0 * jax.random.normal(ks[0], (5, 37)), np.float64)
+    bias = np.array(jax.random.normal(ks[1], (37,)), np.float32)
+    bias[[3, 30]] = -np.inf
+    log_at, _ = _blocked(t, 3, 8, temperature=2.5, bias=bias)
+    np.testing.assert_allclose(log_at, _np_tail((t + bias) / 2.5, 3)[1], rtol=1e-5, atol=1e-6)
+    log_at, _ = _blocked(t, 3, 8, cap=2.0)
+    np.testing.assert_allclose(log_at, _np_tail(2.0 * np.tanh(t / 2.0), 3)[1], rtol=1e-5,
+                               atol=1e-6)
+    log_at, head = _blocked(t, 0, 8)
+    assert head is None and not np.any(np.asarray(log_at))
+
+
+def test_vocab_block_size():
+    """N·Vb ≈ chunk_size·V (one chunk's logits), > K, lane-aligned unless it divides V."""
+    assert fused._vocab_block(4096, 256000, 512, 10) == 32000
+    assert fused._vocab_block(21, 37, 6, 4) == 10  # blocks 0, 10, 20 and 27 (clamped)
+    assert fused._vocab_block(1 << 20, 32000, 512, 20) == 21  # 15 columns would be < K + 1
+    assert fused._vocab_block(1 << 16, 256000, 512, 10) == 2000  # divides V
+    assert fused._vocab_block(1 << 16, 250000, 512, 10) == 2048  # lanes; the last overlaps
+    assert fused._vocab_block(1 << 20, 100, 1, 20) == 21
+    assert fused._vocab_block(3, 37, 6, 4) == 37
