@@ -178,6 +178,9 @@ def _verdict(config, peak_gib, budget_gib, accum, choice) -> str:
         fixes.append("--config.loss.fused=True (no [tokens, V] logits)")
     if not config.student.remat:
         fixes.append("--config.student.remat=True")
+    elif config.student.get("remat_policy", "nothing_saveable") != "nothing_saveable":
+        fixes.append("--config.student.remat_policy=nothing_saveable (the backward pass reruns "
+                     "the layers' matmuls instead of keeping their outputs)")
     if config.teacher.dtype == "float32":
         fixes.append("--config.teacher.dtype=bfloat16")
     fixes.append("more devices (--config.mesh.num_devices, a larger topology) with "
