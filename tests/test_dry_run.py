@@ -190,7 +190,7 @@ def test_auto_micro_batching_from_the_configured_compile_needs_one_or_two_more(t
     total = {a: s.total for a, s in splits.items()}
     cands = aot.accum_candidates(cfg, mesh)
     budgets = {1: total[1] * 1.01}  # the answer -> a budget between it and the next fewer
-    budgets.update({b: (total[b] + total[p]) / 2 for p, b in zip(cands, cands[1:])})
+    budgets.update({b: (total[b] + total[p]) / 2 for p, b in zip(cands, cands[1:], strict=False)})
     for want, budget in budgets.items():
         compiled = []
         measure = lambda a: (compiled.append(a), total[a])[1]  # noqa: B023 (used in the loop)
