@@ -65,9 +65,12 @@ def dry_run(config, *, print_fn: Callable[[str], None] = print,
                                                             mesh)
         vocab = shared_vocab_size(config, teacher_model.config, student_model.config)
         models = aot.Models(teacher_model, teacher_abs, student_model, params_abs, mask, vocab)
+        sc = student_model.config
         f.update(_param_figures(teacher_abs, params_abs, mask),
                  teacher_layers=teacher_model.config.num_layers,
-                 student_layers=student_model.config.num_layers, vocab=vocab)
+                 student_layers=sc.num_layers, vocab=vocab,
+                 teacher_scan=teacher_model.config.scan_layers, student_scan=sc.scan_layers,
+                 student_remat=sc.remat_policy if sc.remat else "off")
         f.update(attention=_attention_figures(config, teacher_model, student_model,
                                               target.platform))
         budget = _budget(config, target)
@@ -260,9 +263,11 @@ def roofline(chip: targets.Chip, step_flops: float, model_flops: float, bytes_pe
 
 def format_figures(f: dict[str, Any]) -> list[str]:
     """The report's lines."""
+    scan = lambda key: " scanned" if f.get(key) else ""
     lines = [
         f"target {f['target']} ({f['platform']}); mesh {f['mesh']} ({f['devices']} devices); "
-        f"teacher {f['teacher_layers']} layers, student {f['student_layers']} layers",
+        f"teacher {f['teacher_layers']}{scan('teacher_scan')} layers, student "
+        f"{f['student_layers']}{scan('student_scan')} layers (remat {f.get('student_remat')})",
         f"parameters: teacher {f['teacher_params']:,}  student {f['student_params']:,}  "
         f"(trainable {f['student_trainable_params']:,})",
         f"attention: teacher {f['attention']['teacher']}, student {f['attention']['student']}",

@@ -124,10 +124,13 @@ def _hand_flops_per_token(t, s, seq_len, head_trained: bool) -> float:
     return teacher + student_fwd + student_bwd
 
 
-def test_step_flops_equal_a_hand_count():
-    # Wider than tiny (d = 256, MLP 1024) so that matmuls dominate as in real models.
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned-layers"])
+def test_step_flops_equal_a_hand_count(scan):
+    # Wider than tiny (d = 256, MLP 1024) so that matmuls dominate as in real models. Scanned
+    # layers (teacher and student): the layer loop's trip count is counted too.
     cfg = tiny_config(**{"teacher.model.hidden_size": 256, "teacher.model.intermediate_size": 1024,
-                         "teacher.model.head_dim": 64, "opt.grad_accum_steps": 2})
+                         "teacher.model.head_dim": 64, "opt.grad_accum_steps": 2,
+                         "teacher.scan_layers": scan, "student.scan_layers": scan})
     cfg, models = _abstract_models(cfg, None)
     costs = aot.step_costs(cfg, models)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
