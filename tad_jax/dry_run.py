@@ -184,6 +184,9 @@ def _verdict(config, peak_gib, budget_gib, accum, choice) -> str:
     elif config.student.get("remat_policy", "nothing_saveable") != "nothing_saveable":
         fixes.append("--config.student.remat_policy=nothing_saveable (the backward pass reruns "
                      "the layers' matmuls instead of keeping their outputs)")
+    if not config.teacher.get("scan_layers", False):
+        fixes.append("--config.teacher.scan_layers=True (gemma2_9b on 2 v5p chips: 31.7 instead "
+                     "of 41.8 GiB)")
     if config.teacher.dtype == "float32":
         fixes.append("--config.teacher.dtype=bfloat16")
     fixes.append("more devices (--config.mesh.num_devices, a larger topology) with "
