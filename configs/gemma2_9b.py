@@ -24,7 +24,8 @@ def get_config():
     # The 42 teacher layers as one scanned layer: on 2 v5p chips the step compiles in 126 CPU-s
     # instead of 189 and takes 31.7 GiB per device instead of 41.8 (loading stacks the
     # checkpoint's layers on the host first: ~18 GB of host memory). The student's 14 layers
-    # scanned too: 76 CPU-s, 30.6 GiB (checkpoints, resume and the HF export unscan them).
+    # scanned too: 76 CPU-s, 30.6 GiB (checkpoints, resume and the HF export unscan them); but at
+    # one micro-batch it takes 103 GiB (unrolled 63.7), so opt.grad_accum_steps=0 picks 2.
     c.teacher.scan_layers = True  # the teacher's 42 layers as one scanned layer.
     c.student.scan_layers = True  # the student's 14 layers as one scanned layer too.
     # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
