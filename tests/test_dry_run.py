@@ -36,7 +36,7 @@ def test_dry_run_of_gemma2_9b_prints_its_figures(gemma_dry_run):
 
     out = gemma_dry_run
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices)" in out
-    assert "teacher 3 layers, student 1 layers" in out
+    assert "teacher 3 scanned layers, student 1 scanned layers (remat nothing_saveable)" in out
     teacher = PRESETS["gemma2-9b"]
     teacher = teacher.replace(num_layers=3, layer_types=teacher.layer_types[:3])
     student = teacher.replace(**{**STUDENT_OVERRIDES["gemma2-9b-student"][1], "num_layers": 1,
