@@ -391,8 +391,8 @@ def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
     next fewer was compiled and does not (or it is one micro-batch). A prediction that is right
     costs two compiles beyond `known` (the choice, and the next fewer, which the clipping to the
     bracket picks as the next prediction); a wrong one narrows the bracket and refits. E.g.
-    `gemma2_9b` from its 16 micro-batches: 2 H100s compile 4 (the guess) and 2; 2 v5p chips 8
-    (the guess), 2 and 1.
+    `gemma2_9b` from its 16 micro-batches (both models scanned): 2 H100s compile 8 (the guess,
+    cautious), 4 and 2, and choose 4; 2 v5p chips compile 4 (the guess), 2 and 1, and choose 2.
 
     Args:
       budget_bytes: the per-device memory the step may use (capacity less a margin).
