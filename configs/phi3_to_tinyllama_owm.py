@@ -16,6 +16,7 @@ def get_config():
     c.teacher.path = ""  # HF folder of microsoft/Phi-3-mini-4k-instruct.
     c.teacher.preset = "phi-3-mini"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
+    c.teacher.scan_layers = True  # one scanned layer: faster compiles, less memory (gemma2_9b).
     # HF folder of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T (or the 2.5T one).
     c.student.path = ""
     c.student.preset = "tinyllama-1.1b"  # student architecture for --dry_run without a path.

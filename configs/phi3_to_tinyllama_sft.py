@@ -15,6 +15,7 @@ def get_config():
     c.teacher.path = ""  # HF folder of microsoft/Phi-3-mini-4k-instruct.
     c.teacher.preset = "phi-3-mini"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
+    c.teacher.scan_layers = True  # one scanned layer: faster compiles, less memory (gemma2_9b).
     c.student.path = ""  # HF folder of the stage-1 student (scripts/export_hf.py output).
     c.student.preset = "tinyllama-1.1b"  # student architecture for --dry_run without a path.
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.

@@ -17,6 +17,7 @@ def get_config():
     c.teacher.path = ""  # HF folder of Qwen/Qwen1.5-1.8B.
     c.teacher.preset = "qwen1.5-1.8b"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
+    c.teacher.scan_layers = True  # one scanned layer: faster compiles, less memory (gemma2_9b).
     # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
     c.student.overrides = dict(STUDENT_OVERRIDES["qwen1.5-1.8b-student-0.5b"][1])
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.

@@ -16,6 +16,7 @@ def get_config():
     c.teacher.path = ""  # HF folder of Qwen/Qwen2.5-3B (base, not instruct).
     c.teacher.preset = "qwen2.5-3b"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
+    c.teacher.scan_layers = True  # one scanned layer: faster compiles, less memory (gemma2_9b).
     # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
     c.student.overrides = dict(STUDENT_OVERRIDES["qwen2.5-3b-student"][1])
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD, "rkl" for reverse KL.

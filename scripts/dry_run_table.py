@@ -25,7 +25,8 @@ def main(argv):
         name, path = arg.split("=", 1)
         with open(path) as fh:
             f = json.load(fh)
-        cells = [name, f"{f['target']}, {f['grad_accum_steps']} micro-batches",
+        devices = f"{f['devices']} device{'s' if f['devices'] > 1 else ''}"
+        cells = [name, f"{f['target']} ({devices}), {f['grad_accum_steps']} micro-batches",
                  f"{f['peak_gib']:.1f}"]
         for c in _CHIPS.value:
             r = roofline(targets.CHIPS[c], f["step_flops"], f["step_model_flops"],

@@ -7,8 +7,8 @@ Public API:
 - `MemorySplit`, `train_memory(config, models, mesh, compiled)`, `eval_memory(...)`: per-device
   bytes
 - `step_costs(config, models, accum)`: FLOPs of one optimizer step with every loop counted
-- `accum_candidates(config, mesh)`, `choose_grad_accum(config, models, mesh, budget_bytes)`:
-  automatic micro-batching (`opt.grad_accum_steps=0`)
+- `accum_candidates(config, mesh)`, `choose_grad_accum(config, models, mesh, budget_bytes)`,
+  `guess_accum`, `predict_accum`: automatic micro-batching (`opt.grad_accum_steps=0`)
 
 Nothing here allocates device memory: inputs are `jax.ShapeDtypeStruct`s carrying shardings.
 """
@@ -347,55 +347,86 @@ class AccumChoice(NamedTuple):
     fits: bool
 
 
+def predict_accum(tried: dict[int, float], candidates: list[int], rows: int,
+                  budget_bytes: float) -> int | None:
+    """The fewest micro-batches an affine model of the compiles made predicts to fit.
+
+    Model: bytes = fixed + per_row · (rows / accum) (the parameters, optimizer state and gathered
+    weights stay; activations scale with a micro-batch's rows). It goes through two measured
+    points: the nearest fit and the nearest misfit when both exist (interpolation), else the two
+    nearest the budget on the one side measured. None: fewer than two points, or a model with
+    memory not growing with rows (then the caller bisects).
+    """
+    fit = sorted((a for a in tried if tried[a] <= budget_bytes), reverse=True)  # most rows last
+    miss = sorted(a for a in tried if tried[a] > budget_bytes)  # fewest rows last
+    if fit and miss:
+        pts = [fit[-1], miss[-1]]
+    elif len(fit) >= 2:
+        pts = fit[-2:]
+    elif len(miss) >= 2:
+        pts = miss[-2:]
+    else:
+        return None
+    (r0, m0), (r1, m1) = [(rows / a, tried[a]) for a in pts]
+    if r0 == r1 or (m1 - m0) / (r1 - r0) <= 0:
+        return None
+    per_row = (m1 - m0) / (r1 - r0)
+    fixed = m0 - per_row * r0
+    for a in candidates:
+        if fixed + per_row * rows / a <= budget_bytes:
+            return a
+    return candidates[-1]
+
+
 def choose_grad_accum(config, models: Models, mesh, budget_bytes: float,
                       measure: Callable[[int], float] | None = None,
                       known: dict[int, float] | None = None,
                       guess: int | None = None) -> AccumChoice:
     """The smallest micro-batch count whose compiled train step fits `budget_bytes` per device.
 
-    Memory falls as micro-batches shrink, so a binary search over `accum_candidates` compiles
-    about log2 of their number (a 9B step compiles in about a minute on a CPU host).
+    Memory falls as micro-batches shrink. Each compile is a prediction kept strictly inside the
+    bracket the compiles so far leave open (the fewest micro-batches known to fit, the most known
+    not to): the affine fit of `predict_accum` once two points are measured, else `guess`, else
+    the bracket's middle. The search stops when the bracket closes: the chosen count fits and the
+    next fewer was compiled and does not (or it is one micro-batch). A prediction that is right
+    costs two compiles beyond `known` (the choice, and the next fewer, which the clipping to the
+    bracket picks as the next prediction); a wrong one narrows the bracket and refits. E.g.
+    `gemma2_9b` from its 16 micro-batches (both models scanned): 2 H100s compile 8 (the guess,
+    cautious), 4 and 2, and choose 4; 2 v5p chips compile 4 (the guess), 2 and 1, and choose 2.
 
     Args:
       budget_bytes: the per-device memory the step may use (capacity less a margin).
       measure: accum -> per-device bytes (default: compile the train step and sum `MemorySplit`).
       known: accum -> per-device bytes already measured (e.g. the configured micro-batches).
-      guess: the candidate to compile first (e.g. `guess_accum`'s); the search then walks from it
-        (two compiles when the guess is right).
+      guess: the predicted answer while fewer than two points are known (e.g. `guess_accum`'s
+        from the configured compile's split); when it is known to fit, the next fewer is
+        compiled (one compile when it does not fit).
 
     Returns:
       An `AccumChoice`; `fits=False` when even one sequence per shard does not fit (then `accum` is
-      the largest candidate).
+      the largest candidate). `tried` holds every measurement, `known` ones included.
     """
     if measure is None:
         def measure(a):
             return train_memory(config, models, mesh, compile_train_step(config, models, mesh, a),
                                 accum=a).total
     cands = accum_candidates(config, mesh)
-    tried: dict[int, float] = {}
-    lo, hi = 0, len(cands) - 1
-    best = None
-    for a, total in (known or {}).items():  # compiles already made narrow the search
-        if a in cands:
-            tried[a] = total
-            if total <= budget_bytes:
-                best = cands.index(a) if best is None else min(best, cands.index(a))
-                hi = min(hi, cands.index(a) - 1)
-            else:
-                lo = max(lo, cands.index(a) + 1)
-    # With a guess: compile it, then walk to its neighbour (fits: the next fewer micro-batches,
-    # else the next more) until the boundary is found; without one: binary search.
-    nxt = cands.index(guess) if guess in cands else None
-    while lo <= hi:
-        mid = nxt if nxt is not None and lo <= nxt <= hi else (lo + hi) // 2
-        tried[cands[mid]] = measure(cands[mid])
-        if tried[cands[mid]] <= budget_bytes:
-            best, hi = mid, mid - 1
-            nxt = None if nxt is None else mid - 1
-        else:
-            lo = mid + 1
-            nxt = None if nxt is None else mid + 1
-    if best is None:
+    rows = cands[-1]  # rows per batch shard of the whole step (one micro-batch per row)
+    tried = {a: t for a, t in (known or {}).items() if a in cands}
+    while True:
+        fit = [i for i, a in enumerate(cands) if a in tried and tried[a] <= budget_bytes]
+        miss = [i for i, a in enumerate(cands) if a in tried and tried[a] > budget_bytes]
+        lo = max(miss, default=-1) + 1  # the open bracket: indices lo .. hi
+        hi = min(fit, default=len(cands)) - 1
+        if lo > hi:
+            break
+        pred = predict_accum(tried, cands, rows, budget_bytes)
+        if pred is None and guess in cands:
+            pred = guess
+        i = (lo + hi) // 2 if pred is None else min(max(cands.index(pred), lo), hi)
+        tried[cands[i]] = measure(cands[i])
+    if not fit:
         last = cands[-1]
         return AccumChoice(last, tried[last], tried, budget_bytes, fits=False)
-    return AccumChoice(cands[best], tried[cands[best]], tried, budget_bytes, fits=True)
+    best = cands[min(fit)]
+    return AccumChoice(best, tried[best], tried, budget_bytes, fits=True)

@@ -47,8 +47,27 @@ def teacher_model_config(config: ml_collections.ConfigDict, *, full: bool = Fals
         cfg = _preset(t.preset, "teacher.preset")
     else:
         cfg = ModelConfig(**dict(t.model))
-    cfg = cfg.replace(remat=bool(t.remat), attention=str(t.attention))
+    cfg = cfg.replace(remat=bool(t.remat), scan_layers=bool(t.get("scan_layers", False)),
+                      attention=str(t.attention))
     return cfg if full else _reduce_layers(cfg, config.dry_run.num_layers)
+
+
+def check_remat_policy(config: ml_collections.ConfigDict) -> None:
+    """Raises a ValueError naming `--config.student.remat_policy`'s choices for a bad name."""
+    from tad_jax.models.config import REMAT_POLICIES
+
+    name = config.student.get("remat_policy", "nothing_saveable")
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"student.remat_policy={name!r} is not a remat policy; set "
+                         f"--config.student.remat_policy to one of {list(REMAT_POLICIES)}.")
+
+
+def _student_fields(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """The ModelConfig fields the run config sets on the student: how it is compiled."""
+    check_remat_policy(config)
+    s = config.student
+    return dict(remat=bool(s.remat), remat_policy=str(s.get("remat_policy", "nothing_saveable")),
+                scan_layers=bool(s.scan_layers), attention=str(s.attention))
 
 
 def _preset(name: str, field: str) -> ModelConfig:
@@ -74,8 +93,7 @@ def _student_overrides(config: ml_collections.ConfigDict) -> dict:
         full = teacher_model_config(config, full=True).num_layers
         reduced = teacher_model_config(config).num_layers
         over["num_layers"] = max(1, round(over["num_layers"] * reduced / full))
-    over.update(remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers),
-                attention=str(config.student.attention))
+    over.update(_student_fields(config))
     return over
 
 
@@ -109,7 +127,8 @@ def build_teacher(config: ml_collections.ConfigDict, mesh=None) -> tuple[Decoder
             shardings = sharding.param_shardings(_abstract_boxed(model), mesh)
         # num_layers: only the layers `cfg` keeps (dry_run.num_layers), not the whole checkpoint.
         _, params = from_pretrained(config.teacher.path, dtype=dtype, shardings=shardings,
-                                    remat=cfg.remat, num_layers=cfg.num_layers)
+                                    remat=cfg.remat, scan_layers=cfg.scan_layers,
+                                    num_layers=cfg.num_layers)
         return model, params
     rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     return model, _init_sharded(model, rng, mesh)
@@ -141,13 +160,11 @@ def build_student(config, teacher_model, teacher_params, mesh=None):
         from tad_jax.models import from_pretrained
 
         with open(os.path.join(config.student.path, "config.json")) as f:
-            scfg = ModelConfig.from_hf(json.load(f)).replace(
-                remat=bool(config.student.remat), scan_layers=bool(config.student.scan_layers),
-                attention=str(config.student.attention))
+            scfg = ModelConfig.from_hf(json.load(f)).replace(**_student_fields(config))
         model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
         shardings = sharding.param_shardings(_abstract_boxed(model), mesh) if mesh else None
         _, params = from_pretrained(config.student.path, dtype=pdtype, shardings=shardings,
-                                    remat=scfg.remat, scan_layers=scfg.scan_layers)
+                                    **_student_fields(config))
         return model, params, jax.tree.map(lambda _: True, params)
     scfg, init_fn, mask = _student_init_fn(config, teacher_model.config)
     model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
@@ -284,9 +301,7 @@ def abstract_student(config, teacher_model, teacher_abs, mesh):
                 scfg = ModelConfig.from_hf(json.load(f))
         else:
             scfg = _preset(config.student.preset, "student.preset")
-        scfg = scfg.replace(remat=bool(config.student.remat),
-                            scan_layers=bool(config.student.scan_layers),
-                            attention=str(config.student.attention))
+        scfg = scfg.replace(**_student_fields(config))
         model = Decoder(scfg, dtype=dtype, param_dtype=pdtype)
         boxed = _abstract_boxed(model)
         shardings = sharding.param_shardings(boxed, mesh) if mesh is not None else None

@@ -30,6 +30,9 @@ RESUMABLE_FIELDS = (
     "data.worker_buffer_size",
     # How attention is computed, not what: the same numbers, so a run resumes across backends.
     "teacher.attention", "student.attention",
+    # How the same layers are compiled: the teacher's loop (its params are not checkpointed) and
+    # what the student's remat keeps.
+    "teacher.scan_layers", "student.remat_policy",
 )
 
 
@@ -64,6 +67,9 @@ def _teacher_defaults() -> ml_collections.ConfigDict:
     t.random_init = False  # without teacher.path: a random teacher (dry runs always; tests).
     t.dtype = "float32"  # parameter and compute dtype of the teacher ("bfloat16" halves memory).
     t.remat = False  # rematerialise teacher layers (no backward pass, so rarely useful).
+    # scan one layer over a stacked axis: a deep teacher compiles in a fraction of the time
+    # (loading stacks the checkpoint's layers on the host first).
+    t.scan_layers = False
     t.attention = "auto"  # "auto" (TPU: splash, GPU: cudnn), "xla", "chunked", "splash", "cudnn".
     return t
 
@@ -77,6 +83,10 @@ def _student_defaults() -> ml_collections.ConfigDict:
     s.dtype = "float32"  # compute dtype of the student forward pass.
     s.param_dtype = "float32"  # dtype of the trained parameters and of Adam's moments.
     s.remat = True  # rematerialise student layers in the backward pass (activation memory).
+    # What a rematerialised layer keeps (ModelConfig.remat_policy): "nothing_saveable" (least
+    # memory, the forward rerun in the backward), "dots_with_no_batch_dims_saveable" (keeps the
+    # projections' outputs: fewer FLOPs, more memory), "dots_saveable" (also attention scores).
+    s.remat_policy = "nothing_saveable"
     s.scan_layers = False  # scan one layer over a stacked axis (faster compiles of deep models).
     s.attention = "auto"  # like teacher.attention (ModelConfig.attention), for the student.
     return s

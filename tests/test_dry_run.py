@@ -36,7 +36,7 @@ def test_dry_run_of_gemma2_9b_prints_its_figures(gemma_dry_run):
 
     out = gemma_dry_run
     assert "mesh {'data': 1, 'fsdp': 8, 'tensor': 1} (8 devices)" in out
-    assert "teacher 3 layers, student 1 layers" in out
+    assert "teacher 3 scanned layers, student 1 scanned layers (remat nothing_saveable)" in out
     teacher = PRESETS["gemma2-9b"]
     teacher = teacher.replace(num_layers=3, layer_types=teacher.layer_types[:3])
     student = teacher.replace(**{**STUDENT_OVERRIDES["gemma2-9b-student"][1], "num_layers": 1,
@@ -124,10 +124,13 @@ def _hand_flops_per_token(t, s, seq_len, head_trained: bool) -> float:
     return teacher + student_fwd + student_bwd
 
 
-def test_step_flops_equal_a_hand_count():
-    # Wider than tiny (d = 256, MLP 1024) so that matmuls dominate as in real models.
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned-layers"])
+def test_step_flops_equal_a_hand_count(scan):
+    # Wider than tiny (d = 256, MLP 1024) so that matmuls dominate as in real models. Scanned
+    # layers (teacher and student): the layer loop's trip count is counted too.
     cfg = tiny_config(**{"teacher.model.hidden_size": 256, "teacher.model.intermediate_size": 1024,
-                         "teacher.model.head_dim": 64, "opt.grad_accum_steps": 2})
+                         "teacher.model.head_dim": 64, "opt.grad_accum_steps": 2,
+                         "teacher.scan_layers": scan, "student.scan_layers": scan})
     cfg, models = _abstract_models(cfg, None)
     costs = aot.step_costs(cfg, models)
     tokens = cfg.data.global_batch_size * cfg.data.seq_len
@@ -154,21 +157,60 @@ def test_flops_count_every_micro_batch_and_fused_chunk():
     assert fused[0] == pytest.approx(one, rel=0.25)  # the same model; the loss differs a little
 
 
-def test_auto_micro_batching_picks_the_fewest_that_fit():
+@pytest.fixture(scope="module")
+def tiny_accum():
+    """The tiny config with 16 sequences on one device: (config, models, mesh, accum ->
+    `MemorySplit` of its compiled train step for every candidate 1, 2, 4, 8, 16)."""
     cfg = tiny_config(**{"data.global_batch_size": 16})
     mesh = sharding.make_mesh(cfg.mesh)
     cfg, models = _abstract_models(cfg, mesh)
     with run_setup.mesh_context(mesh):
-        compiled = {a: aot.compile_train_step(cfg, models, mesh, a)
-                    for a in aot.accum_candidates(cfg, mesh)}
-        total = {a: aot.train_memory(cfg, models, mesh, c, accum=a).total
-                 for a, c in compiled.items()}
-        assert total[1] > total[4]  # smaller micro-batches need less memory
-        budget = (total[2] + total[4]) / 2  # 4 micro-batches fit, 2 do not
+        splits = {a: aot.train_memory(cfg, models, mesh, aot.compile_train_step(cfg, models, mesh,
+                                                                                a), accum=a)
+                  for a in aot.accum_candidates(cfg, mesh)}
+    return cfg, models, mesh, splits
+
+
+def test_auto_micro_batching_picks_the_fewest_that_fit(tiny_accum):
+    cfg, models, mesh, splits = tiny_accum
+    total = {a: s.total for a, s in splits.items()}
+    assert total[1] > total[4]  # smaller micro-batches need less memory
+    budget = (total[2] + total[4]) / 2  # 4 micro-batches fit, 2 do not
+    with run_setup.mesh_context(mesh):
         choice = aot.choose_grad_accum(cfg, models, mesh, budget)
     assert (choice.accum, choice.fits) == (4, True)
     assert choice.tried[4] <= budget < choice.tried[2]
     assert choice.tried == {a: total[a] for a in choice.tried}  # the compiles measured above
+
+
+def test_auto_micro_batching_from_the_configured_compile_needs_one_or_two_more(tiny_accum):
+    """From the configured 16 micro-batches' compile (its split gives `guess_accum`), for every
+    budget: the choice fits, the next fewer micro-batches do not, and the search compiles only
+    the choice and the next fewer (only the next fewer when 16 is the choice; at most the guess
+    and 1 when one micro-batch fits). The tiny step's memory is nearly proportional to a
+    micro-batch's rows, so the one-point guess is right."""
+    cfg, models, mesh, splits = tiny_accum
+    total = {a: s.total for a, s in splits.items()}
+    cands = aot.accum_candidates(cfg, mesh)
+    budgets = {1: total[1] * 1.01}  # the answer -> a budget between it and the next fewer
+    budgets.update({b: (total[b] + total[p]) / 2 for p, b in zip(cands, cands[1:], strict=False)})
+    for want, budget in budgets.items():
+        compiled = []
+        measure = lambda a: (compiled.append(a), total[a])[1]  # noqa: B023 (used in the loop)
+        guess = aot.guess_accum(splits[16], 16, cands, budget)
+        choice = aot.choose_grad_accum(cfg, models, mesh, budget, measure=measure,
+                                       known={16: total[16]}, guess=guess)
+        assert (choice.accum, choice.fits) == (want, True), budget
+        assert total[want] <= budget
+        fewer = cands[cands.index(want) - 1] if want > 1 else None
+        if fewer:
+            assert total[fewer] > budget
+        if want == 16:  # the configured compile fits: only the next fewer is compiled
+            assert compiled == [8]
+        elif want == 1:  # nothing fewer to verify; the guess (2, a little cautious), then 1
+            assert compiled in ([1], [2, 1]), compiled
+        else:
+            assert compiled == [want, fewer], (want, compiled)
 
 
 def test_dry_run_auto_mode_on_the_host_with_a_fake_budget():

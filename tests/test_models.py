@@ -186,7 +186,11 @@ def _stack_layers(params, n):
 
 @pytest.mark.parametrize("switches", [dict(remat=True), dict(scan_layers=True),
                                       dict(scan_layers=True, remat=True),
-                                      dict(attn_query_chunk=3, remat=True)])
+                                      dict(attn_query_chunk=3, remat=True),
+                                      dict(remat=True,
+                                           remat_policy="dots_with_no_batch_dims_saveable"),
+                                      dict(scan_layers=True, remat=True,
+                                           remat_policy="dots_saveable")])
 def test_remat_and_scan_match_the_plain_path(switches):
     """Same logits, hidden states and gradients; sliding/global alternation survives the scan;
     query-chunked attention (9 = 3 blocks of 3, packed segments, window 3) is exact."""

@@ -19,6 +19,14 @@ SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "gemma2", "phi", "phi3")
 # `ModelConfig.attention` values (tad_jax.models.attention implements them).
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "chunked", "splash", "cudnn")
 
+# `ModelConfig.remat_policy` values: what a rematerialised layer keeps from its forward pass
+# (`jax.checkpoint_policies` of the same names; tad_jax.models.decoder applies them).
+#   nothing_saveable: keep only the layer's input; the backward pass reruns the whole forward.
+#   dots_with_no_batch_dims_saveable: also keep the outputs of matmuls without batch dimensions
+#     (the q/k/v/o and MLP projections, not the attention scores): no projection is recomputed.
+#   dots_saveable: also keep every matmul output, batched ones (attention scores) included.
+REMAT_POLICIES = ("nothing_saveable", "dots_with_no_batch_dims_saveable", "dots_saveable")
+
 # Structural traits fixed by the family (not stored in config.json).
 #   norm: "rms" (x * w), "rms1p" (x * (1 + w), Gemma) or "layer" (LayerNorm with bias, Phi-2).
 #   parallel: attention and MLP read the same normed input and add to one residual (Phi-2).
@@ -103,6 +111,8 @@ class ModelConfig:
       attn_block_size: splash block size (queries and keys, a multiple of 128 dividing T);
         None = chosen per T (`attention.splash_block_size`).
       remat: rematerialise each layer in the backward pass (`nn.remat`).
+      remat_policy: what a rematerialised layer saves, one of `REMAT_POLICIES` (the
+        `jax.checkpoint_policies` of that name); ignored when `remat` is False.
       scan_layers: scan one layer over a stacked `layers` axis (`nn.scan`) instead of unrolling.
     """
 
@@ -138,6 +148,7 @@ class ModelConfig:
     attn_query_chunk: int | None = None
     attn_block_size: int | None = None
     remat: bool = False
+    remat_policy: str = "nothing_saveable"
     scan_layers: bool = False
 
     def __post_init__(self):
@@ -157,6 +168,9 @@ class ModelConfig:
         if self.attention not in ATTENTION_IMPLEMENTATIONS:
             raise ValueError(f"attention={self.attention!r}: use one of "
                              f"{list(ATTENTION_IMPLEMENTATIONS)}.")
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}: use one of "
+                             f"{list(REMAT_POLICIES)}.")
         if self.attention == "chunked" and not self.attn_query_chunk:
             raise ValueError("attention='chunked' needs attn_query_chunk (queries per block), "
                              "e.g. attn_query_chunk=512.")
@@ -261,5 +275,5 @@ def default_head_dim(hidden_size: int, num_heads: int) -> int:
     return hidden_size // num_heads
 
 
-__all__ = ["ATTENTION_IMPLEMENTATIONS", "FAMILY_TRAITS", "ModelConfig", "SUPPORTED_MODEL_TYPES",
-           "check_model_type"]
+__all__ = ["ATTENTION_IMPLEMENTATIONS", "FAMILY_TRAITS", "ModelConfig", "REMAT_POLICIES",
+           "SUPPORTED_MODEL_TYPES", "check_model_type"]

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from tad_jax.models import attention
 from tad_jax.models.attention import AttentionMasks
-from tad_jax.models.config import ModelConfig
+from tad_jax.models.config import REMAT_POLICIES, ModelConfig
 from tad_jax.models.layers import Attention, Mlp, Norm, _param, rope_cos_sin
 
 Dtype = jnp.dtype
@@ -75,6 +75,13 @@ class Block(nn.Module):
         return x_btd, (x_btd if self.return_hidden else None)
 
 
+def remat_policy(name: str):
+    """The `jax.checkpoint_policies` function named `name` (one of `REMAT_POLICIES`)."""
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy={name!r}: use one of {list(REMAT_POLICIES)}.")
+    return getattr(jax.checkpoint_policies, name)
+
+
 def positions_from_segments(segment_ids_bt):
     """Position of each token inside its segment (restarting at 0 at each segment start)."""
     t = segment_ids_bt.shape[1]
@@ -104,7 +111,9 @@ class Decoder(nn.Module):
         # Unrolled layers know statically whether they slide (argument 5 counting self), so the
         # fused kernels need no lax.cond; the scan passes a traced flag.
         static = () if c.scan_layers else (5,)
-        block_cls = nn.remat(Block, static_argnums=static) if c.remat else Block
+        block_cls = Block
+        if c.remat:
+            block_cls = nn.remat(Block, static_argnums=static, policy=remat_policy(c.remat_policy))
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, return_hidden=collect,
                   attention_impl=impl)
         if c.scan_layers:
