@@ -359,8 +359,8 @@ def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
     # placeholder entries.
     state = step((none, none, jnp.zeros((n, 0), _F32), jnp.zeros((n, 0), jnp.int32)), 0)
     if n_blocks > 1:
-        state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state, jnp.arange(1, n_blocks),
-                                unroll=_UNROLL)
+        blocks = jnp.arange(1, n_blocks, dtype=jnp.int32)  # int32 under jax_enable_x64 too
+        state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state, blocks, unroll=_UNROLL)
     lse, lse_tail, vals_k, idx_k = state
     return lse_tail - lse, core.head_of(vals_k, idx_k)
 

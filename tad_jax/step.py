@@ -194,8 +194,11 @@ def _loss_settings(lo, mb):
 
 def _unfused_loss(lo, s_cfg, t_cfg, vocab_size, head_trainable):
     """Eq. 4 (+ cosine) from the models' [B, T, V] logits, sliced to the shared vocabulary."""
-    del s_cfg, t_cfg, head_trainable
+    del t_cfg, head_trainable
     use_hidden = lo.cosine_weight > 0
+    # A head without a bias gives finite logits; a bias may carry -inf padding (as the fused
+    # loss allows), which the divergence must then drop from both sides.
+    student_padding = bool(s_cfg.lm_head_bias)
 
     def loss_fn(s_params, s_out, t_params, t_out, mb):
         del s_params, t_params
@@ -209,7 +212,7 @@ def _unfused_loss(lo, s_cfg, t_cfg, vocab_size, head_trainable):
             cosine_weight=lo.cosine_weight,
             student_hidden=s_out.hidden_states if use_hidden else None,
             teacher_hidden=t_hidden if use_hidden else None, reduction="sum",
-            student_padding=False)  # a model head's logits are finite
+            student_padding=student_padding)
 
     return loss_fn
 

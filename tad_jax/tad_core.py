@@ -23,8 +23,9 @@ Conventions, for every caller:
 Cost, measured on the TPU v5p program compiled ahead of time (`scripts/bench_loss.py`, jax.grad,
 in f32 [N, V] tensors' worth of bytes; the same ratios at [1, 4096, 32000], [1, 2048, 128256]
 and [1, 1024, 256000], f32 and bf16): KL 7.0; TAD 9.0 = 1.29x (1.14x with finite student
-logits, `student_padding=False`, as the training step calls it), and no [N, V] temporary. Before
-this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 3.5x / 5.1x and 3.75 f32 [N, V] temporaries.
+logits: `student_padding=False`, as the training step calls it for a head without a bias), and
+no [N, V] temporary. Before this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 3.5x / 5.1x and
+3.75 f32 [N, V] temporaries.
 Where the bytes go: top_k (XLA TPU's TopK copies its input and fuses no producer: 3 passes;
 `pair_head`), one pass of maxima and one of sums (`_reduce_v`), and the gradient (3 passes, as
 KL's). XLA CPU: TAD/KL fwd+bwd about 2x on 2 shared cores (the earlier CPU-tuned code: 1.24x).
@@ -216,20 +217,19 @@ def teacher_head(b_v, k) -> Head | None:
 def pair_head(s_v, t_v, k, temperature, merge=True) -> Head | None:
     """The head I of the teacher of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
 
-    Equal to `teacher_head(tempered_pair(s, t, τ, merge)[1], k)`, but top_k reads t in its own
-    dtype when that ranks entries as b = t/τ does (τ = 1, or t narrower than float32: distinct
-    bf16 values stay distinct after widening and dividing): XLA TPU's TopK does not fuse its
-    producer, so a widened or merged copy is written and read again. `merge=False` (finite
+    Equal to `teacher_head(tempered_pair(s, t, τ, merge)[1], k)`, but at τ = 1 top_k reads t in
+    its own dtype (widening keeps order and ties; dividing by τ ≠ 1 may not: values that flush to
+    0 or overflow become ties): XLA TPU's TopK does not fuse its producer, so a widened or merged
+    copy is written and read again. `merge=False` (finite
     student logits guaranteed) drops the merge: jax.grad of TAD on the TPU v5p compile at
     [1, 4096, 32000] f32 moves 8.0 instead of 9.0 f32 [N, V] tensors' worth of bytes.
     """
     if k == 0:
         return None
-    if not (temperature == 1.0 or jnp.finfo(t_v.dtype).bits < 32):
+    if temperature != 1.0:
         return teacher_head(tempered_pair(s_v, t_v, temperature, merge)[1], k)
     vals_k, idx_k = top_k(merge_padding(s_v, t_v) if merge else t_v, k)
-    vals_k = widen(vals_k)  # = b at idx_k: the same widening and division, elementwise
-    return head_of(vals_k / temperature if temperature != 1.0 else vals_k, idx_k)
+    return head_of(widen(vals_k), idx_k)  # = b at idx_k: the same widening, elementwise
 
 
 def head_of(vals_k, idx_k) -> Head:
@@ -281,7 +281,7 @@ def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
       lse(a) = log Z_s + m_s, lse(b) = log Z_t + m_t, lse_tail likewise from Z̃, m̃
       α_T = exp(lse_tail(b) − lse(b)),  α_S = exp(lse_tail(a) − lse(a))        (log space)
       D_KL2 = Σ_tail p̃_T (log p̃_T − log p̃_S)
-            = C̃/Z̃_t − (lse_tail(b) − m_t) + (lse_tail(a) − m_s)
+            = C̃/Z̃_t − (lse_tail(b) − m_t) + (lse_tail(a) − m_s)   (each bracket from Z̃, m̃ − m)
       D_KL1 = Σ_I p_T (log p_T − log p_S) + α_T (log α_T − log α_S)
             = (H_1 − (log Z_t − log Z_s)·H_0)/Z_t + α_T (log α_T − log α_S)
     With `head` None (K = 0) the tail is everything: D_KL1 = 0, D_KL2 = KL.
@@ -309,17 +309,18 @@ def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
             (es_v, et_v, ets_v, ett_v, _times(ett_v, delta_v), eh_v, _times(eh_v, delta_v)),
             0.0, jnp.add)
     log_zs, log_zt = jnp.log(zs), jnp.log(zt)
+    # Tail logsumexps relative to the row maxima (rel = lse_tail − m), so that no difference of
+    # two absolute logsumexps brings the logits' offset back in (f32 at |logits| ~ 1e4).
+    rel_s, rel_t = jnp.log(zs_tail) + (ms_tail - m_s), jnp.log(zt_tail) + (mt_tail - m_t)
     lse_s, lse_t = log_zs + m_s, log_zt + m_t
-    lse_tail_s, lse_tail_t = jnp.log(zs_tail) + ms_tail, jnp.log(zt_tail) + mt_tail
-    log_alpha_t = lse_tail_t - lse_t if head is not None else jnp.zeros_like(lse_t)
-    log_alpha_s = lse_tail_s - lse_s if head is not None else jnp.zeros_like(lse_s)
+    log_alpha_t = rel_t - log_zt if head is not None else jnp.zeros_like(lse_t)
+    log_alpha_s = rel_s - log_zs if head is not None else jnp.zeros_like(lse_s)
     has_tail = zt_tail > 0  # α_T = 0: the tail terms are 0 (the limit x log x -> 0), not NaN
-    kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0)
-                    - (lse_tail_t - m_t) + (lse_tail_s - m_s), 0.0)
+    kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - rel_t + rel_s, 0.0)
     kl1 = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
     if head is not None:
         kl1 = kl1 + (h1 - (log_zt - log_zs) * h0) / zt
-    return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, lse_s, lse_t, lse_tail_s)
+    return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, lse_s, lse_t, rel_s + m_s)
 
 
 def _times(e_v, x_v):

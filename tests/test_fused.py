@@ -551,3 +551,16 @@ def test_vocab_block_size():
     assert fused._vocab_block(1 << 16, 250000, 512, 10) == 2048  # lanes; the last overlaps
     assert fused._vocab_block(1 << 20, 100, 1, 20) == 21
     assert fused._vocab_block(3, 37, 6, 4) == 37
+
+
+def test_rows_spanning_chunks_under_x64(x64):
+    # The pre-pass's block index is int32 whatever jax_enable_x64 says (it crashed with x64 on).
+    x = {k: (v.astype(jnp.float32) if jnp.issubdtype(v.dtype, jnp.floating) else v)
+         for k, v in _inputs().items()}
+    fused_f, unfused_f = _fused("tad", x, None, 3, top_k=K), _unfused("tad", x, None, top_k=K)
+    for f in (fused_f, unfused_f):  # rows of 7 positions in chunks of 3: the blocked pre-pass
+        assert f(x["hs"], x["ws"], x["bs"]).dtype == jnp.float32
+    got, got_g = jax.value_and_grad(fused_f)(x["hs"], x["ws"], x["bs"])
+    want, want_g = jax.value_and_grad(unfused_f)(x["hs"], x["ws"], x["bs"])
+    np.testing.assert_allclose(got, want, **TOL)
+    np.testing.assert_allclose(got_g, want_g, **TOL)

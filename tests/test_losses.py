@@ -638,3 +638,26 @@ def test_pair_head_is_the_head_of_the_tempered_teacher(dtype, tau):
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
         assert not np.any(np.isin(np.asarray(got.idx_k), [5, 6, 7, 8]))
+
+
+def test_tad_offset_invariant_in_float32(x64):
+    # A common offset of the logits (|logits| ~ 1e4) must not come back through differences of
+    # absolute logsumexps: the float32 value stays at the float64 reference of the unshifted case.
+    s, t, m = _data(shape=(2, 5, 50))
+    want = ref_tad(s.astype(jnp.float64), t.astype(jnp.float64), m, 3, 2.0)
+    for off in (1e3, 1e4):
+        got = tad_divergence((s + off).astype(jnp.float32), (t + off).astype(jnp.float32), m,
+                             top_k=3)
+        np.testing.assert_allclose(got, want, rtol=2e-3)
+
+
+def test_pair_head_tempered_flush_to_zero():
+    # bf16 values that the division by τ flushes to 0 become ties in b: the head must be the
+    # tempered teacher's (one member for K = 1), not the raw ranking's.
+    t = jnp.array([[1.5e-38, 2.0e-38, -5.0, -6.0]], jnp.float32).astype(jnp.bfloat16)
+    s = jnp.array([[0.5, 1.0, 2.0, 0.0]], jnp.float32)
+    for tau in (1.0, 2.0):
+        got = core.pair_head(s, t, 1, tau)
+        want = core.teacher_head(core.tempered_pair(s, t, tau)[1], 1)
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)

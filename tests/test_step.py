@@ -168,3 +168,35 @@ def test_chunked_eval_step_equals_the_whole_logits_one(one_step, chunk_size):
     assert whole.keys() == chunked.keys()
     for k in whole:
         np.testing.assert_allclose(chunked[k], whole[k], rtol=2e-5, atol=1e-5, err_msg=k)
+
+
+@pytest.mark.parametrize("lm_head_bias", [False, True])
+def test_unfused_loss_drops_padding_of_a_head_with_bias(lm_head_bias):
+    # A student head with a bias may carry -inf padding columns (as the fused loss allows): the
+    # unfused step loss must then drop them from both sides (finite, = the sliced loss). Without
+    # a bias the logits are finite and the merge is skipped (student_padding=False): same value.
+    from types import SimpleNamespace
+
+    from tad_jax import losses
+    from tad_jax.config import base_config
+    from tad_jax.step import _unfused_loss
+
+    lo = base_config().loss
+    lo.cosine_weight = 0.0
+    key_s, key_t = jax.random.split(jax.random.key(0))
+    zs = jax.random.normal(key_s, (2, 6, 30))
+    zt = 3.0 * jax.random.normal(key_t, (2, 6, 30))
+    mb = {"targets": jnp.zeros((2, 6), jnp.int32), "loss_mask": jnp.ones((2, 6))}
+    fn = _unfused_loss(lo, SimpleNamespace(lm_head_bias=lm_head_bias), None, 30, True)
+    out = lambda z: SimpleNamespace(logits=z, hidden_states=None)
+    sliced, _ = losses.distillation_loss(zs[..., :28], zt[..., :28], mb["targets"],
+                                         mb["loss_mask"], top_k=lo.top_k, beta=lo.beta,
+                                         reduction="sum")
+    padded = zs.at[..., 28:].set(-jnp.inf) if lm_head_bias else zs
+    total, _ = fn(None, out(padded), None, out(zt), mb)
+    if lm_head_bias:
+        np.testing.assert_allclose(total, sliced, rtol=1e-5)
+    else:
+        want, _ = losses.distillation_loss(zs, zt, mb["targets"], mb["loss_mask"],
+                                           top_k=lo.top_k, beta=lo.beta, reduction="sum")
+        np.testing.assert_allclose(total, want, rtol=1e-6)
