@@ -300,11 +300,6 @@ def _vocab_block(tokens: int, vocab: int, chunk_size: int, k: int) -> int:
     return min(vocab, vb)
 
 
-def _finite(x):
-    """x where finite, else 0: a logsumexp shift that keeps exp(-inf - shift) = 0, not NaN."""
-    return jnp.where(jnp.isfinite(x), x, 0.0)
-
-
 def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
     """log α_T [N] of every position and the teacher's head (`core.Head`, None for K = 0), from
     one read of the teacher head: a scan over vocabulary blocks of `block` columns.
@@ -337,12 +332,11 @@ def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
             b_v = jnp.where(start + jnp.arange(block) >= i * block, b_v, -jnp.inf)
         # Top-(K+1): its first value is the block's maximum and its last the maximum of the
         # block's tail, the shifts of the two logsumexps, which then share one pass over b (the
-        # masked maximum of `core.logsumexp` would be a third). The barrier keeps XLA TPU's
-        # TopK a TopK: slices of its values taken apart make it a full sort of b (TPU v5p AOT,
-        # one [4096, 32000] block: 6.2 GB accessed instead of 2.0).
-        top_v, top_i = jax.lax.optimization_barrier(core.top_k(b_v, k + 1))
+        # masked maximum of `core.logsumexp` would be a third). `core.top_k` keeps XLA TPU's
+        # TopK a TopK although its values are sliced apart here (its barrier).
+        top_v, top_i = core.top_k(b_v, k + 1)
         head = core.head_of(top_v[..., :k], top_i[..., :k])
-        m, m_tail = _finite(top_v[..., 0]), _finite(top_v[..., k])
+        m, m_tail = core.finite_shift(top_v[..., 0]), core.finite_shift(top_v[..., k])
         lse_b = jnp.log(jnp.sum(jnp.exp(b_v - m[..., None]), -1)) + m
         tail_b = jnp.log(jnp.sum(jnp.where(core.in_tail(b_v, head),
                                            jnp.exp(b_v - m_tail[..., None]), 0.0), -1)) + m_tail

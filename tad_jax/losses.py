@@ -141,10 +141,15 @@ def _divergence_bt(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, paddi
     return _divergence_fwd(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, padding)[0]
 
 
-def _divergence_fwd(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, padding):
+def _head_and_terms(student_btv, teacher_btv, cfg, padding):
+    """The kernel's head and per-position terms of a pair of logits (`tad_core`)."""
     a_btv, b_btv = core.tempered_pair(student_btv, teacher_btv, cfg.temperature, padding)
     head = core.pair_head(student_btv, teacher_btv, cfg.top_k, cfg.temperature, padding)
-    terms = core.token_terms(a_btv, b_btv, head)
+    return head, core.token_terms(a_btv, b_btv, head)
+
+
+def _divergence_fwd(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, padding):
+    head, terms = _head_and_terms(student_btv, teacher_btv, cfg, padding)
     beta_bt = core.beta_x(terms.log_alpha_t, mask_bt, cfg, segment_ids_bt)
     loss_bt = terms.kl1 + beta_bt * jnp.exp(terms.log_alpha_t) * terms.kl2
     loss_bt = _masked(cfg.temperature**2 * loss_bt, mask_bt)
@@ -249,9 +254,8 @@ def tad_components(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
     cfg.check_vocab(jnp.shape(student_logits)[-1])
     mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
     seg_bt = _segments(segment_ids, cfg, jnp.shape(student_logits)[:-1])
-    a_btv, b_btv = core.tempered_pair(jax.lax.stop_gradient(student_logits),
-                                      jax.lax.stop_gradient(teacher_logits), cfg.temperature)
-    terms = core.token_terms(a_btv, b_btv, core.teacher_head(b_btv, cfg.top_k))
+    _, terms = _head_and_terms(jax.lax.stop_gradient(student_logits),
+                               jax.lax.stop_gradient(teacher_logits), cfg, True)
     out = dict(kl1=terms.kl1, kl2=terms.kl2, alpha_t=jnp.exp(terms.log_alpha_t),
                alpha_s=jnp.exp(terms.log_alpha_s), kl=terms.kl)
     out = {k: _masked(v, mask_bt) for k, v in out.items()}

@@ -100,8 +100,8 @@ def tempered_pair(s_v, t_v, temperature, merge=True):
     """(a, b) = (s/τ, t/τ) widened; b is -inf wherever a is (the student's padded entries).
 
     So b > -inf implies a > -inf: every product p_T·(b − a) below is finite. `merge=False` is for
-    callers that guarantee it already (the fused loss merges the heads' biases once); it saves
-    XLA materialising the merged teacher logits for top_k.
+    callers that guarantee it already (the fused loss merges the heads' biases once) or whose
+    student logits are finite (the losses' `student_padding=False`).
     """
     s_v, t_v = widen(s_v), widen(merge_padding(s_v, t_v) if merge else t_v)
     if temperature != 1.0:
@@ -114,7 +114,7 @@ def merge_padding(s_v, t_v):
     return jnp.where(jnp.isneginf(s_v), -jnp.inf, t_v)
 
 
-def _finite(x):
+def finite_shift(x):
     """x where finite, else 0: a shift that keeps exp(-inf - shift) = 0 instead of NaN."""
     return jnp.where(jnp.isfinite(x), x, 0.0)
 
@@ -123,14 +123,14 @@ def logsumexp(x_v, where_v=None):
     """logsumexp over the last axis (optionally over `where_v` only); -inf if nothing is left."""
     if where_v is not None:
         x_v = jnp.where(where_v, x_v, -jnp.inf)
-    m = _finite(jnp.max(x_v, axis=-1))
+    m = finite_shift(jnp.max(x_v, axis=-1))
     return jnp.log(jnp.sum(jnp.exp(x_v - m[..., None]), axis=-1)) + m
 
 
 def log_softmax(x_v):
     """float32 log-softmax; -inf entries stay -inf (never NaN)."""
     x_v = widen(x_v)
-    return x_v - _finite(logsumexp(x_v))[..., None]
+    return x_v - finite_shift(logsumexp(x_v))[..., None]
 
 
 # ------------------------------------------------------------------------------- top-K
@@ -220,9 +220,9 @@ def pair_head(s_v, t_v, k, temperature, merge=True) -> Head | None:
     Equal to `teacher_head(tempered_pair(s, t, τ, merge)[1], k)`, but at τ = 1 top_k reads t in
     its own dtype (widening keeps order and ties; dividing by τ ≠ 1 may not: values that flush to
     0 or overflow become ties): XLA TPU's TopK does not fuse its producer, so a widened or merged
-    copy is written and read again. `merge=False` (finite
-    student logits guaranteed) drops the merge: jax.grad of TAD on the TPU v5p compile at
-    [1, 4096, 32000] f32 moves 8.0 instead of 9.0 f32 [N, V] tensors' worth of bytes.
+    copy is written and read again. `merge=False` (finite student logits guaranteed) drops the
+    merge: jax.grad of TAD on the TPU v5p compile at [1, 4096, 32000] f32 moves 8.0 instead of
+    9.0 f32 [N, V] tensors' worth of bytes.
     """
     if k == 0:
         return None
@@ -287,19 +287,18 @@ def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
     With `head` None (K = 0) the tail is everything: D_KL1 = 0, D_KL2 = KL.
     """
     tail_v = None if head is None else in_tail(b_v, head)
+    reduce = _reduce_each if tail_v is None else _reduce_v  # (K = 0: see above)
     ninf = jnp.asarray(-jnp.inf, a_v.dtype)
     maxima = (a_v, b_v) if tail_v is None else (
         a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf))
-    maxima = tuple(_finite(m) for m in (
-        _reduce_v(maxima, -jnp.inf, jnp.maximum) if tail_v is not None
-        else (jnp.max(x, axis=-1) for x in maxima)))
+    maxima = tuple(finite_shift(m) for m in reduce(maxima, -jnp.inf, jnp.maximum))
     m_s, m_t = maxima[:2]
     ms_tail, mt_tail = (m_s, m_t) if tail_v is None else maxima[2:]
     es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
     # b > -inf implies a > -inf (`tempered_pair`), so δ is finite wherever e^b > 0.
     delta_v = (b_v - m_t[..., None]) - (a_v - m_s[..., None])
     if tail_v is None:
-        zs, zt, cross = (jnp.sum(x, axis=-1) for x in (es_v, et_v, _times(et_v, delta_v)))
+        zs, zt, cross = reduce((es_v, et_v, _times(et_v, delta_v)), 0.0, jnp.add)
         zs_tail, zt_tail, h0, h1 = zs, zt, 0.0, 0.0
     else:
         ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
@@ -339,16 +338,20 @@ def _reduce_v(xs_v, init, op):
     """
     xs_v = tuple(jnp.asarray(x) for x in xs_v)
     axis = xs_v[0].ndim - 1
-    reduce_one = jnp.sum if op is jnp.add else jnp.max
 
     def variadic(*xs):
         inits = tuple(jnp.asarray(init, x.dtype) for x in xs)
         return tuple(jax.lax.reduce(xs, inits, lambda x, y: tuple(map(op, x, y)), (axis,)))
 
-    def separate(*xs):
-        return tuple(reduce_one(x, axis=axis) for x in xs)
+    return jax.lax.platform_dependent(*xs_v, cpu=lambda *xs: _reduce_each(xs, init, op),
+                                      default=variadic)
 
-    return jax.lax.platform_dependent(*xs_v, cpu=separate, default=variadic)
+
+def _reduce_each(xs_v, init, op):
+    """`_reduce_v` as separate reductions (op: jnp.add or jnp.maximum; `init` is its identity)."""
+    del init
+    reduce_one = jnp.sum if op is jnp.add else jnp.max
+    return tuple(reduce_one(x, axis=-1) for x in xs_v)
 
 
 def teacher_log_alpha(b_v, head: Head | None):
@@ -356,12 +359,12 @@ def teacher_log_alpha(b_v, head: Head | None):
     if head is None:
         return jnp.zeros(b_v.shape[:-1], b_v.dtype)
     tail_v = in_tail(b_v, head)
-    m, m_tail = (_finite(x) for x in _reduce_v(
+    m, m_tail = (finite_shift(x) for x in _reduce_v(
         (b_v, jnp.where(tail_v, b_v, -jnp.inf)), -jnp.inf, jnp.maximum))
     z, z_tail = _reduce_v((jnp.exp(b_v - m[..., None]),
                            jnp.where(tail_v, jnp.exp(b_v - m_tail[..., None]), 0.0)),
                           0.0, jnp.add)
-    return jnp.log(z_tail) + m_tail - jnp.log(z) - m
+    return (jnp.log(z_tail) - jnp.log(z)) + (m_tail - m)  # offset-free, as in `token_terms`
 
 
 def token_grad(a_v, b_v, head: Head | None, terms: TokenTerms, gamma):
@@ -371,8 +374,8 @@ def token_grad(a_v, b_v, head: Head | None, terms: TokenTerms, gamma):
     per-position scalars only (no [.., V] residual). α_T·p̃_S,i = exp(a_i − lse_tail(a) + log α_T)
     in log space: exact when both tails are tiny. Padded entries get 0.
     """
-    ps_v = jnp.exp(a_v - _finite(terms.lse_s)[..., None])
-    pt_v = jnp.exp(b_v - _finite(terms.lse_t)[..., None])
+    ps_v = jnp.exp(a_v - finite_shift(terms.lse_s)[..., None])
+    pt_v = jnp.exp(b_v - finite_shift(terms.lse_t)[..., None])
     grad_v = ps_v - pt_v
     if head is None:  # the tail is everything: α_T·p̃_S = p_S
         return (1.0 + gamma)[..., None] * grad_v
