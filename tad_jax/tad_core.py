@@ -141,49 +141,107 @@ def top_k(x_v, k):
 
     Tie rule: among equal values the lowest index comes first (`lax.top_k`'s rule), so the K-th
     place is decided the same way whatever the padding of V or the chunk sizes. Values are
-    compared in their own dtype (widened on CPU: exact, same order and ties).
-
-    Implementation (XLA-CPU trick, isolated here): when V splits into chunks of >= 4k, top_k runs
-    over the chunk maxima, then over the k winning chunks only, taken in ascending chunk order so
-    that the lowest index still wins ties. The k largest entries always lie in those chunks (a
-    chunk holding one of them has a maximum that ranks among the k first). Measured on 2 CPU
-    cores at [8, 512, 32000]: ~8x faster than `lax.top_k` (which sorts). Elsewhere `lax.top_k`
-    runs on a 2-D view (XLA TPU's TopK rewrite; no [.., V] temporary, measured).
+    compared in their own dtype (or widened: exact, same order and ties).
+    Implementation: `lax.top_k` on TPU, or when V is short next to k; elsewhere a two-level
+    search that reads x once instead of sorting it (`_blocked_top_k`; see `_on_tpu`).
     """
     x_v = _whole_vocab(x_v)
     if k == 0:
         return jax.lax.top_k(x_v, 0)
-    return jax.lax.platform_dependent(x_v, cpu=lambda x: _top_k_cpu(x, k),
-                                      default=lambda x: _top_k_2d(x, k))
+    block = _head_block(x_v.shape[-1], k)
+    if block is None:
+        return _top_k_2d(x_v, k)
+    return _on_tpu(lambda x: _top_k_2d(x, k), lambda x: _blocked_top_k(x, k, block), x_v)
+
+
+def _blocked_top_k(x_v, k, block):
+    (bmax,) = _block_maxima((x_v,), block)
+    _, cols, (cand,) = _candidates(bmax, k, block, x_v.shape[-1], lambda c: (_take(x_v, c),))
+    vals_k, pos_k = _top_k_2d(cand, k)
+    return vals_k, _take(cols, pos_k)
+
+
+def _on_tpu(tpu, other, *args):
+    """tpu(*args) when compiled for TPU, else other(*args): the one device split of the top-K.
+
+    The two-level search (`_block_maxima`, `_candidates`) reads the logits once and gathers
+    k·block of them per position. XLA TPU tiles the vocabulary axis over its 128 lanes: the
+    block maxima become a relayout copy and the gathers an [.., V] scan per index, so jax.grad
+    of TAD at [1, 4096, 32000] f32 moved 114 f32 [N, V] tensors' worth of bytes, against 9.0
+    with `lax.top_k` (TPU v5p compile, `scripts/bench_loss.py`). XLA GPU's TopK needs its input
+    written out (the merged teacher: temporaries of 1.26 f32 [N, V] on an H100 compile, 0.30
+    blocked), and XLA CPU's sorts (blocked: ~8x faster at [8, 512, 32000], 2 cores).
+    """
+    return jax.lax.platform_dependent(*args, tpu=tpu, default=other)
+
+
+# Columns per block of the two-level top-k. It needs at least 4k blocks (smaller blocks for a
+# large k): with fewer the candidates are a good part of V anyway.
+_BLOCKS = (128, 64, 32)
+
+
+def _head_block(vocab, k):
+    """The block width of the two-level top-k of a [.., vocab] array, or None (lax.top_k)."""
+    return next((b for b in _BLOCKS if vocab >= 4 * k * b), None)
+
+
+def _block_maxima(xs_v, block):
+    """Maxima of each `block` consecutive entries of the last axis ([.., ceil(V / block)]) of
+    every array in xs_v: row reductions of a [.., V/block, block] view (no copy off TPU), fused
+    with the arrays' elementwise producers; a shorter last block when block does not divide V."""
+    vocab = xs_v[0].shape[-1]
+    whole = vocab - vocab % block
+
+    def one(x_v):
+        bmax = jnp.max(x_v[..., :whole].reshape(*x_v.shape[:-1], whole // block, block), -1)
+        if whole == vocab:
+            return bmax
+        return jnp.concatenate([bmax, jnp.max(x_v[..., whole:], -1, keepdims=True)], -1)
+
+    return tuple(one(x) for x in xs_v)
+
+
+def _candidates(bmax, k, block, vocab, gather):
+    """The k blocks with the largest maxima [.., k] and their columns [.., k·block], both in
+    ascending order, and `gather(columns)` (-inf past V).
+
+    The k largest entries always lie in those blocks (a block holding one of them has a maximum
+    among the k largest block maxima; ties between blocks go to the lower block, as between
+    entries). Ascending column order keeps the lowest-index tie rule for a top-k over them.
+    """
+    kb = min(k, bmax.shape[-1])
+    cidx = jnp.sort(_top_k_2d(bmax, kb)[1], axis=-1)
+    cols = (cidx[..., None] * block + jnp.arange(block, dtype=cidx.dtype))
+    cols = cols.reshape(*cidx.shape[:-1], kb * block)
+    valid = cols < vocab
+    got = gather(jnp.minimum(cols, vocab - 1))
+    return cidx, cols, tuple(jnp.where(valid, g, -jnp.inf) for g in got)
+
+
+def _take(x_v, cols):
+    return jnp.take_along_axis(x_v, cols, axis=-1)
 
 
 def _top_k_2d(x_v, k):
-    """lax.top_k on a 2-D view: XLA TPU's TopK rewrite only takes rank-2 operands (a rank-3
-    input becomes a full sort: measured at [1, 4096, 32000]). The barrier keeps the TopK whole:
-    when its values are sliced downstream, XLA TPU otherwise rewrites it into a full sort of
-    [m, V] (measured in the fused loss's [512, 256000] chunks: fused TAD/KL bytes 1.66x -> 1.27x,
-    temporaries 1.62x -> 1.00x)."""
-    vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(x_v.reshape(-1, x_v.shape[-1]), k))
-    return vals.reshape(x_v.shape[:-1] + (k,)), idx.reshape(x_v.shape[:-1] + (k,))
+    """lax.top_k on a 2-D view, values in x's dtype.
 
+    XLA TPU's TopK rewrite only takes rank-2 operands (a rank-3 input becomes a full sort:
+    measured at [1, 4096, 32000]), and the barrier keeps the TopK whole: when its values are
+    sliced downstream, XLA TPU otherwise rewrites it into a full sort of [m, V] (measured in the
+    fused loss's [512, 256000] chunks: fused TAD/KL bytes 1.66x -> 1.27x, temporaries 1.62x ->
+    1.00x). XLA CPU sorts bf16 (~70x slower than f32: it gets widened values) and aborts on the
+    barrier (its TopkDecomposer, jax 0.10).
+    """
+    shape = x_v.shape[:-1] + (k,)
 
-def _top_k_cpu(x_v, k):
-    dtype = x_v.dtype  # the values go back in it (exact: they are entries of x)
-    x_v = widen(x_v)  # lax.top_k on bf16 is a full sort on XLA CPU (~70x slower, measured)
-    vocab = x_v.shape[-1]
-    chunk = next((c for c in (256, 250, 200, 128, 125, 100, 64, 50, 32)
-                  if vocab % c == 0 and vocab // c >= 4 * k), None)
-    if chunk is None:  # (no barrier here: XLA CPU's TopkDecomposer aborts on one, jax 0.10)
-        vals_k, idx_k = jax.lax.top_k(x_v, k)
-        return vals_k.astype(dtype), idx_k
-    x_nc = x_v.reshape(*x_v.shape[:-1], vocab // chunk, chunk)
-    cidx_k = jnp.sort(jax.lax.top_k(jnp.max(x_nc, axis=-1), k)[1], axis=-1)
-    cand_kc = jnp.take_along_axis(x_nc, cidx_k[..., None], axis=-2)
-    vals_k, j_k = jax.lax.top_k(cand_kc.reshape(*x_v.shape[:-1], k * chunk), k)
-    idx_k = jnp.take_along_axis(cidx_k, j_k // chunk, axis=-1) * chunk + j_k % chunk
-    # The barrier keeps XLA CPU from fusing the indices into their consumers, which turns top_k
-    # into a full [.., V] sort (~25x slower, measured).
-    return jax.lax.optimization_barrier((vals_k.astype(dtype), idx_k))
+    def cpu(x):
+        vals, idx = jax.lax.top_k(widen(x), k)
+        return vals.astype(x.dtype), idx
+
+    vals, idx = jax.lax.platform_dependent(
+        x_v.reshape(-1, x_v.shape[-1]), cpu=cpu,
+        default=lambda x: tuple(jax.lax.optimization_barrier(jax.lax.top_k(x, k))))
+    return vals.reshape(shape), idx.reshape(shape)
 
 
 def _whole_vocab(x_v):
@@ -214,22 +272,84 @@ def teacher_head(b_v, k) -> Head | None:
     return head_of(*top_k(b_v, k))
 
 
-def pair_head(s_v, t_v, k, temperature, merge=True) -> Head | None:
-    """The head I of the teacher of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
+class Maxima(NamedTuple):
+    """Maxima over V of a and b, and over the tail only, per position (-inf where none)."""
 
-    Equal to `teacher_head(tempered_pair(s, t, τ, merge)[1], k)`, but at τ = 1 top_k reads t in
-    its own dtype (widening keeps order and ties; dividing by τ ≠ 1 may not: values that flush to
-    0 or overflow become ties): XLA TPU's TopK does not fuse its producer, so a widened or merged
-    copy is written and read again. `merge=False` (finite student logits guaranteed) drops the
-    merge: jax.grad of TAD on the TPU v5p compile at [1, 4096, 32000] f32 moves 8.0 instead of
-    9.0 f32 [N, V] tensors' worth of bytes.
+    m_s: jax.Array
+    m_t: jax.Array
+    ms_tail: jax.Array
+    mt_tail: jax.Array
+
+
+def pair_head(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Maxima | None]:
+    """`head_and_maxima` of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
+
+    No tempered or merged copy of the logits is written: the two-level search gathers its
+    candidates from s and t; on TPU, at τ = 1, `lax.top_k` reads t (merged with s's padding)
+    in its own dtype (widening keeps order and ties; dividing by τ ≠ 1 may not: values that
+    flush to 0 or overflow become ties). XLA TPU's TopK does not fuse its producer.
+    """
+    s_v, t_v = _whole_vocab(s_v), _whole_vocab(t_v)
+    a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
+    if k == 0 or _head_block(b_v.shape[-1], k) is None or temperature != 1.0:
+        return head_and_maxima(a_v, b_v, k)
+
+    def tpu(s_v, t_v):
+        vals_k, idx_k = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k)
+        head = head_of(widen(vals_k), idx_k)  # = b at idx_k: the same widening, elementwise
+        return head, _maxima(a_v, b_v, in_tail(b_v, head))
+
+    def blocked(s_v, t_v):
+        def gather(cols):
+            return tempered_pair(_take(s_v, cols), _take(t_v, cols), temperature, merge)
+
+        return _blocked_head(a_v, b_v, k, _head_block(b_v.shape[-1], k), gather)
+
+    return _on_tpu(tpu, blocked, s_v, t_v)
+
+
+def head_and_maxima(a_v, b_v, k) -> tuple[Head | None, Maxima | None]:
+    """The teacher's head I (the top-k of b [.., V]) and the `Maxima` that `token_terms` needs.
+
+    Off TPU one pass over a and b gives both (`_blocked_head`): the maxima pass of `token_terms`
+    is then this one, so TAD reads the logits as often as KL. On TPU (`_on_tpu`) and when V is
+    short next to k, `lax.top_k` and then the maxima pass. (None, None) for K = 0.
     """
     if k == 0:
-        return None
-    if temperature != 1.0:
-        return teacher_head(tempered_pair(s_v, t_v, temperature, merge)[1], k)
-    vals_k, idx_k = top_k(merge_padding(s_v, t_v) if merge else t_v, k)
-    return head_of(widen(vals_k), idx_k)  # = b at idx_k: the same widening, elementwise
+        return None, None
+    block = _head_block(b_v.shape[-1], k)
+
+    def sorted_head(a_v, b_v):
+        head = teacher_head(b_v, k)
+        return head, _maxima(a_v, b_v, in_tail(b_v, head))
+
+    if block is None:
+        return sorted_head(a_v, b_v)
+    return _on_tpu(sorted_head, lambda a, b: _blocked_head(a, b, k, block), a_v, b_v)
+
+
+def _blocked_head(a_v, b_v, k, block, gather=None):
+    """`head_and_maxima` by the two-level search: the maxima of blocks of V of a and b in one
+    pass; the head from the k blocks with the largest maxima of b (`_candidates`); the tail
+    maxima from the other blocks' maxima and the candidates outside the head. Exact: no sort,
+    no [.., V] mask. `gather(columns)`: (a, b) at those columns (default: from a_v, b_v)."""
+    vocab = b_v.shape[-1]
+    a_v, b_v = _whole_vocab(a_v), _whole_vocab(b_v)
+    gather = gather or (lambda cols: (_take(a_v, cols), _take(b_v, cols)))
+    bmax_s, bmax_t = _block_maxima((a_v, b_v), block)
+    cidx, cols, (a_c, b_c) = _candidates(bmax_t, k, block, vocab, gather)
+    vals_k, pos_k = _top_k_2d(b_c, k)
+    head = head_of(vals_k, _take(cols, pos_k))
+    # The blocks outside the candidates hold tail entries only.
+    chosen = jnp.any(jnp.arange(bmax_t.shape[-1]) == cidx[..., None], axis=-2)
+    tail_c = in_tail(b_c, head, cols)
+
+    def tail_max(bmax, x_c):
+        return jnp.maximum(jnp.max(jnp.where(chosen, -jnp.inf, bmax), axis=-1),
+                           jnp.max(jnp.where(tail_c, x_c, -jnp.inf), axis=-1))
+
+    return head, Maxima(jnp.max(bmax_s, axis=-1), jnp.max(bmax_t, axis=-1),
+                        tail_max(bmax_s, a_c), tail_max(bmax_t, b_c))
 
 
 def head_of(vals_k, idx_k) -> Head:
@@ -239,13 +359,15 @@ def head_of(vals_k, idx_k) -> Head:
     return Head(idx_k, kth, last)
 
 
-def in_tail(b_v, head: Head | None):
-    """True on the tail (i ∉ I), elementwise from b's values: fused into its consumer."""
+def in_tail(b_v, head: Head | None, idx_v=None):
+    """True on the tail (i ∉ I), elementwise from b's values: fused into its consumer. `idx_v`:
+    the vocabulary index of each entry of b_v (default: its position on the last axis)."""
     if head is None:
         return jnp.ones(b_v.shape, bool)
-    iota_v = jax.lax.broadcasted_iota(jnp.int32, b_v.shape, b_v.ndim - 1)
+    if idx_v is None:
+        idx_v = jax.lax.broadcasted_iota(jnp.int32, b_v.shape, b_v.ndim - 1)
     kth, last = head.kth[..., None], head.last[..., None]
-    return (b_v < kth) | ((b_v == kth) & (iota_v > last))
+    return (b_v < kth) | ((b_v == kth) & (idx_v > last))
 
 
 # ------------------------------------------------------------------------------- the kernel
@@ -268,7 +390,7 @@ class TokenTerms(NamedTuple):
         return self.kl1 + jnp.exp(self.log_alpha_t) * self.kl2
 
 
-def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
+def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None) -> TokenTerms:
     """TAD's per-position terms from tempered logits a, b (`tempered_pair`) and the head I.
 
     Two passes over [.., V] (with a head, each one variadic reduction, `_reduce_v`; for K = 0
@@ -287,18 +409,15 @@ def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
     With `head` None (K = 0) the tail is everything: D_KL1 = 0, D_KL2 = KL.
     """
     tail_v = None if head is None else in_tail(b_v, head)
-    reduce = _reduce_each if tail_v is None else _reduce_v  # (K = 0: see above)
-    ninf = jnp.asarray(-jnp.inf, a_v.dtype)
-    maxima = (a_v, b_v) if tail_v is None else (
-        a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf))
-    maxima = tuple(finite_shift(m) for m in reduce(maxima, -jnp.inf, jnp.maximum))
-    m_s, m_t = maxima[:2]
-    ms_tail, mt_tail = (m_s, m_t) if tail_v is None else maxima[2:]
+    if maxima is None:
+        maxima = _maxima(a_v, b_v, tail_v)
+    # The maxima are shifts only: lse = log Σ e^(x − m) + m does not depend on m (no gradient).
+    m_s, m_t, ms_tail, mt_tail = (jax.lax.stop_gradient(finite_shift(m)) for m in maxima)
     es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
     # b > -inf implies a > -inf (`tempered_pair`), so δ is finite wherever e^b > 0.
     delta_v = (b_v - m_t[..., None]) - (a_v - m_s[..., None])
     if tail_v is None:
-        zs, zt, cross = reduce((es_v, et_v, _times(et_v, delta_v)), 0.0, jnp.add)
+        zs, zt, cross = _reduce_each((es_v, et_v, _times(et_v, delta_v)), 0.0, jnp.add)
         zs_tail, zt_tail, h0, h1 = zs, zt, 0.0, 0.0
     else:
         ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
@@ -320,6 +439,16 @@ def token_terms(a_v, b_v, head: Head | None) -> TokenTerms:
     if head is not None:
         kl1 = kl1 + (h1 - (log_zt - log_zs) * h0) / zt
     return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, lse_s, lse_t, rel_s + m_s)
+
+
+def _maxima(a_v, b_v, tail_v) -> Maxima:
+    """`Maxima` in one pass over a and b (tail_v None: the tail is everything)."""
+    if tail_v is None:  # (K = 0: plain reductions, see `token_terms`)
+        m_s, m_t = _reduce_each((a_v, b_v), -jnp.inf, jnp.maximum)
+        return Maxima(m_s, m_t, m_s, m_t)
+    ninf = jnp.asarray(-jnp.inf, a_v.dtype)
+    return Maxima(*_reduce_v((a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf)),
+                             -jnp.inf, jnp.maximum))
 
 
 def _times(e_v, x_v):
