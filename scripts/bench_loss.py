@@ -126,7 +126,7 @@ def autodiff_own_forward(student_btv, teacher_btv, mask_bt):
     """
     cfg = core.TADConfig(TOP_K, BETA)
     a_btv, b_btv = core.tempered_pair(student_btv, jax.lax.stop_gradient(teacher_btv), 1.0)
-    terms = core.token_terms(a_btv, b_btv, *core.head_and_maxima(a_btv, b_btv, TOP_K))
+    terms = core.head_and_terms(a_btv, b_btv, TOP_K)[1]
     beta_bt = jax.lax.stop_gradient(core.beta_x(terms.log_alpha_t, mask_bt, cfg))
     loss_bt = mask_bt * (terms.kl1 + beta_bt * jnp.exp(terms.log_alpha_t) * terms.kl2)
     return jnp.sum(loss_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)

@@ -237,8 +237,7 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
         tau = cfg.tad.temperature
         # Student -inf entries are only those of a -inf bias, merged into bt by `_run`.
         a, b = core.tempered_pair(zs, _logits(xs["ht"], wt, bt, cfg.softcap)[0], tau, merge=False)
-        head, maxima = core.head_and_maxima(a, b, cfg.tad.top_k)
-        terms = core.token_terms(a, b, head, maxima)
+        head, terms = core.head_and_terms(a, b, cfg.tad.top_k)
         gamma = xs.get("gamma")
         if gamma is None:  # the chunk holds whole rows
             seg = xs.get("seg")

@@ -143,9 +143,7 @@ def _divergence_bt(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, paddi
 
 def _head_and_terms(student_btv, teacher_btv, cfg, padding):
     """The kernel's head and per-position terms of a pair of logits (`tad_core`)."""
-    a_btv, b_btv = core.tempered_pair(student_btv, teacher_btv, cfg.temperature, padding)
-    head, maxima = core.pair_head(student_btv, teacher_btv, cfg.top_k, cfg.temperature, padding)
-    return head, core.token_terms(a_btv, b_btv, head, maxima)
+    return core.pair_terms(student_btv, teacher_btv, cfg.top_k, cfg.temperature, padding)
 
 
 def _divergence_fwd(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, padding):

@@ -281,8 +281,8 @@ class Maxima(NamedTuple):
     mt_tail: jax.Array
 
 
-def pair_head(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Maxima | None]:
-    """`head_and_maxima` of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
+def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, TokenTerms]:
+    """`head_and_terms` of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
 
     No tempered or merged copy of the logits is written: the two-level search gathers its
     candidates from s and t; on TPU, at τ = 1, `lax.top_k` reads t (merged with s's padding)
@@ -291,45 +291,45 @@ def pair_head(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Maxima
     """
     s_v, t_v = _whole_vocab(s_v), _whole_vocab(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
-    if k == 0 or _head_block(b_v.shape[-1], k) is None or temperature != 1.0:
-        return head_and_maxima(a_v, b_v, k)
+    block = _head_block(b_v.shape[-1], k) if k else None
+    if block is None or temperature != 1.0:
+        return head_and_terms(a_v, b_v, k)
 
     def tpu(s_v, t_v):
         vals_k, idx_k = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k)
         head = head_of(widen(vals_k), idx_k)  # = b at idx_k: the same widening, elementwise
-        return head, _maxima(a_v, b_v, in_tail(b_v, head))
+        return head, token_terms(a_v, b_v, head)
 
     def blocked(s_v, t_v):
         def gather(cols):
             return tempered_pair(_take(s_v, cols), _take(t_v, cols), temperature, merge)
 
-        return _blocked_head(a_v, b_v, k, _head_block(b_v.shape[-1], k), gather)
+        return _blocked_terms(a_v, b_v, k, block, gather)
 
     return _on_tpu(tpu, blocked, s_v, t_v)
 
 
-def head_and_maxima(a_v, b_v, k) -> tuple[Head | None, Maxima | None]:
-    """The teacher's head I (the top-k of b [.., V]) and the `Maxima` that `token_terms` needs.
+def head_and_terms(a_v, b_v, k) -> tuple[Head | None, TokenTerms]:
+    """The teacher's head I (the top-k of b) and `token_terms(a, b, I)`, a, b: [.., V].
 
-    Off TPU one pass over a and b gives both (`_blocked_head`): the maxima pass of `token_terms`
-    is then this one, so TAD reads the logits as often as KL. On TPU (`_on_tpu`) and when V is
-    short next to k, `lax.top_k` and then the maxima pass. (None, None) for K = 0.
+    Off TPU (`_on_tpu`) the two-level search (`_blocked_terms`) makes the head and the maxima
+    pass of `token_terms` one pass, and the head's K values give its sums: TAD then reads the
+    logits as often as KL, with KL's number of reductions. On TPU, and when V is short next to
+    k, `lax.top_k` and then `token_terms`' own two passes. (None, terms) for K = 0.
     """
-    if k == 0:
-        return None, None
-    block = _head_block(b_v.shape[-1], k)
+    block = _head_block(b_v.shape[-1], k) if k else None
 
-    def sorted_head(a_v, b_v):
+    def sorted_terms(a_v, b_v):
         head = teacher_head(b_v, k)
-        return head, _maxima(a_v, b_v, in_tail(b_v, head))
+        return head, token_terms(a_v, b_v, head)
 
     if block is None:
-        return sorted_head(a_v, b_v)
-    return _on_tpu(sorted_head, lambda a, b: _blocked_head(a, b, k, block), a_v, b_v)
+        return sorted_terms(a_v, b_v)
+    return _on_tpu(sorted_terms, lambda a, b: _blocked_terms(a, b, k, block), a_v, b_v)
 
 
-def _blocked_head(a_v, b_v, k, block, gather=None):
-    """`head_and_maxima` by the two-level search: the maxima of blocks of V of a and b in one
+def _blocked_terms(a_v, b_v, k, block, gather=None):
+    """`head_and_terms` by the two-level search: the maxima of blocks of V of a and b in one
     pass; the head from the k blocks with the largest maxima of b (`_candidates`); the tail
     maxima from the other blocks' maxima and the candidates outside the head. Exact: no sort,
     no [.., V] mask. `gather(columns)`: (a, b) at those columns (default: from a_v, b_v)."""
@@ -348,8 +348,9 @@ def _blocked_head(a_v, b_v, k, block, gather=None):
         return jnp.maximum(jnp.max(jnp.where(chosen, -jnp.inf, bmax), axis=-1),
                            jnp.max(jnp.where(tail_c, x_c, -jnp.inf), axis=-1))
 
-    return head, Maxima(jnp.max(bmax_s, axis=-1), jnp.max(bmax_t, axis=-1),
-                        tail_max(bmax_s, a_c), tail_max(bmax_t, b_c))
+    maxima = Maxima(jnp.max(bmax_s, axis=-1), jnp.max(bmax_t, axis=-1),
+                    tail_max(bmax_s, a_c), tail_max(bmax_t, b_c))
+    return head, token_terms(a_v, b_v, head, maxima, (_take(a_c, pos_k), vals_k))
 
 
 def head_of(vals_k, idx_k) -> Head:
@@ -390,7 +391,8 @@ class TokenTerms(NamedTuple):
         return self.kl1 + jnp.exp(self.log_alpha_t) * self.kl2
 
 
-def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None) -> TokenTerms:
+def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
+                head_ab=None) -> TokenTerms:
     """TAD's per-position terms from tempered logits a, b (`tempered_pair`) and the head I.
 
     Two passes over [.., V] (with a head, each one variadic reduction, `_reduce_v`; for K = 0
@@ -407,6 +409,10 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None) -> To
       D_KL1 = Σ_I p_T (log p_T − log p_S) + α_T (log α_T − log α_S)
             = (H_1 − (log Z_t − log Z_s)·H_0)/Z_t + α_T (log α_T − log α_S)
     With `head` None (K = 0) the tail is everything: D_KL1 = 0, D_KL2 = KL.
+    `maxima` (optional): the first pass, done already (`_blocked_terms`). `head_ab` (optional):
+    (a, b) at the head's indices [.., K]; then the pass of sums takes the tail's three only (as
+    KL's three), and Z_s = e^(m̃_s − m_s)·Z̃_s + Σ_I e^(a − m_s), Z_t = e^(m̃_t − m_t)·Z̃_t + H_0,
+    H_0 and H_1 from the K values (sums of positive terms: no cancellation).
     """
     tail_v = None if head is None else in_tail(b_v, head)
     if maxima is None:
@@ -422,10 +428,19 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None) -> To
     else:
         ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
         ett_v = jnp.where(tail_v, jnp.exp(b_v - mt_tail[..., None]), 0.0)
-        eh_v = jnp.where(tail_v, 0.0, et_v)
-        zs, zt, zs_tail, zt_tail, cross, h0, h1 = _reduce_v(
-            (es_v, et_v, ets_v, ett_v, _times(ett_v, delta_v), eh_v, _times(eh_v, delta_v)),
-            0.0, jnp.add)
+        tail_sums = (ets_v, ett_v, _times(ett_v, delta_v))
+        if head_ab is None:
+            eh_v = jnp.where(tail_v, 0.0, et_v)
+            zs, zt, zs_tail, zt_tail, cross, h0, h1 = _reduce_v(
+                (es_v, et_v, *tail_sums, eh_v, _times(eh_v, delta_v)), 0.0, jnp.add)
+        else:  # the head's sums from its K values; Z = (the tail's, rescaled) + (the head's)
+            zs_tail, zt_tail, cross = _reduce_v(tail_sums, 0.0, jnp.add)
+            a_k, b_k = head_ab
+            eh_k = jnp.exp(b_k - m_t[..., None])
+            h0 = jnp.sum(eh_k, -1)
+            h1 = jnp.sum(_times(eh_k, (b_k - m_t[..., None]) - (a_k - m_s[..., None])), -1)
+            zs = _rescale(zs_tail, ms_tail - m_s) + jnp.sum(jnp.exp(a_k - m_s[..., None]), -1)
+            zt = _rescale(zt_tail, mt_tail - m_t) + h0
     log_zs, log_zt = jnp.log(zs), jnp.log(zt)
     # Tail logsumexps relative to the row maxima (rel = lse_tail − m), so that no difference of
     # two absolute logsumexps brings the logits' offset back in (f32 at |logits| ~ 1e4).
@@ -449,6 +464,11 @@ def _maxima(a_v, b_v, tail_v) -> Maxima:
     ninf = jnp.asarray(-jnp.inf, a_v.dtype)
     return Maxima(*_reduce_v((a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf)),
                              -jnp.inf, jnp.maximum))
+
+
+def _rescale(z, shift):
+    """z·e^shift, 0 where z = 0 (whatever the shift of an empty tail)."""
+    return jnp.where(z > 0, z * jnp.exp(jnp.where(z > 0, shift, 0.0)), 0.0)
 
 
 def _times(e_v, x_v):

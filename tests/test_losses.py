@@ -206,21 +206,21 @@ def test_two_stage_top_k_is_lax_top_k():
 @pytest.mark.parametrize("vocab", [1024, 1000, 777])
 def test_blocked_head_and_maxima_are_exact(vocab):
     # The two-level search (blocks of 128/64/32, a shorter last block when V does not split):
-    # head = lax.top_k's (ties to the lowest index, across block borders too), and the maxima
-    # (all, tail) = one masked pass over the whole vocabulary.
+    # head = lax.top_k's (ties to the lowest index, across block borders too), and the terms
+    # from its maxima and the head's K values = token_terms' own two passes.
     a = _logits(23, (3, 4, vocab))
     ties = jnp.round(_logits(24, (3, 4, vocab), scale=1.5))
     pad = jnp.where(a > 1.5, -jnp.inf, ties)  # -inf entries in b (and b = a - a's padding)
     for b in (a + 0.5, ties, pad, jnp.zeros((3, 4, vocab)), jnp.full((3, 4, vocab), -jnp.inf)):
         for k in (1, 2, 5):
             assert core._head_block(vocab, k) is not None
-            head, maxima = core._blocked_head(a, b, k, core._head_block(vocab, k))
+            head, terms = core._blocked_terms(a, b, k, core._head_block(vocab, k))
             vals, idx = jax.lax.top_k(b, k)
             np.testing.assert_array_equal(head.idx_k, idx)
             np.testing.assert_array_equal(head.kth, vals[..., -1])
-            want = core._maxima(a, b, core.in_tail(b, core.head_of(vals, idx)))
-            for g, w in zip(maxima, want, strict=True):
-                np.testing.assert_array_equal(g, w)
+            want = core.token_terms(a, b, core.head_of(vals, idx))  # its own passes
+            for g, w in zip(terms, want, strict=True):
+                np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
 def test_tad_on_a_chunked_vocabulary(x64):
@@ -654,15 +654,13 @@ def test_pair_head_is_the_head_of_the_tempered_teacher(dtype, tau):
     s = s.at[..., 5:9].set(-jnp.inf)  # student padding: those entries leave the teacher too
     a, b = core.tempered_pair(s, t, tau)
     for k in (1, 6):
-        got, maxima = core.pair_head(s, t, k, tau)
+        got, terms = core.pair_terms(s, t, k, tau)
         want = core.teacher_head(b, k)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
         assert not np.any(np.isin(np.asarray(got.idx_k), [5, 6, 7, 8]))
-        if maxima is not None:  # the maxima of the head's pass are token_terms' own
-            want_maxima = core._maxima(a, b, core.in_tail(b, want))
-            for g, w in zip(maxima, want_maxima, strict=True):
-                np.testing.assert_array_equal(g, w)
+        for g, w in zip(terms, core.token_terms(a, b, want), strict=True):
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6)
 
 
 def test_tad_offset_invariant_in_float32(x64):
@@ -682,7 +680,7 @@ def test_pair_head_tempered_flush_to_zero():
     t = jnp.array([[1.5e-38, 2.0e-38, -5.0, -6.0]], jnp.float32).astype(jnp.bfloat16)
     s = jnp.array([[0.5, 1.0, 2.0, 0.0]], jnp.float32)
     for tau in (1.0, 2.0):
-        got = core.pair_head(s, t, 1, tau)[0]
+        got = core.pair_terms(s, t, 1, tau)[0]
         want = core.teacher_head(core.tempered_pair(s, t, tau)[1], 1)
         for g, w in zip(got, want, strict=True):
             np.testing.assert_array_equal(g, w)
