@@ -389,9 +389,13 @@ class TokenTerms(NamedTuple):
     kl2: jax.Array  # D_KL2: KL of the renormalised tails (0 where α_T = 0)
     log_alpha_t: jax.Array  # log α_T
     log_alpha_s: jax.Array  # log α_S
-    lse_s: jax.Array  # logsumexp of a (student log-partition)
-    lse_t: jax.Array  # logsumexp of b
-    lse_tail_s: jax.Array  # logsumexp of a over the tail
+    # The log-partitions as (row maximum m, log Σ e^(x − m)): lse = m + log_z. Kept apart so that
+    # the gradient takes exp((a − m) − log_z), offset-free (a − m is exact near the maximum).
+    m_s: jax.Array  # max a (0 where a is all -inf)
+    m_t: jax.Array  # max b (likewise)
+    log_zs: jax.Array  # logsumexp(a) − m_s
+    log_zt: jax.Array  # logsumexp(b) − m_t
+    rel_tail_s: jax.Array  # logsumexp of a over the tail − m_s
 
     @property
     def kl(self):
@@ -453,15 +457,14 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     # Tail logsumexps relative to the row maxima (rel = lse_tail − m), so that no difference of
     # two absolute logsumexps brings the logits' offset back in (f32 at |logits| ~ 1e4).
     rel_s, rel_t = jnp.log(zs_tail) + (ms_tail - m_s), jnp.log(zt_tail) + (mt_tail - m_t)
-    lse_s, lse_t = log_zs + m_s, log_zt + m_t
-    log_alpha_t = rel_t - log_zt if head is not None else jnp.zeros_like(lse_t)
-    log_alpha_s = rel_s - log_zs if head is not None else jnp.zeros_like(lse_s)
+    log_alpha_t = rel_t - log_zt if head is not None else jnp.zeros_like(log_zt)
+    log_alpha_s = rel_s - log_zs if head is not None else jnp.zeros_like(log_zs)
     has_tail = zt_tail > 0  # α_T = 0: the tail terms are 0 (the limit x log x -> 0), not NaN
     kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - rel_t + rel_s, 0.0)
     kl1 = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
     if head is not None:
         kl1 = kl1 + (h1 - (log_zt - log_zs) * h0) / zt
-    return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, lse_s, lse_t, rel_s + m_s)
+    return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, m_s, m_t, log_zs, log_zt, rel_s)
 
 
 def _maxima(a_v, b_v, tail_v) -> Maxima:
@@ -529,16 +532,19 @@ def token_grad(a_v, b_v, head: Head | None, terms: TokenTerms, gamma):
 
     γ = β(X) − 1 per position ([...]; L_DIV = KL + γ·α_T·D_KL2). A function of the logits and
     per-position scalars only (no [.., V] residual). α_T·p̃_S,i = exp(a_i − lse_tail(a) + log α_T)
-    in log space: exact when both tails are tiny. Padded entries get 0.
+    in log space: exact when both tails are tiny. Every exponent is taken relative to the row
+    maxima (offset-free: at |logits| ~ 1e4 in float32 an absolute logsumexp is off by its ulp,
+    1e-3). Padded entries get 0.
     """
-    ps_v = jnp.exp(a_v - finite_shift(terms.lse_s)[..., None])
-    pt_v = jnp.exp(b_v - finite_shift(terms.lse_t)[..., None])
+    rel_a_v = a_v - terms.m_s[..., None]
+    ps_v = jnp.exp(rel_a_v - finite_shift(terms.log_zs)[..., None])
+    pt_v = jnp.exp((b_v - terms.m_t[..., None]) - finite_shift(terms.log_zt)[..., None])
     grad_v = ps_v - pt_v
     if head is None:  # the tail is everything: α_T·p̃_S = p_S
         return (1.0 + gamma)[..., None] * grad_v
-    shift = jnp.where(jnp.isfinite(terms.log_alpha_t) & jnp.isfinite(terms.lse_tail_s),
-                      terms.log_alpha_t - terms.lse_tail_s, -jnp.inf)
-    tail_v = jnp.exp(a_v + shift[..., None]) - pt_v
+    shift = jnp.where(jnp.isfinite(terms.log_alpha_t) & jnp.isfinite(terms.rel_tail_s),
+                      terms.log_alpha_t - terms.rel_tail_s, -jnp.inf)
+    tail_v = jnp.exp(rel_a_v + shift[..., None]) - pt_v
     return grad_v + jnp.where(in_tail(b_v, head), gamma[..., None] * tail_v, 0.0)
 
 

@@ -674,6 +674,19 @@ def test_tad_offset_invariant_in_float32(x64):
         np.testing.assert_allclose(got, want, rtol=2e-3)
 
 
+@pytest.mark.parametrize("vocab", [50, 2000])  # lax.top_k, and the two-level head (K = 3)
+def test_tad_grad_offset_invariant_in_float32(x64, vocab):
+    # The gradient at |logits| ~ 1e4 in float32: every exponent relative to the row maxima, so
+    # it equals the float64 gradient of the same (rounded) logits to float32 precision; with
+    # absolute logsumexps (ulp 1e-3 at 1e4) p_S and p_T were off by ~1e-3 relative.
+    s, t, m = _data(shape=(2, 5, vocab))
+    for off in (1e3, 1e4):
+        s32, t32 = (s + off).astype(jnp.float32), (t + off).astype(jnp.float32)
+        got = jax.grad(tad_divergence)(s32, t32, m, top_k=3)
+        want = jax.grad(ref_tad)(s32.astype(jnp.float64), t32.astype(jnp.float64), m, 3, 2.0)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * float(jnp.max(abs(want))))
+
+
 def test_pair_head_tempered_flush_to_zero():
     # bf16 values that the division by τ flushes to 0 become ties in b: the head must be the
     # tempered teacher's (one member for K = 1), not the raw ranking's.
