@@ -163,10 +163,10 @@ def top_k(x_v, k):
 def _blocked_top_k(x_v, k, block):
     (bmax,) = _block_maxima((x_v,), block)
     _, cols, (cand,) = _candidates(bmax, k, block, x_v.shape[-1], lambda c: (_take(x_v, c),))
-    vals_k, pos_k = _top_k_2d(cand, k)
+    pos_k = _top_k_2d(_equal_zeros(cand), k)[1]
     # The barrier keeps XLA CPU from fusing the result into its consumers, which turned the
     # TopK into a full sort (the fused loss's pre-pass: 0.62 -> 2.16 CPU-s without it).
-    return jax.lax.optimization_barrier((vals_k, _take(cols, pos_k)))
+    return jax.lax.optimization_barrier((_take(cand, pos_k), _take(cols, pos_k)))
 
 
 def _on_tpu(tpu, other, *args):
@@ -218,7 +218,7 @@ def _candidates(bmax, k, block, vocab, gather):
     entries). Ascending column order keeps the lowest-index tie rule for a top-k over them.
     """
     kb = min(k, bmax.shape[-1])
-    cidx = jnp.sort(_top_k_2d(bmax, kb)[1], axis=-1)
+    cidx = jnp.sort(_top_k_2d(_equal_zeros(bmax), kb)[1], axis=-1)
     cols = (cidx[..., None] * block + jnp.arange(block, dtype=cidx.dtype))
     cols = cols.reshape(*cidx.shape[:-1], kb * block)
     valid = cols < vocab
@@ -228,6 +228,17 @@ def _candidates(bmax, k, block, vocab, gather):
 
 def _take(x_v, cols):
     return jnp.take_along_axis(x_v, cols, axis=-1)
+
+
+def _equal_zeros(x):
+    """x with every value that compares equal to 0 made +0.0, for the top_k calls of the
+    two-level search. lax.top_k orders 0.0 above -0.0 (and, on XLA CPU, subnormals apart from
+    0, which its comparisons flush to 0), while `Head`/`in_tail` and the block maxima compare
+    values: without this a tie at the K-th place between them could pick a block or an entry
+    other than the lowest-index one, and "tail + the head's K values" would miss or count twice
+    an entry (lse of b off by 5e-3 at V = 1000, tests/test_review_kernel.py). Only the [.., V/block]
+    maxima and the [.., k·block] candidates pass through it."""
+    return jnp.where(x == 0, jnp.zeros_like(x), x)
 
 
 def _top_k_2d(x_v, k):
@@ -346,7 +357,7 @@ def _blocked_terms(a_v, b_v, k, block, gather=None):
     gather = gather or (lambda cols: (_take(a_v, cols), _take(b_v, cols)))
     bmax_s, bmax_t = _block_maxima((a_v, b_v), block)
     cidx, cols, (a_c, b_c) = _candidates(bmax_t, k, block, vocab, gather)
-    vals_k, pos_k = _top_k_2d(b_c, k)
+    vals_k, pos_k = _top_k_2d(_equal_zeros(b_c), k)
     head = head_of(vals_k, _take(cols, pos_k))
     # The blocks outside the candidates hold tail entries only.
     chosen = jnp.any(jnp.arange(bmax_t.shape[-1]) == cidx[..., None], axis=-2)
