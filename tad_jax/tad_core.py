@@ -249,12 +249,15 @@ def _top_k_2d(x_v, k):
     sliced downstream, XLA TPU otherwise rewrites it into a full sort of [m, V] (measured in the
     fused loss's [512, 256000] chunks: fused TAD/KL bytes 1.66x -> 1.27x, temporaries 1.62x ->
     1.00x). XLA CPU sorts bf16 (~70x slower than f32: it gets widened values) and aborts on the
-    barrier (its TopkDecomposer, jax 0.10).
+    barrier (its TopkDecomposer, jax 0.10); it gets `_equal_zeros` too (free there: its TopK
+    reads a widened copy anyway). On accelerators a tie between 0.0 and -0.0 at the K-th place
+    in the (short-V) `lax.top_k` path can leave the `Head` rule naming K + 1 entries (the sums
+    stay consistent with it); the two-level search does not have this fault.
     """
     shape = x_v.shape[:-1] + (k,)
 
     def cpu(x):
-        vals, idx = jax.lax.top_k(widen(x), k)
+        vals, idx = jax.lax.top_k(_equal_zeros(widen(x)), k)
         return vals.astype(x.dtype), idx
 
     vals, idx = jax.lax.platform_dependent(

@@ -111,3 +111,15 @@ def test_subnormal_teacher_values_keep_the_sums(k):
     np.testing.assert_allclose(_got(terms, "lse_t"), r["lse_t"], rtol=2e-6)
     np.testing.assert_allclose(_got(terms, "lse_s"), r["lse_s"], rtol=2e-6)
     np.testing.assert_allclose(terms.kl, r["kl"], rtol=2e-5, atol=2e-6)
+
+
+def test_signed_zero_tie_in_the_lax_top_k_path():
+    # V short next to K takes lax.top_k (no blocks); 0.0 and -0.0 tie at the K-th place: the
+    # lowest index wins and the Head's rule names exactly K entries (CPU: `_equal_zeros`).
+    t = jnp.array([[-0.0, -1.0, 0.0, -2.0, -3.0, -4.0]])
+    s = jnp.zeros_like(t)
+    assert core._head_block(t.shape[-1], 1) is None
+    head, _ = core.pair_terms(s, t, 1, 1.0)
+    np.testing.assert_array_equal(head.idx_k, [[0]])
+    members = ~np.asarray(core.in_tail(t, head))
+    np.testing.assert_array_equal(members.sum(-1), 1)
