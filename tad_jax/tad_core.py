@@ -183,7 +183,7 @@ def _on_tpu(tpu, other, *args):
     block maxima become a relayout copy and the gathers an [.., V] scan per index, so jax.grad
     of TAD at [1, 4096, 32000] f32 moved 114 f32 [N, V] tensors' worth of bytes, against 9.0
     with `lax.top_k` (TPU v5p compile, `scripts/bench_loss.py`). XLA GPU's TopK needs its input
-    written out (the merged teacher: temporaries of 1.26 f32 [N, V] on an H100 compile, 0.30
+    written out (the merged teacher: temporaries of 1.26 f32 [N, V] on an H100 compile, 0.17
     blocked), and XLA CPU's sorts (blocked: ~8x faster at [8, 512, 32000], 2 cores).
     """
     return jax.lax.platform_dependent(*args, tpu=tpu, default=other)
