@@ -33,8 +33,8 @@ pass of maxima (`_blocked_terms`), and the head's sums from its K values: TAD th
 passes and KL's number of reductions. H100 compile, temporaries (f32 [N, V] units, f32 / bf16):
 at [1, 4096, 32000] 0.17 / 0.14 in the default call and 0.08 / 0.06 with finite student
 logits, at [1, 1024, 256000] 0.02 / 0.02 and 0.01 / 0.01 (with lax.top_k: 1.26 / 0.76 and
-0.26). XLA CPU, fwd+bwd TAD/KL on 2 cores: 1.27x at [8, 512, 32000] f32, 1.0x at V = 128256
-and 256000 (lax.top_k and seven separate sums: 2.07x and 1.6x).
+0.26). XLA CPU, fwd+bwd TAD/KL on 2 shared cores: 1.2-1.4x at [8, 512, 32000] f32 (noisy
+host), 0.8-1.05x at V = 128256 and 256000 (lax.top_k and seven separate sums: 2.07x and 1.6x).
 """
 
 from __future__ import annotations
