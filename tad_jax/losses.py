@@ -193,6 +193,8 @@ def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
     The gradient is the paper's closed form (Eq. 6) through a `jax.custom_vjp`; the teacher logits
     get a zero cotangent. Ties at the K-th place go to the lowest vocabulary index. An entry where
     the student is -inf (a padded vocabulary) is dropped from both distributions (`tad_core`).
+    A valid position with no entry left (all -inf) adds 0, gets a 0 gradient and counts with
+    α_T = 0 in ᾱ(X); mask it out to leave ᾱ(X) alone.
 
     Args:
       student_logits: float `[..., T, V]` (any float dtype; math in float32).
@@ -313,11 +315,13 @@ def _autodiff_log_probs(student_btv, teacher_btv, mask_bt, temperature):
     """log p_S, log p_T (teacher constant) for the losses differentiated by plain autodiff.
 
     Masked positions are replaced by zeros first: a padded position may hold all -inf logits,
-    whose logsumexp has a NaN partial that autodiff would multiply by the zero cotangent.
+    whose logsumexp has a NaN partial that autodiff would multiply by the zero cotangent. So are
+    valid positions where the student has no finite entry (nothing left of either distribution):
+    they give 0 and a 0 gradient.
     """
-    keep = mask_bt[..., None] > 0
     s_btv, t_btv = core.tempered_pair(student_btv, jax.lax.stop_gradient(teacher_btv),
                                       temperature)
+    keep = (mask_bt[..., None] > 0) & jnp.any(s_btv > -jnp.inf, axis=-1, keepdims=True)
     s_btv, t_btv = jnp.where(keep, s_btv, 0.0), jnp.where(keep, t_btv, 0.0)
     return core.log_softmax(s_btv), core.log_softmax(t_btv)
 

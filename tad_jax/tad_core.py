@@ -14,6 +14,8 @@ Conventions, for every caller:
   vocabulary would: finite values, 0 gradient there. A teacher -inf is a zero probability that
   the teacher assigns: with both sides -inf the entry is dropped (padding of both); with the
   student finite there, the student is pushed off it (p_T = 0: forward KL and TAD stay finite).
+  A position where the teacher has no entry left holds no distribution: its terms and gradient
+  are 0, and α_T = α_S = 0 for K ≥ 1 (α ≡ 1 for K = 0, so that KL stays exact).
 - Top-K: `top_k`, exact, ties at the K-th place go to the lowest vocabulary index (as
   `lax.top_k`), whatever V's padding or chunking. Membership of the head I is decided from the
   values (`Head.kth`, `Head.last`), so no [.., V] mask is ever materialised.
@@ -477,13 +479,20 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     # Tail logsumexps relative to the row maxima (rel = lse_tail − m), so that no difference of
     # two absolute logsumexps brings the logits' offset back in (f32 at |logits| ~ 1e4).
     rel_s, rel_t = jnp.log(zs_tail) + (ms_tail - m_s), jnp.log(zt_tail) + (mt_tail - m_t)
-    log_alpha_t = rel_t - log_zt if head is not None else jnp.zeros_like(log_zt)
-    log_alpha_s = rel_s - log_zs if head is not None else jnp.zeros_like(log_zs)
+    # A position where the teacher has no entry left (all -inf, or all the student's padding)
+    # has no distribution: every term is 0 and, for K ≥ 1, α_T = α_S = 0 (Σ over the tail of a
+    # zero p_T), not 0/0 = NaN. For K = 0, α ≡ 1 (the tail is V), so β(X) stays β (KL exact).
+    empty = zt == 0
+    if head is None:
+        log_alpha_t = log_alpha_s = jnp.zeros_like(log_zt)
+    else:
+        log_alpha_t = jnp.where(empty, -jnp.inf, rel_t - log_zt)
+        log_alpha_s = jnp.where(empty, -jnp.inf, rel_s - log_zs)
     has_tail = zt_tail > 0  # α_T = 0: the tail terms are 0 (the limit x log x -> 0), not NaN
     kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - rel_t + rel_s, 0.0)
     kl1 = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
     if head is not None:
-        kl1 = kl1 + (h1 - (log_zt - log_zs) * h0) / zt
+        kl1 = kl1 + jnp.where(empty, 0.0, (h1 - (log_zt - log_zs) * h0) / jnp.where(empty, 1.0, zt))
     return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, m_s, m_t, log_zs, log_zt, rel_s)
 
 
@@ -557,7 +566,10 @@ def token_grad(a_v, b_v, head: Head | None, terms: TokenTerms, gamma):
     1e-3). Padded entries get 0.
     """
     rel_a_v = a_v - terms.m_s[..., None]
-    ps_v = jnp.exp(rel_a_v - finite_shift(terms.log_zs)[..., None])
+    # Σ p_T = 0 where the teacher has no entry left: KL is 0 whatever the student, so is its
+    # gradient p_S·Σ p_T − p_T (an infinite shift makes p_S 0 there).
+    log_zs = jnp.where(jnp.isneginf(terms.log_zt), jnp.inf, finite_shift(terms.log_zs))
+    ps_v = jnp.exp(rel_a_v - log_zs[..., None])
     pt_v = jnp.exp((b_v - terms.m_t[..., None]) - finite_shift(terms.log_zt)[..., None])
     grad_v = ps_v - pt_v
     if head is None:  # the tail is everything: α_T·p̃_S = p_S

@@ -49,11 +49,14 @@ def _data(shape=(2, 5, 13), dtype=jnp.float32, seed=0):
 # ---------------------------------------------------------------------------------------------
 
 
-def ref_components(s_btv, t_btv, mask_bt, top_k, beta, tau=1.0, eps=1e-6):
+def ref_components(s_btv, t_btv, mask_bt, top_k, beta, tau=1.0, eps=1e-6, empty_bt=None):
+    # empty_bt: positions to treat as holding no distribution (α_T = 0, no loss).
     ps, pt = jax.nn.softmax(s_btv / tau), jax.nn.softmax(t_btv / tau)
     order = jnp.argsort(-t_btv, axis=-1, stable=True)[..., :top_k]
     top = jnp.any(order[..., :, None] == jnp.arange(t_btv.shape[-1]), axis=-2)
     at = jnp.sum(jnp.where(top, 0.0, pt), -1)
+    if empty_bt is not None:
+        at = jnp.where(empty_bt, 0.0, at)
     as_ = jnp.sum(jnp.where(top, 0.0, ps), -1)
     head = jnp.sum(jnp.where(top, pt * jnp.log(pt / ps), 0.0), -1)
     kl1 = head + at * jnp.log(at / as_)
@@ -63,6 +66,8 @@ def ref_components(s_btv, t_btv, mask_bt, top_k, beta, tau=1.0, eps=1e-6):
     abar = jnp.sum(m * at, -1) / jnp.sum(m, -1)
     beta_x = beta / jnp.maximum(abar, eps)
     loss = tau**2 * m * (kl1 + beta_x[..., None] * at * kl2)
+    if empty_bt is not None:
+        loss = jnp.where(empty_bt, 0.0, loss)
     return dict(kl1=kl1, kl2=kl2, alpha_t=at, alpha_s=as_, beta_x=beta_x, loss=loss)
 
 
@@ -259,6 +264,36 @@ def test_all_inf_logits_at_masked_positions(fn):
     loss, g = jax.value_and_grad(fn)(s, t, m)
     _finite(loss, g)
     assert np.all(np.asarray(g)[~np.asarray(m)] == 0.0)
+
+
+@pytest.mark.parametrize("side", ["student", "teacher", "both"])
+@pytest.mark.parametrize("name", ["tad", "kl", "rkl", "jsd"])
+def test_empty_valid_position_gives_zero(x64, name, side):
+    # A valid position whose logits are all -inf (after the student's padding leaves both
+    # distributions) holds no distribution: it adds 0 and gets a 0 gradient, never NaN; for TAD
+    # its α_T is 0 in ᾱ(X). (RKL and JSD with only the teacher empty are defined otherwise:
+    # the student's mass sits where p_T = 0.)
+    if side == "teacher" and name in ("rkl", "jsd"):
+        pytest.skip("the student keeps a distribution: RKL = +inf, JSD > 0 (test above)")
+    s, t, m = _data(dtype=jnp.float64)
+    m = m.at[0, 1].set(True)
+    empty = jnp.zeros_like(m).at[0, 1].set(True)
+    ninf = jnp.where(empty[..., None], -jnp.inf, 0.0)
+    s_in = s + ninf if side in ("student", "both") else s
+    t_in = t + ninf if side in ("teacher", "both") else t
+    fn, ref = {
+        "tad": (lambda s, t, m: tad_divergence(s, t, m, top_k=3),
+                lambda s: jnp.sum(ref_components(s, t, m, 3, 2.0, empty_bt=empty)["loss"])
+                / jnp.sum(m)),
+        "kl": (kl_divergence, lambda s: ref_mean(jnp.where(empty, 0.0, ref_kl_bt(s, t)), m)),
+        "rkl": (reverse_kl_divergence,
+                lambda s: ref_mean(jnp.where(empty, 0.0, ref_rkl_bt(s, t)), m)),
+        "jsd": (js_divergence,
+                lambda s: ref_mean(jnp.where(empty, 0.0, ref_jsd_bt(s, t, 0.5)), m)),
+    }[name]
+    loss, g = jax.value_and_grad(fn)(s_in, t_in, m)
+    np.testing.assert_allclose(loss, ref(s), **EXACT)
+    np.testing.assert_allclose(g, jnp.where(empty[..., None], 0.0, jax.grad(ref)(s)), **EXACT)
 
 
 def test_beta_x_uses_valid_positions_only(x64):
