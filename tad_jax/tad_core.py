@@ -262,16 +262,31 @@ def _top_k_2d(x_v, k):
     in the (short-V) `lax.top_k` path can leave the `Head` rule naming K + 1 entries (the sums
     stay consistent with it); the two-level search does not have this fault.
     """
-    shape = x_v.shape[:-1] + (k,)
 
     def cpu(x):
         vals, idx = jax.lax.top_k(_equal_zeros(widen(x)), k)
         return vals.astype(x.dtype), idx
 
-    vals, idx = jax.lax.platform_dependent(
-        x_v.reshape(-1, x_v.shape[-1]), cpu=cpu,
-        default=lambda x: tuple(jax.lax.optimization_barrier(jax.lax.top_k(x, k))))
-    return vals.reshape(shape), idx.reshape(shape)
+    def rows(x_v):
+        shape = x_v.shape[:-1] + (k,)
+        vals, idx = jax.lax.platform_dependent(
+            x_v.reshape(-1, x_v.shape[-1]), cpu=cpu,
+            default=lambda x: tuple(jax.lax.optimization_barrier(jax.lax.top_k(x, k))))
+        return vals.reshape(shape), idx.reshape(shape)
+
+    return _per_shard(rows, x_v)
+
+
+def _per_shard(f, x_v):
+    """f(x) for an f that works on each position alone; shard by shard (`jax.shard_map`) when
+    x has explicitly sharded leading axes, whose merge by a reshape is not a local operation
+    (a ShardingTypeError). The last axis must be whole (`_whole_vocab`)."""
+    sharding = jax.typeof(x_v).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None or len(spec) != x_v.ndim or all(a is None for a in spec[:-1]):
+        return f(x_v)
+    spec = jax.sharding.PartitionSpec(*spec[:-1], None)
+    return jax.shard_map(f, mesh=sharding.mesh, in_specs=spec, out_specs=spec)(x_v)
 
 
 def _whole_vocab(x_v):

@@ -456,15 +456,19 @@ def test_no_retracing():
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
 @pytest.mark.parametrize("mesh_shape,spec", [((8,), P("data")),
-                                             ((4, 2), P("data", None, "vocab"))])
-def test_sharded_equals_unsharded(mesh_shape, spec, axis_type):
-    names = ("data",) if len(mesh_shape) == 1 else ("data", "vocab")
+                                             ((4, 2), P("data", None, "vocab")),
+                                             ((2, 4), P("data", "seq")),
+                                             ((2, 2, 2), P("data", "seq", "vocab"))])
+@pytest.mark.parametrize("vocab", [512, 40])  # the two-stage top-K, and lax.top_k (short V)
+def test_sharded_equals_unsharded(mesh_shape, spec, axis_type, vocab):
+    # Explicit shardings of the positions' axes once made the top-K's reshape a ShardingTypeError.
+    names = tuple(a for a in spec if a is not None)
     mesh = jax.make_mesh(mesh_shape, names, axis_types=(axis_type,) * len(names))
-    s, t, m = _data(shape=(8, 4, 512))  # V = 512 takes the two-stage top-K path
+    s, t, m = _data(shape=(8, 4, vocab))
     f = jax.jit(jax.value_and_grad(lambda s, t, m: tad_divergence(s, t, m, top_k=3)))
     want_l, want_g = f(s, t, m)
     sh = NamedSharding(mesh, spec)
-    msh = NamedSharding(mesh, P("data"))
+    msh = NamedSharding(mesh, P(*spec[:2]))
     got_l, got_g = f(jax.device_put(s, sh), jax.device_put(t, sh), jax.device_put(m, msh))
     np.testing.assert_allclose(got_l, want_l, **F32)
     np.testing.assert_allclose(got_g, want_g, **F32)
