@@ -6,7 +6,8 @@ Prints one JSON object per (shape, dtype) case:
     python scripts/bench_loss.py --cases 2x128x32000 --dtypes float32 --repeats 3
     JAX_PLATFORMS=cpu python scripts/bench_loss.py --skip_time   # TPU-AOT costs only
 
-CPU: fwd+bwd time, XLA temporaries and FLOPs of each method, run on this host.
+CPU: fwd+bwd time (median and min of the repeats; the methods timed interleaved, so host load
+drifts over all alike), XLA temporaries and FLOPs of each method, run on this host.
 TPU: `jax.grad` of TAD and KL compiled ahead of time for one TPU v5p chip (libtpu; nothing runs,
 nothing is allocated), `bench: "tpu_aot"` lines with bytes accessed, FLOPs, transcendentals and
 temporaries at the accelerator shapes (`--tpu_cases`), and TAD/KL ratios. "tad"/"kl" are the
@@ -136,23 +137,28 @@ def _compile(fn, *args):
     return jax.jit(jax.value_and_grad(fn)).lower(*args).compile()
 
 
-def _measure(fn, args, repeats):
-    """Median ms of fwd+bwd, XLA temp bytes and FLOPs of value_and_grad(fn)."""
-    compiled = _compile(fn, *args)
-    jax.block_until_ready(compiled(*args))  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(1e3 * (time.perf_counter() - start))
-    mem = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list | tuple) else cost
-    return {
-        "ms": statistics.median(times),
-        "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
-        "flops": (cost or {}).get("flops"),
-    }
+def _measure(fns, args, repeats):
+    """fwd+bwd of value_and_grad(fn) for each fn: median and min ms, XLA temp bytes and FLOPs.
+
+    The functions are timed interleaved (each repeat runs every one once), so that the load of a
+    shared host drifts over all of them alike and their ratios stay comparable.
+    """
+    compiled = {name: _compile(fn, *args) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for run in range(repeats + 1):  # run 0 is the warm-up
+        for name, fn in compiled.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn(*args))
+            if run:
+                times[name].append(1e3 * (time.perf_counter() - start))
+    out = {}
+    for name, fn in compiled.items():
+        mem, cost = fn.memory_analysis(), fn.cost_analysis()
+        cost = cost[0] if isinstance(cost, list | tuple) else cost
+        out[name] = {"ms": statistics.median(times[name]), "min_ms": min(times[name]),
+                     "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+                     "flops": (cost or {}).get("flops")}
+    return out
 
 
 def run_case(b, t, v, dtype, repeats, methods):
@@ -168,8 +174,9 @@ def run_case(b, t, v, dtype, repeats, methods):
     }
     row = {"B": b, "T": t, "V": v, "dtype": jnp.dtype(dtype).name, "top_k": TOP_K,
            "backend": jax.default_backend()}
-    for name in methods:
-        for key, value in _measure(fns[name], (student, teacher, mask), repeats).items():
+    measured = _measure({name: fns[name] for name in methods}, (student, teacher, mask), repeats)
+    for name, values in measured.items():
+        for key, value in values.items():
             row[f"{name}_{key}"] = value
     _ratios(row)
     return row
@@ -181,6 +188,7 @@ def _ratios(row):
             row[f"{a}/{b}".replace("_ms", "").replace("_temp_bytes", "_temp")] = row[a] / row[b]
 
     ratio("tad_ms", "kl_ms")
+    ratio("tad_min_ms", "kl_min_ms")
     ratio("tad_ms", "autodiff_ms")
     ratio("tad_ms", "autodiff_own_ms")
     ratio("tad_temp_bytes", "autodiff_own_temp_bytes")
