@@ -9,6 +9,8 @@ time for one TPU v5p chip (run with JAX_PLATFORMS=cpu), bytes accessed, FLOPs (t
 unrolled, as XLA counts a loop body once) and temporaries (scans rolled), at V = 256000, bf16;
 with `chunk_size` tokens per step (rows span chunks: teacher pre-pass) and with whole rows per
 step (`*_whole_rows`: no pre-pass, [T, V] logits), the memory vs FLOPs trade-off.
+`tad/kl_flops_head_bound`: the head matmuls' ratio of the cheapest exact β(X) with rows that
+span chunks (1.34x at these sizes), which the measured `tad/kl_flops` is compared with.
 
 Memory: `jax.jit(grad).lower(ShapeDtypeStruct...).compile().memory_analysis()` of the loss's
 gradient w.r.t. the student hidden states and head, head matmuls included, at Gemma2 sizes
@@ -127,7 +129,16 @@ def bench_tpu(args):
         rec[f"tad/kl_{key}"] = rec[f"fused_tad_{key}"] / rec[f"fused_kl_{key}"]
         rec[f"whole_rows_tad/kl_{key}"] = (rec[f"fused_tad_whole_rows_{key}"]
                                            / rec[f"fused_kl_whole_rows_{key}"])
+    rec["tad/kl_flops_head_bound"] = head_flops_bound(args.d_student, args.d_teacher)
     print(json.dumps(rec), flush=True)
+
+
+def head_flops_bound(d_s, d_t):
+    """Fused TAD / fused KL head-matmul FLOPs of the cheapest exact β(X) when rows span chunks,
+    trained head: KL makes 3·d_s + d_t multiply-adds per token and vocabulary entry; a teacher
+    pre-pass adds d_t, keeping Eq. 6's two gradient parts apart until β(X) is known adds 2·d_s
+    (derivation: docs/fused_loss.md, "FLOPs: is the pre-pass the floor?")."""
+    return 1.0 + min(d_t, 2 * d_s) / (3 * d_s + d_t)
 
 
 def _time_all(fns, inputs, repeats):
