@@ -184,9 +184,12 @@ def _on_tpu(tpu, other, *args):
     k·block of them per position. XLA TPU tiles the vocabulary axis over its 128 lanes: the
     block maxima become a relayout copy and the gathers an [.., V] scan per index, so jax.grad
     of TAD at [1, 4096, 32000] f32 moved 114 f32 [N, V] tensors' worth of bytes, against 9.0
-    with `lax.top_k` (TPU v5p compile, `scripts/bench_loss.py`). XLA GPU's TopK needs its input
-    written out (the merged teacher: temporaries of 1.26 f32 [N, V] on an H100 compile, 0.17
-    blocked), and XLA CPU's sorts (blocked: ~8x faster at [8, 512, 32000], 2 cores).
+    with `lax.top_k` (TPU v5p compile, `scripts/bench_loss.py`). A variant laid out for TPU's
+    (8, 128) tiles (block maxima of a [N/8, V/128, 8, 128] view, (1, 128)-slice gathers) moved
+    21, and more than that: XLA TPU made the gathers a 10·N-trip loop, whose body the cost
+    analysis counts once. XLA GPU's TopK needs its input written out (the merged teacher:
+    temporaries of 1.26 f32 [N, V] on an H100 compile, 0.17 blocked), and XLA CPU's sorts
+    (blocked: ~8x faster at [8, 512, 32000], 2 cores).
     """
     return jax.lax.platform_dependent(*args, tpu=tpu, default=other)
 
