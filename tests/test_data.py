@@ -544,6 +544,17 @@ def test_prepared_sft_chat_and_bad_folders(tmp_path, chat_tok_dir):
     prepared.mode = "pretrain"
     with pytest.raises(ValueError, match="prepared for mode 'sft'"):
         make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+    prepared.mode = "sft"
+    prepared.tokenizer = str(tmp_path / "another_tokenizer")
+    with pytest.raises(ValueError, match="tokenised with .* set data.tokenizer to"):
+        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+    prepared.tokenizer = chat_tok_dir[0]  # the same as the preparation's: accepted
+    make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+    meta_path = tmp_path / "prep" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "format_version": 0}))
+    with pytest.raises(ValueError, match="format version 0; this code reads 1: run scripts/prep"):
+        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
     prepared.prepared_dir = str(tmp_path)
     with pytest.raises(FileNotFoundError, match="prepare_data.py"):
         make_train_iterator(prepared, seed=0, process_index=0, process_count=1)

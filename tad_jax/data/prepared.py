@@ -147,7 +147,8 @@ def prepared_source(cfg, split: str) -> PreparedSource:
 
     Raises:
         FileNotFoundError: the folder has no complete preparation.
-        ValueError: it was prepared for another mode, or the split is empty.
+        ValueError: it was written by another format version, or for another mode or tokenizer
+            (``cfg.tokenizer``, when set), or the split is empty.
     """
     meta_path = os.path.join(cfg.prepared_dir, "meta.json")
     if not os.path.isfile(meta_path):
@@ -155,6 +156,16 @@ def prepared_source(cfg, split: str) -> PreparedSource:
                                 "run scripts/prepare_data.py to write it (or unset prepared_dir).")
     with open(meta_path) as f:
         meta = json.load(f)
+    again = "run scripts/prepare_data.py again (into a new folder, or unset prepared_dir)"
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{cfg.prepared_dir} holds prepared-data format version "
+                         f"{meta.get('format_version')}; this code reads {FORMAT_VERSION}: "
+                         f"{again}.")
+    if cfg.get("tokenizer") and meta["tokenizer"] != cfg.tokenizer:
+        # Token ids of another tokenizer would train on the wrong tokens without any error.
+        raise ValueError(f"{cfg.prepared_dir} was tokenised with {meta['tokenizer']!r}, not "
+                         f"data.tokenizer={cfg.tokenizer!r}: {again}, or set data.tokenizer to "
+                         f"{meta['tokenizer']!r} if it is the same tokenizer.")
     if meta["mode"] != cfg.mode:
         raise ValueError(f"{cfg.prepared_dir} was prepared for mode {meta['mode']!r}, not "
                          f"{cfg.mode!r}; prepare it again with data.mode={cfg.mode!r}.")
