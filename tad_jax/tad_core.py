@@ -265,7 +265,6 @@ def _top_k_2d(x_v, k):
     in the (short-V) `lax.top_k` path can leave the `Head` rule naming K + 1 entries (the sums
     stay consistent with it); the two-level search does not have this fault.
     """
-
     def cpu(x):
         vals, idx = jax.lax.top_k(_equal_zeros(widen(x)), k)
         return vals.astype(x.dtype), idx
@@ -412,12 +411,12 @@ def _row_maxima(bmax_s, bmax_t, ms_tail, mt_tail, a_k, b_k):
     the block-maxima fusion write the student's padding mask out (H100 compile: temporaries
     0.17 -> 0.34 f32 [N, V] at [1, 4096, 32000]; `scripts/bench_loss.py --gpu_target h100:1`).
     """
-    def from_head(*xs):
+    def from_head(ms_tail, mt_tail, a_k, b_k):
         return jnp.maximum(ms_tail, jnp.max(a_k, axis=-1)), jnp.maximum(mt_tail, b_k[..., 0])
 
     return jax.lax.platform_dependent(
-        bmax_s, bmax_t, cpu=from_head,
-        default=lambda bs, bt: (jnp.max(bs, axis=-1), jnp.max(bt, axis=-1)))
+        ms_tail, mt_tail, a_k, b_k, cpu=from_head,
+        default=lambda *_: (jnp.max(bmax_s, axis=-1), jnp.max(bmax_t, axis=-1)))
 
 
 def head_of(vals_k, idx_k) -> Head:
@@ -529,7 +528,9 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - rel_t + rel_s, 0.0)
     kl1 = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
     if head is not None:
-        kl1 = kl1 + jnp.where(empty, 0.0, (h1 - (log_zt - log_zs) * h0) / jnp.where(empty, 1.0, zt))
+        # (h0 = h1 = 0 where empty; the selects keep -inf and 0/0 out of both branches.)
+        log_ratio = jnp.where(empty, 0.0, log_zt - log_zs)
+        kl1 = kl1 + (h1 - log_ratio * h0) / jnp.where(empty, 1.0, zt)
     return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, m_s, m_t, log_zs, log_zt, rel_s)
 
 
