@@ -355,7 +355,10 @@ def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
         blocks = jnp.arange(1, n_blocks, dtype=jnp.int32)  # int32 under jax_enable_x64 too
         state, _ = jax.lax.scan(lambda s, i: (step(s, i), None), state, blocks, unroll=_UNROLL)
     lse, lse_tail, vals_k, idx_k = state
-    return lse_tail - lse, core.head_of(vals_k, idx_k)
+    # A position with no teacher entry left (all -inf) has α_T = 0 (`tad_core`), not
+    # exp(-inf − (-inf)) = NaN, which would make β(X) of its whole row NaN.
+    log_at = jnp.where(jnp.isneginf(lse), -jnp.inf, lse_tail - lse)
+    return log_at, core.head_of(vals_k, idx_k)
 
 
 def _pre_pass(cfg: _Config, params, ht, mask_rt, seg_rt):
