@@ -9,6 +9,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -545,11 +546,14 @@ def test_prepared_sft_chat_and_bad_folders(tmp_path, chat_tok_dir):
     with pytest.raises(ValueError, match="prepared for mode 'sft'"):
         make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
     prepared.mode = "sft"
-    prepared.tokenizer = str(tmp_path / "another_tokenizer")
-    with pytest.raises(ValueError, match="tokenised with .* set data.tokenizer to"):
-        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
-    prepared.tokenizer = chat_tok_dir[0]  # the same as the preparation's: accepted
+    other = tmp_path / "other_tokenizer"
+    shutil.copytree(chat_tok_dir[0], other)
+    prepared.tokenizer = str(other) + "/"  # the same files at another path: accepted
     make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+    config_path = other / "tokenizer_config.json"
+    config_path.write_text(config_path.read_text().replace("}", ', "extra_field": 1}', 1))
+    with pytest.raises(ValueError, match="files differ .* set data.tokenizer to"):
+        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
     meta_path = tmp_path / "prep" / "meta.json"
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "format_version": 0}))

@@ -28,6 +28,7 @@ from tad_jax.data.features import (
     truncate_example,
 )
 from tad_jax.data.sources import empty_split_error, iter_split
+from tad_jax.teacher_cache.format import tokenizer_hash
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
@@ -88,6 +89,7 @@ def prepare(cfg, out_dir: str, *, splits=SPLITS) -> dict:
         os.remove(meta_path)  # An interrupted rewrite must not look complete.
     with borrow_tokenizer(cfg.tokenizer) as tok:
         meta = {"format_version": FORMAT_VERSION, "mode": cfg.mode, "tokenizer": cfg.tokenizer,
+                "tokenizer_hash": tokenizer_hash(cfg.tokenizer),
                 "eos_token_id": tok.eos_token_id, "vocab_size": len(tok),
                 "use_chat_template": cfg.use_chat_template,
                 "splits": {s: _write_split(cfg, s, out_dir, tok) for s in splits}}
@@ -147,8 +149,10 @@ def prepared_source(cfg, split: str) -> PreparedSource:
 
     Raises:
         FileNotFoundError: the folder has no complete preparation.
-        ValueError: it was written by another format version, or for another mode or tokenizer
-            (``cfg.tokenizer``, when set), or the split is empty.
+        ValueError: it was written by another format version, or for another mode, or with a
+            tokenizer whose files differ from ``cfg.tokenizer``'s (when set), or the split is
+            empty.
+        FileNotFoundError: ``cfg.tokenizer`` is set but holds no tokenizer files.
     """
     meta_path = os.path.join(cfg.prepared_dir, "meta.json")
     if not os.path.isfile(meta_path):
@@ -161,11 +165,13 @@ def prepared_source(cfg, split: str) -> PreparedSource:
         raise ValueError(f"{cfg.prepared_dir} holds prepared-data format version "
                          f"{meta.get('format_version')}; this code reads {FORMAT_VERSION}: "
                          f"{again}.")
-    if cfg.get("tokenizer") and meta["tokenizer"] != cfg.tokenizer:
-        # Token ids of another tokenizer would train on the wrong tokens without any error.
-        raise ValueError(f"{cfg.prepared_dir} was tokenised with {meta['tokenizer']!r}, not "
-                         f"data.tokenizer={cfg.tokenizer!r}: {again}, or set data.tokenizer to "
-                         f"{meta['tokenizer']!r} if it is the same tokenizer.")
+    # Token ids of another tokenizer would train on the wrong tokens without any error. The
+    # tokenizers' files are compared, not their paths (folders written before the hash: no check).
+    if (cfg.get("tokenizer") and meta.get("tokenizer_hash")
+            and tokenizer_hash(cfg.tokenizer) != meta["tokenizer_hash"]):
+        raise ValueError(f"{cfg.prepared_dir} was tokenised with {meta['tokenizer']!r}, whose "
+                         f"files differ from those of data.tokenizer={cfg.tokenizer!r}: {again}, "
+                         "or set data.tokenizer to the tokenizer it was prepared with.")
     if meta["mode"] != cfg.mode:
         raise ValueError(f"{cfg.prepared_dir} was prepared for mode {meta['mode']!r}, not "
                          f"{cfg.mode!r}; prepare it again with data.mode={cfg.mode!r}.")
