@@ -28,8 +28,10 @@ and [1, 1024, 256000], f32 and bf16): KL 7.0; TAD 9.0 = 1.29x (1.14x with finite
 logits: `student_padding=False`, as the training step calls it for a head without a bias), and
 no [N, V] temporary. Before this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 3.5x / 5.1x and
 3.75 f32 [N, V] temporaries.
-Where the bytes go on TPU: top_k (XLA TPU's TopK copies its input and fuses no producer: 3
-passes), one pass of maxima and one of sums (`_reduce_v`), and the gradient (3 passes, as KL's).
+Where the bytes go on TPU: top_k (one pass over t, and over s too to merge the student's padding
+into t: XLA TPU fuses that producer into its TopK; `_by_columns` keeps the TopK from taking a
+transposed copy of its input), one pass of maxima and one of sums, and the gradient (3 passes,
+as KL's).
 Off TPU (`_on_tpu`, the one device split) the head comes from a two-level search fused with the
 pass of maxima (`_blocked_terms`), and the head's sums from its K values: TAD then makes KL's
 passes and KL's number of reductions. H100 compile, temporaries (f32 [N, V] units, f32 / bf16):
@@ -269,14 +271,30 @@ def _top_k_2d(x_v, k):
         vals, idx = jax.lax.top_k(_equal_zeros(widen(x)), k)
         return vals.astype(x.dtype), idx
 
+    def accelerator(x):
+        vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+        return _by_columns(vals), _by_columns(idx)
+
     def rows(x_v):
         shape = x_v.shape[:-1] + (k,)
         vals, idx = jax.lax.platform_dependent(
-            x_v.reshape(-1, x_v.shape[-1]), cpu=cpu,
-            default=lambda x: tuple(jax.lax.optimization_barrier(jax.lax.top_k(x, k))))
+            x_v.reshape(-1, x_v.shape[-1]), cpu=cpu, default=accelerator)
         return vals.reshape(shape), idx.reshape(shape)
 
     return _per_shard(rows, x_v)
+
+
+def _by_columns(x_nk):
+    """A copy of a top-k result [n, k], made of its k columns: same values, layout left free.
+
+    XLA TPU lays a narrow [n, k] array out with n on the lanes and gave TopK's result that
+    layout, so the TopK took a transposed copy of its [n, V] input: two more passes over it
+    (TPU v5p compile, top_k of [1024, 128000] f32 with its result used whole: 1.57 GB accessed
+    as given, 0.54 GB so; the fused loss's pre-pass: 132.2 -> 125.3 GB). Where the TopK kept
+    its layout anyway (`tad_divergence`), the narrow slices cost 9.02 -> 9.09 f32 [N, V] units
+    at [1, 4096, 32000], their padding to 128 lanes.
+    """
+    return jnp.stack([x_nk[:, j] for j in range(x_nk.shape[1])], 0).T
 
 
 def _per_shard(f, x_v):
@@ -305,11 +323,23 @@ class Head(NamedTuple):
     """The teacher's head I at each position: indices [.., K], the K-th value, its last index.
 
     i ∈ I  ⇔  b_i > kth, or b_i = kth and i <= last (the tied entries the lowest-index rule took).
+    A head found on other copies of the logits (`head_by_index`) has kth = last = None: then
+    i ∈ I  ⇔  i is one of idx_k, since values recomputed elsewhere may differ in their last bits.
     """
 
     idx_k: jax.Array
-    kth: jax.Array
-    last: jax.Array
+    kth: jax.Array | None
+    last: jax.Array | None
+
+
+def head_by_index(idx_k) -> Head:
+    """The head I given by its indices [.., K] alone, membership decided by index (`in_tail`).
+
+    For a head found on another computation of the same logits (the fused loss's pre-pass over
+    vocabulary blocks): a value rule would mix the two copies' rounding, so that an entry could
+    count in the head and the tail or in neither. K compares per entry, fused into the consumer.
+    """
+    return Head(idx_k, None, None)
 
 
 def teacher_head(b_v, k) -> Head | None:
@@ -433,6 +463,12 @@ def in_tail(b_v, head: Head | None, idx_v=None):
         return jnp.ones(b_v.shape, bool)
     if idx_v is None:
         idx_v = jax.lax.broadcasted_iota(jnp.int32, b_v.shape, b_v.ndim - 1)
+    if head.kth is None:  # `head_by_index`
+        tail_v = jnp.ones(b_v.shape, bool)
+        cols = jnp.moveaxis(head.idx_k, -1, 0)
+        for j in range(cols.shape[0]):
+            tail_v = tail_v & (idx_v != cols[j][..., None])
+        return tail_v
     kth, last = head.kth[..., None], head.last[..., None]
     return (b_v < kth) | ((b_v == kth) & (idx_v > last))
 
@@ -465,9 +501,10 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
                 head_ab=None) -> TokenTerms:
     """TAD's per-position terms from tempered logits a, b (`tempered_pair`) and the head I.
 
-    Two passes over [.., V] (with a head, each one variadic reduction, `_reduce_v`; for K = 0
-    plain reductions, which XLA TPU fuses with the fused loss's logits matmul: fused KL 101.8
-    instead of 110.1 GB accessed in `scripts/bench_fused.py --tpu`), then [..] arithmetic:
+    Two passes over [.., V]: the maxima as plain reductions (`_maxima`), which XLA TPU fuses
+    with the fused loss's logits matmuls; the sums as one variadic reduction with a head
+    (`_reduce_v`), plain ones for K = 0 (fused KL 101.8 instead of 110.1 GB accessed in
+    `scripts/bench_fused.py --tpu`); then [..] arithmetic:
       maxima  m_s = max a, m_t = max b, and over the tail only m̃_s, m̃_t
       sums    Z_s = Σ e^(a − m_s), Z_t = Σ e^(b − m_t), Z̃_s = Σ_tail e^(a − m̃_s),
               Z̃_t = Σ_tail e^(b − m̃_t), C̃ = Σ_tail e^(b − m̃_t)·δ, H_0 = Σ_I e^(b − m_t),
@@ -535,13 +572,20 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
 
 
 def _maxima(a_v, b_v, tail_v) -> Maxima:
-    """`Maxima` in one pass over a and b (tail_v None: the tail is everything)."""
-    if tail_v is None:  # (K = 0: plain reductions, see `token_terms`)
+    """`Maxima` (tail_v None: the tail is everything), as plain reductions on every platform.
+
+    XLA TPU fuses plain maxima into the producer of a and b, the fused loss's logits matmuls
+    (as it does KL's), where one variadic maximum was a pass of its own: fused TAD at V = 256000,
+    chunk 512, 125.3 -> 121.1 GB accessed (`scripts/bench_fused.py --tpu`); `tad_divergence`'s
+    program is unchanged (9.1 f32 [N, V] units at [1, 4096, 32000]).
+    """
+    if tail_v is None:
         m_s, m_t = _reduce_each((a_v, b_v), -jnp.inf, jnp.maximum)
         return Maxima(m_s, m_t, m_s, m_t)
     ninf = jnp.asarray(-jnp.inf, a_v.dtype)
-    return Maxima(*_reduce_v((a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf)),
-                             -jnp.inf, jnp.maximum))
+    return Maxima(*_reduce_each(
+        (a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf)), -jnp.inf,
+        jnp.maximum))
 
 
 def _rescale(z, shift):

@@ -32,10 +32,12 @@ def _lse(x, where=None):
     return np.log(np.sum(np.exp(x - m), -1)) + m[..., 0]
 
 
-def ref_terms(s, t, k):
-    """float64 TAD pieces at τ = 1 (finite student logits)."""
+def ref_terms(s, t, k, order=None):
+    """float64 TAD pieces at τ = 1 (finite student logits); `order`: the head's indices [.., k]
+    (default: the top-k of t, lowest index first among equal values)."""
     a, b = np.asarray(s, np.float64), np.asarray(t, np.float64)
-    order = np.argsort(-b, axis=-1, kind="stable")[..., :k]
+    if order is None:
+        order = np.argsort(-b, axis=-1, kind="stable")[..., :k]
     head = np.zeros(b.shape, bool)
     np.put_along_axis(head, order, True, -1)
     lse_s, lse_t = _lse(a), _lse(b)
@@ -123,3 +125,63 @@ def test_signed_zero_tie_in_the_lax_top_k_path():
     np.testing.assert_array_equal(head.idx_k, [[0]])
     members = ~np.asarray(core.in_tail(t, head))
     np.testing.assert_array_equal(members.sum(-1), 1)
+
+
+def _near_tie_rows(seed=2):
+    """Student / teacher logits [2, 3, V] whose top entries are near-ties (1 ulp apart, as two
+    computations of the same logits may round) and exact ties."""
+    rng = np.random.default_rng(seed)
+    t = rng.standard_normal((2, 3, V)).astype(np.float32)
+    t[..., [5, 40, 41, 900]] = 4.0
+    t[..., 41] = np.nextafter(np.float32(4.0), np.float32(0.0))  # 1 ulp below
+    s = (2.0 * rng.standard_normal((2, 3, V))).astype(np.float32)
+    return s, t
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_head_by_index_takes_the_given_head(k):
+    # A head found on another copy of the logits (the fused loss's pre-pass) decides membership
+    # by index: with a head other than the top-k of these values (here the top-k of a copy that
+    # rounded differently: 41 above 40), every term and the Eq. 6 gradient follow that head.
+    s, t = _near_tie_rows()
+    other = t.copy()
+    other[..., 41] = np.nextafter(np.float32(4.0), np.float32(5.0))
+    order = np.argsort(-other.astype(np.float64), axis=-1, kind="stable")[..., :k]
+    assert not np.array_equal(order, ref_terms(s, t, k)["order"])  # another head than t's own
+    r = ref_terms(s, t, k, order)
+    head = core.head_by_index(jnp.asarray(order, jnp.int32))
+    members = ~np.asarray(core.in_tail(jnp.asarray(t), head))
+    np.testing.assert_array_equal(members, r["head"])
+    terms = core.token_terms(jnp.asarray(s), jnp.asarray(t), head)
+    for name in ("lse_t", "lse_s", "kl1", "kl2", "log_alpha_t", "log_alpha_s"):
+        np.testing.assert_allclose(_got(terms, name), r[name], rtol=2e-5, atol=2e-6,
+                                   err_msg=name)
+    np.testing.assert_allclose(terms.kl, r["kl"], rtol=2e-5, atol=2e-6)  # any head: the identity
+    gamma = np.array([[0.5, 2.0, -0.3], [1.0, 0.0, 4.0]], np.float32)
+    g = core.token_grad(jnp.asarray(s), jnp.asarray(t), head, terms, jnp.asarray(gamma))
+    ratio = np.exp(r["log_alpha_t"] - r["log_alpha_s"])[..., None]
+    want = r["ps"] - r["pt"] + np.where(r["head"], 0.0,
+                                        gamma[..., None] * (r["ps"] * ratio - r["pt"]))
+    np.testing.assert_allclose(g, want, rtol=2e-4, atol=2e-8)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_head_by_index_equals_the_value_rule_on_ties(k):
+    # Given the top-k's own indices, membership by index and by value agree, ties included.
+    s, t = _near_tie_rows(seed=3)
+    head, terms = core.pair_terms(jnp.asarray(s), jnp.asarray(t), k, 1.0)
+    by_index = core.head_by_index(head.idx_k)
+    np.testing.assert_array_equal(core.in_tail(jnp.asarray(t), by_index),
+                                  core.in_tail(jnp.asarray(t), head))
+    again = core.token_terms(jnp.asarray(s), jnp.asarray(t), by_index)
+    for name in ("kl1", "kl2", "log_alpha_t", "log_alpha_s"):
+        np.testing.assert_allclose(getattr(again, name), getattr(terms, name), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
+def test_by_columns_is_a_copy():
+    # The accelerator-only relayout of a top-k result (`_by_columns`) keeps every value in place.
+    x = jnp.arange(35, dtype=jnp.int32).reshape(7, 5) * 3 - 11
+    np.testing.assert_array_equal(core._by_columns(x), x)
+    y = jax.random.normal(jax.random.key(0), (4, 1))
+    np.testing.assert_array_equal(core._by_columns(y), y)
