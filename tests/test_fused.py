@@ -384,7 +384,7 @@ def test_rows_spanning_chunks_reuse_the_pre_pass_head(monkeypatch):
         got = _value_and_grads(jax.jit(_fused("tad", x, None, chunk_size, top_k=K)), x)
         assert bool(calls) == per_step, (chunk_size, len(calls))
         np.testing.assert_allclose(got[0], want[0], **TOL)
-        for g, w in zip(got[1], want[1]):
+        for g, w in zip(got[1], want[1], strict=True):
             np.testing.assert_allclose(g, w, **TOL)
 
 
