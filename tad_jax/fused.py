@@ -362,7 +362,7 @@ def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
     lse, lse_tail, vals_k, idx_k = state
     # A position with no teacher entry left (all -inf) has α_T = 0 (`tad_core`), not
     # exp(-inf − (-inf)) = NaN, which would make β(X) of its whole row NaN.
-    log_at = jnp.where(jnp.isneginf(lse), -jnp.inf, lse_tail - lse)
+    log_at = core.log_share(lse_tail, lse)
     return log_at, core.head_of(vals_k, idx_k)
 
 

@@ -39,7 +39,7 @@ def _tail_mass_sums(lpt_btv, mask_bt, tail_ks):
     top_lp_btk, top_idx_btk = core.top_k(lpt_btv, k_max)
     if k_max < vocab:
         log_alpha_bt = core.teacher_log_alpha(lpt_btv, core.head_of(top_lp_btk, top_idx_btk))
-        alpha_max_bt = jnp.nan_to_num(jnp.exp(log_alpha_bt))  # an all -inf tail is mass 0
+        alpha_max_bt = jnp.exp(log_alpha_bt)  # 0 for an all -inf tail or row
     else:
         alpha_max_bt = jnp.zeros(lpt_btv.shape[:-1], jnp.float32)
     top_p_btk = jnp.exp(top_lp_btk)

@@ -143,6 +143,13 @@ def logsumexp(x_v, where_v=None):
     return jnp.log(jnp.sum(jnp.exp(x_v - m[..., None]), axis=-1)) + m
 
 
+def log_share(lse_part, lse_all):
+    """log of a part's share of the mass, lse_part − lse_all (both with the same offset):
+    -inf (a zero share) where there is no mass at all (lse_all = -inf), not -inf − -inf = NaN.
+    log α_T of every caller (`token_terms`, `teacher_log_alpha`, the fused pre-pass)."""
+    return jnp.where(jnp.isneginf(lse_all), -jnp.inf, lse_part - lse_all)
+
+
 def log_softmax(x_v):
     """float32 log-softmax; -inf entries stay -inf (never NaN)."""
     x_v = widen(x_v)
@@ -301,22 +308,30 @@ def _per_shard(f, x_v):
     """f(x) for an f that works on each position alone; shard by shard (`jax.shard_map`) when
     x has explicitly sharded leading axes, whose merge by a reshape is not a local operation
     (a ShardingTypeError). The last axis must be whole (`_whole_vocab`)."""
-    sharding = jax.typeof(x_v).sharding
-    spec = getattr(sharding, "spec", None)
-    if spec is None or len(spec) != x_v.ndim or all(a is None for a in spec[:-1]):
+    mesh, spec = _explicit_spec(x_v)
+    if spec is None or all(a is None for a in spec[:-1]):
         return f(x_v)
     spec = jax.sharding.PartitionSpec(*spec[:-1], None)
-    return jax.shard_map(f, mesh=sharding.mesh, in_specs=spec, out_specs=spec)(x_v)
+    return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec)(x_v)
 
 
 def _whole_vocab(x_v):
     """x with its vocabulary axis unsharded (top_k along an explicitly sharded axis is an error)."""
-    sharding = jax.typeof(x_v).sharding
-    spec = getattr(sharding, "spec", None)
-    if spec is None or len(spec) != x_v.ndim or spec[-1] is None:
+    mesh, spec = _explicit_spec(x_v)
+    if spec is None or spec[-1] is None:
         return x_v
-    whole = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-1], None))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec[:-1], None))
     return jax.sharding.reshard(x_v, whole)
+
+
+def _explicit_spec(x):
+    """(mesh, spec) of x's sharding in its type, a spec with one entry per axis (only Explicit
+    mesh axes show there), or (None, None) when its type carries no such spec."""
+    sharding = jax.typeof(x).sharding
+    spec = getattr(sharding, "spec", None)
+    if spec is None or len(spec) != x.ndim:
+        return None, None
+    return sharding.mesh, spec
 
 
 class Head(NamedTuple):
@@ -559,7 +574,7 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     if head is None:
         log_alpha_t = log_alpha_s = jnp.zeros_like(log_zt)
     else:
-        log_alpha_t = jnp.where(empty, -jnp.inf, rel_t - log_zt)
+        log_alpha_t = log_share(rel_t, log_zt)  # (log_zt = -inf exactly where empty)
         log_alpha_s = jnp.where(empty, -jnp.inf, rel_s - log_zs)
     has_tail = zt_tail > 0  # α_T = 0: the tail terms are 0 (the limit x log x -> 0), not NaN
     kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - rel_t + rel_s, 0.0)
@@ -626,7 +641,7 @@ def _reduce_each(xs_v, init, op):
 
 
 def teacher_log_alpha(b_v, head: Head | None):
-    """log α_T alone (two variadic passes over b, as `token_terms`)."""
+    """log α_T alone (two passes over b, as `token_terms`); -inf where b has no entry left."""
     if head is None:
         return jnp.zeros(b_v.shape[:-1], b_v.dtype)
     tail_v = in_tail(b_v, head)
@@ -635,7 +650,8 @@ def teacher_log_alpha(b_v, head: Head | None):
     z, z_tail = _reduce_v((jnp.exp(b_v - m[..., None]),
                            jnp.where(tail_v, jnp.exp(b_v - m_tail[..., None]), 0.0)),
                           0.0, jnp.add)
-    return (jnp.log(z_tail) - jnp.log(z)) + (m_tail - m)  # offset-free, as in `token_terms`
+    # Offset-free, as in `token_terms`; -inf where b is all -inf (a position with no entry).
+    return log_share(jnp.log(z_tail) + (m_tail - m), jnp.log(z))
 
 
 def token_grad(a_v, b_v, head: Head | None, terms: TokenTerms, gamma):

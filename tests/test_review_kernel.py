@@ -185,3 +185,17 @@ def test_by_columns_is_a_copy():
     np.testing.assert_array_equal(core._by_columns(x), x)
     y = jax.random.normal(jax.random.key(0), (4, 1))
     np.testing.assert_array_equal(core._by_columns(y), y)
+
+
+def test_teacher_log_alpha_of_an_empty_row_is_minus_inf():
+    # log α_T of a row with no entry (all -inf) is -inf (α_T = 0), as in `token_terms`, not NaN;
+    # a row whose tail alone is -inf also has α_T = 0; other rows match the float64 reference.
+    t = np.array([[-np.inf] * 6, [2.0, 1.0, -np.inf, -np.inf, -np.inf, -np.inf],
+                  [0.5, -1.0, 3.0, 0.0, -2.0, 1.0]], np.float32)
+    head = core.teacher_head(jnp.asarray(t), 2)
+    got = np.asarray(core.teacher_log_alpha(jnp.asarray(t), head))
+    assert np.isneginf(got[0]) and np.isneginf(got[1]), got
+    want = ref_terms(np.zeros_like(t[2:]), t[2:], 2)["log_alpha_t"]
+    np.testing.assert_allclose(got[2:], want, rtol=1e-6)
+    terms = core.token_terms(jnp.zeros_like(t), jnp.asarray(t), head)
+    np.testing.assert_array_equal(np.isneginf(terms.log_alpha_t), [True, True, False])
