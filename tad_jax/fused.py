@@ -227,8 +227,7 @@ def _clm_terms(zs_mv, y_m):
 def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
     """One scan step on m tokens: per-token losses [m] and, if wanted, dz of raw logits [m, V].
 
-    γ = β(X) − 1 comes from `xs["gamma"]` (pre-pass) or from the chunk itself (whole rows);
-    the teacher's head from `xs["head_idx"]` (pre-pass, K >= 1) or from the chunk's logits.
+    γ = β(X) − 1 comes from `xs["gamma"]` (pre-pass) or from the chunk itself (whole rows).
     """
     ws, bs, wt, bt = params
     zs, dcap = _logits(xs["hs"], ws, bs, cfg.softcap)
@@ -238,11 +237,7 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
         tau = cfg.tad.temperature
         # Student -inf entries are only those of a -inf bias, merged into bt by `_run`.
         a, b = core.tempered_pair(zs, _logits(xs["ht"], wt, bt, cfg.softcap)[0], tau, merge=False)
-        if "head_idx" in xs:  # the pre-pass found the head: no top-K per chunk
-            head = core.head_by_index(xs["head_idx"])
-            terms = core.token_terms(a, b, head)
-        else:
-            head, terms = core.head_and_terms(a, b, cfg.tad.top_k)
+        head, terms = core.head_and_terms(a, b, cfg.tad.top_k, from_matmul=True)
         gamma = xs.get("gamma")
         if gamma is None:  # the chunk holds whole rows
             seg = xs.get("seg")
@@ -349,7 +344,7 @@ def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
         vals_k, pos_k = core.top_k(cand_v, k)
         dropped = core.logsumexp(cand_v, core.in_tail(cand_v, core.head_of(vals_k, pos_k)))
         return (jnp.logaddexp(lse, lse_b), jnp.logaddexp(lse_tail, jnp.logaddexp(tail_b, dropped)),
-                vals_k, _pick(cand_i, pos_k))
+                vals_k, jnp.take_along_axis(cand_i, pos_k, -1))
 
     n = ht_nd.shape[0]
     none = jnp.full(n, -jnp.inf, _F32)
@@ -366,30 +361,14 @@ def _teacher_tail(cfg: _Config, wt, bt, ht_nd, block: int):
     return log_at, core.head_of(vals_k, idx_k)
 
 
-def _pick(x_j, pos_k):
-    """x at the positions pos_k along the last (short) axis: take_along_axis as a one-hot sum.
-
-    XLA TPU lays a gather's indices out column-major, and that layout spread back through the
-    merge to the pre-pass's TopK, which then took a transposed copy of every [N, Vb] block of
-    logits (TPU v5p compile, fused TAD at [1, 1024] tokens, V = 256000: 31.0 -> 33.1 GB).
-    """
-    hit = pos_k[..., :, None] == jnp.arange(x_j.shape[-1], dtype=pos_k.dtype)
-    return jnp.sum(jnp.where(hit, x_j[..., None, :], 0), -1, dtype=x_j.dtype)
-
-
 def _pre_pass(cfg: _Config, params, ht, mask_rt, seg_rt):
-    """γ = β(X) − 1 of every position [R, T] when rows span chunks, and the teacher's head
-    indices [R, T, K] (None for K = 0), from one pass over the teacher head (`_teacher_tail`).
-
-    The main pass takes this head instead of a top-K of each chunk: one pass fewer over each
-    chunk's teacher logits (measured with the other TPU changes in docs/fused_loss.md).
-    """
+    """γ = β(X) − 1 of every position [R, T] when rows span chunks, from one pass over the
+    teacher head (`_teacher_tail`)."""
     rows, t = mask_rt.shape
     ht_nd = ht.reshape(rows * t, ht.shape[-1])
     block = _vocab_block(rows * t, params[2].shape[1], cfg.chunk_size, cfg.tad.top_k)
-    log_at, head = _teacher_tail(cfg, params[2], params[3], ht_nd, block)
-    idx = None if head is None else head.idx_k.reshape(rows, t, -1)
-    return _gamma(log_at.reshape(rows, t), mask_rt, seg_rt, cfg), idx
+    log_at, _ = _teacher_tail(cfg, params[2], params[3], ht_nd, block)
+    return _gamma(log_at.reshape(rows, t), mask_rt, seg_rt, cfg)
 
 
 def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
@@ -431,10 +410,7 @@ def _run(cfg: _Config, params, hs, ht, mask, targets, seg, weights_rt, want_grad
     if cfg.divergence == "kl":
         small["gamma"] = jnp.zeros(small["mask"].shape, _F32)
     elif cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows:  # rows span chunks
-        gamma, head_idx = _pre_pass(cfg, params, ht, mask_rt, seg_rt)
-        small["gamma"] = _to_chunks(lay, gamma)
-        if head_idx is not None:
-            small["head_idx"] = _to_chunks(lay, head_idx)
+        small["gamma"] = _to_chunks(lay, _pre_pass(cfg, params, ht, mask_rt, seg_rt))
     if want_grad:
         small["w"] = _to_chunks(lay, weights_rt)
     grads, out = _main_pass(cfg, params, big, small, want_grad)

@@ -29,9 +29,8 @@ logits: `student_padding=False`, as the training step calls it for a head withou
 no [N, V] temporary. Before this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 3.5x / 5.1x and
 3.75 f32 [N, V] temporaries.
 Where the bytes go on TPU: top_k (one pass over t, and over s too to merge the student's padding
-into t: XLA TPU fuses that producer into its TopK; `_by_columns` keeps the TopK from taking a
-transposed copy of its input), one pass of maxima and one of sums, and the gradient (3 passes,
-as KL's).
+into t: XLA TPU fuses that producer into its TopK), one pass of maxima and one of sums, and
+the gradient (3 passes, as KL's).
 Off TPU (`_on_tpu`, the one device split) the head comes from a two-level search fused with the
 pass of maxima (`_blocked_terms`), and the head's sums from its K values: TAD then makes KL's
 passes and KL's number of reductions. H100 compile, temporaries (f32 [N, V] units, f32 / bf16):
@@ -269,18 +268,16 @@ def _top_k_2d(x_v, k):
     sliced downstream, XLA TPU otherwise rewrites it into a full sort of [m, V] (measured in the
     fused loss's [512, 256000] chunks: fused TAD/KL bytes 1.66x -> 1.27x, temporaries 1.62x ->
     1.00x). XLA CPU sorts bf16 (~70x slower than f32: it gets widened values) and aborts on the
-    barrier (its TopkDecomposer, jax 0.10); it gets `_equal_zeros` too (free there: its TopK
-    reads a widened copy anyway). On accelerators a tie between 0.0 and -0.0 at the K-th place
-    in the (short-V) `lax.top_k` path can leave the `Head` rule naming K + 1 entries (the sums
-    stay consistent with it); the two-level search does not have this fault.
+    barrier (its TopkDecomposer, jax 0.10). Every platform gets `_equal_zeros` (on CPU free,
+    its TopK reads a widened copy anyway; on TPU fused into the TopK's producer): otherwise a
+    tie between 0.0 and -0.0 at the K-th place could leave the `Head` rule naming K + 1 entries.
     """
     def cpu(x):
         vals, idx = jax.lax.top_k(_equal_zeros(widen(x)), k)
         return vals.astype(x.dtype), idx
 
     def accelerator(x):
-        vals, idx = jax.lax.optimization_barrier(jax.lax.top_k(x, k))
-        return _by_columns(vals), _by_columns(idx)
+        return tuple(jax.lax.optimization_barrier(jax.lax.top_k(_equal_zeros(x), k)))
 
     def rows(x_v):
         shape = x_v.shape[:-1] + (k,)
@@ -289,19 +286,6 @@ def _top_k_2d(x_v, k):
         return vals.reshape(shape), idx.reshape(shape)
 
     return _per_shard(rows, x_v)
-
-
-def _by_columns(x_nk):
-    """A copy of a top-k result [n, k], made of its k columns: same values, layout left free.
-
-    XLA TPU lays a narrow [n, k] array out with n on the lanes and gave TopK's result that
-    layout, so the TopK took a transposed copy of its [n, V] input: two more passes over it
-    (TPU v5p compile, top_k of [1024, 128000] f32 with its result used whole: 1.57 GB accessed
-    as given, 0.54 GB so; the fused loss's pre-pass: 132.2 -> 125.3 GB). Where the TopK kept
-    its layout anyway (`tad_divergence`), the narrow slices cost 9.02 -> 9.09 f32 [N, V] units
-    at [1, 4096, 32000], their padding to 128 lanes.
-    """
-    return jnp.stack([x_nk[:, j] for j in range(x_nk.shape[1])], 0).T
 
 
 def _per_shard(f, x_v):
@@ -338,23 +322,11 @@ class Head(NamedTuple):
     """The teacher's head I at each position: indices [.., K], the K-th value, its last index.
 
     i ∈ I  ⇔  b_i > kth, or b_i = kth and i <= last (the tied entries the lowest-index rule took).
-    A head found on other copies of the logits (`head_by_index`) has kth = last = None: then
-    i ∈ I  ⇔  i is one of idx_k, since values recomputed elsewhere may differ in their last bits.
     """
 
     idx_k: jax.Array
-    kth: jax.Array | None
-    last: jax.Array | None
-
-
-def head_by_index(idx_k) -> Head:
-    """The head I given by its indices [.., K] alone, membership decided by index (`in_tail`).
-
-    For a head found on another computation of the same logits (the fused loss's pre-pass over
-    vocabulary blocks): a value rule would mix the two copies' rounding, so that an entry could
-    count in the head and the tail or in neither. K compares per entry, fused into the consumer.
-    """
-    return Head(idx_k, None, None)
+    kth: jax.Array
+    last: jax.Array
 
 
 def teacher_head(b_v, k) -> Head | None:
@@ -388,9 +360,8 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
         return head_and_terms(a_v, b_v, k)
 
     def tpu(s_v, t_v):
-        vals_k, idx_k = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k)
-        head = head_of(widen(vals_k), idx_k)  # = b at idx_k: the same widening, elementwise
-        return head, token_terms(a_v, b_v, head)
+        vals, idx = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k + 1)
+        return _sorted_terms(a_v, b_v, widen(vals), idx)  # = b at idx: the same widening
 
     def blocked(s_v, t_v):
         def gather(cols):
@@ -401,23 +372,48 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     return _on_tpu(tpu, blocked, s_v, t_v)
 
 
-def head_and_terms(a_v, b_v, k) -> tuple[Head | None, TokenTerms]:
+def head_and_terms(a_v, b_v, k, from_matmul=False) -> tuple[Head | None, TokenTerms]:
     """The teacher's head I (the top-k of b) and `token_terms(a, b, I)`, a, b: [.., V].
+
+    `from_matmul`: a is the output of a matmul in the same program (the fused loss), whose
+    epilogue XLA TPU can take the student's maxima into (`_sorted_terms`).
 
     Off TPU (`_on_tpu`) the two-level search (`_blocked_terms`) makes the head and the maxima
     pass of `token_terms` one pass, and the head's K values give its sums: TAD then reads the
     logits as often as KL, with KL's number of reductions. On TPU, and when V is short next to
-    k, `lax.top_k` and then `token_terms`' own two passes. (None, terms) for K = 0.
+    k, the top-(K+1) (`lax.top_k`) gives the teacher's maxima and `token_terms` reduces the
+    student's, then the sums (`_sorted_terms`). (None, terms) for K = 0.
     """
-    block = _head_block(b_v.shape[-1], k) if k else None
+    if k == 0:
+        return None, token_terms(a_v, b_v, None)
+    block = _head_block(b_v.shape[-1], k)
 
     def sorted_terms(a_v, b_v):
-        head = teacher_head(b_v, k)
-        return head, token_terms(a_v, b_v, head)
+        return _sorted_terms(a_v, b_v, *top_k(b_v, k + 1), from_matmul)
 
     if block is None:
         return sorted_terms(a_v, b_v)
     return _on_tpu(sorted_terms, lambda a, b: _blocked_terms(a, b, k, block), a_v, b_v)
+
+
+def _sorted_terms(a_v, b_v, vals, idx, from_matmul=False) -> tuple[Head, TokenTerms]:
+    """`head_and_terms` from the teacher's top-(K+1) of b (vals, idx [.., K+1], largest first).
+
+    Its first value is max b and its last the maximum of b's tail, so only the student's two
+    maxima are reduced. `from_matmul` (a made by a matmul of the same program): as two plain
+    reductions, which XLA TPU fuses into the matmul; else as one variadic reduction, which
+    reads a and b once. TPU v5p compile: fused TAD at V = 256000 (`scripts/bench_fused.py
+    --tpu`) 129.2 -> 125.2 GB accessed with rows spanning chunks, 49.9 -> 45.7 GB with whole
+    rows (fused KL: 101.8 and 37.3); plain reductions made `tad_divergence` worse in bf16 (4.5
+    -> 5.0 f32 [N, V] units at [1, 4096, 32000]), the variadic one leaves it as it was.
+    """
+    k = vals.shape[-1] - 1
+    head = head_of(vals[..., :k], idx[..., :k])
+    tail_v = in_tail(b_v, head)
+    reduce = _reduce_each if from_matmul else _reduce_v
+    m_s, ms_tail = reduce((a_v, jnp.where(tail_v, a_v, jnp.asarray(-jnp.inf, a_v.dtype))),
+                          -jnp.inf, jnp.maximum)
+    return head, token_terms(a_v, b_v, head, Maxima(m_s, vals[..., 0], ms_tail, vals[..., k]))
 
 
 def _blocked_terms(a_v, b_v, k, block, gather=None):
@@ -478,12 +474,6 @@ def in_tail(b_v, head: Head | None, idx_v=None):
         return jnp.ones(b_v.shape, bool)
     if idx_v is None:
         idx_v = jax.lax.broadcasted_iota(jnp.int32, b_v.shape, b_v.ndim - 1)
-    if head.kth is None:  # `head_by_index`
-        tail_v = jnp.ones(b_v.shape, bool)
-        cols = jnp.moveaxis(head.idx_k, -1, 0)
-        for j in range(cols.shape[0]):
-            tail_v = tail_v & (idx_v != cols[j][..., None])
-        return tail_v
     kth, last = head.kth[..., None], head.last[..., None]
     return (b_v < kth) | ((b_v == kth) & (idx_v > last))
 
@@ -516,10 +506,9 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
                 head_ab=None) -> TokenTerms:
     """TAD's per-position terms from tempered logits a, b (`tempered_pair`) and the head I.
 
-    Two passes over [.., V]: the maxima as plain reductions (`_maxima`), which XLA TPU fuses
-    with the fused loss's logits matmuls; the sums as one variadic reduction with a head
-    (`_reduce_v`), plain ones for K = 0 (fused KL 101.8 instead of 110.1 GB accessed in
-    `scripts/bench_fused.py --tpu`); then [..] arithmetic:
+    Two passes over [.., V] (with a head, each one variadic reduction, `_reduce_v`; for K = 0
+    plain reductions, which XLA TPU fuses with the fused loss's logits matmul: fused KL 101.8
+    instead of 110.1 GB accessed in `scripts/bench_fused.py --tpu`), then [..] arithmetic:
       maxima  m_s = max a, m_t = max b, and over the tail only m̃_s, m̃_t
       sums    Z_s = Σ e^(a − m_s), Z_t = Σ e^(b − m_t), Z̃_s = Σ_tail e^(a − m̃_s),
               Z̃_t = Σ_tail e^(b − m̃_t), C̃ = Σ_tail e^(b − m̃_t)·δ, H_0 = Σ_I e^(b − m_t),
@@ -587,20 +576,13 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
 
 
 def _maxima(a_v, b_v, tail_v) -> Maxima:
-    """`Maxima` (tail_v None: the tail is everything), as plain reductions on every platform.
-
-    XLA TPU fuses plain maxima into the producer of a and b, the fused loss's logits matmuls
-    (as it does KL's), where one variadic maximum was a pass of its own: fused TAD at V = 256000,
-    chunk 512, 125.3 -> 121.1 GB accessed (`scripts/bench_fused.py --tpu`); `tad_divergence`'s
-    program is unchanged (9.1 f32 [N, V] units at [1, 4096, 32000]).
-    """
-    if tail_v is None:
+    """`Maxima` in one pass over a and b (tail_v None: the tail is everything)."""
+    if tail_v is None:  # (K = 0: plain reductions, see `token_terms`)
         m_s, m_t = _reduce_each((a_v, b_v), -jnp.inf, jnp.maximum)
         return Maxima(m_s, m_t, m_s, m_t)
     ninf = jnp.asarray(-jnp.inf, a_v.dtype)
-    return Maxima(*_reduce_each(
-        (a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf)), -jnp.inf,
-        jnp.maximum))
+    return Maxima(*_reduce_v((a_v, b_v, jnp.where(tail_v, a_v, ninf), jnp.where(tail_v, b_v, ninf)),
+                             -jnp.inf, jnp.maximum))
 
 
 def _rescale(z, shift):

@@ -370,24 +370,6 @@ def test_random_tie_heavy_rows_fused_equals_unfused(k):
         np.testing.assert_allclose(g, want_g, rtol=1e-5, atol=1e-7)
 
 
-def test_rows_spanning_chunks_reuse_the_pre_pass_head(monkeypatch):
-    """With a pre-pass the main pass takes its head (membership by index) and runs no top-K per
-    chunk; whole rows per step find the head in the step. Values equal the unfused loss."""
-    calls = []
-    real = fused.core.head_and_terms
-    monkeypatch.setattr(fused.core, "head_and_terms",
-                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
-    x = _inputs(seed=12)
-    want = _value_and_grads(_unfused("tad", x, None, top_k=K), x)
-    for chunk_size, per_step in ((3, False), (21, True)):  # T = 7: rows span 3-token chunks
-        calls.clear()
-        got = _value_and_grads(jax.jit(_fused("tad", x, None, chunk_size, top_k=K)), x)
-        assert bool(calls) == per_step, (chunk_size, len(calls))
-        np.testing.assert_allclose(got[0], want[0], **TOL)
-        for g, w in zip(got[1], want[1], strict=True):
-            np.testing.assert_allclose(g, w, **TOL)
-
-
 def test_independent_of_vocab_padding_and_chunk_size():
     """Padding V with student -inf columns (any teacher value there) changes nothing."""
     x = _inputs(seed=11)
