@@ -5,8 +5,9 @@
     python scripts/bench_fused.py --skip_memory --time_tokens 512
 
 TPU: `--tpu` prints a `bench: "tpu_aot"` line: fused TAD vs fused KL fwd+bwd compiled ahead of
-time for one TPU v5p chip (run with JAX_PLATFORMS=cpu), bytes accessed, FLOPs (the chunk scans
-unrolled, as XLA counts a loop body once) and temporaries (scans rolled), at V = 256000, bf16;
+time for one TPU v5p chip (run with JAX_PLATFORMS=cpu), bytes accessed, FLOPs and XLA TPU's
+cycle estimate (`est_cycles`, TopK excluded; the chunk scans unrolled, as XLA counts a loop body
+once) and temporaries (scans rolled), at V = 256000, bf16;
 with `chunk_size` tokens per step (rows span chunks: teacher pre-pass) and with whole rows per
 step (`*_whole_rows`: no pre-pass, [T, V] logits), the memory vs FLOPs trade-off.
 `tad/kl_flops_head_bound`: the head matmuls' ratio of the cheapest exact β(X) with rows that
@@ -124,8 +125,9 @@ def bench_tpu(args):
         finally:
             fused._UNROLL = 1
             jax.clear_caches()
-        rec.update({f"{name}_{k}": cost[k] for k in ("bytes", "flops", "transcendentals")})
-    for key in ("bytes", "flops", "temp_bytes"):
+        rec.update({f"{name}_{k}": cost[k]
+                    for k in ("bytes", "flops", "transcendentals", "est_cycles")})
+    for key in ("bytes", "flops", "est_cycles", "temp_bytes"):
         rec[f"tad/kl_{key}"] = rec[f"fused_tad_{key}"] / rec[f"fused_kl_{key}"]
         rec[f"whole_rows_tad/kl_{key}"] = (rec[f"fused_tad_whole_rows_{key}"]
                                            / rec[f"fused_kl_whole_rows_{key}"])

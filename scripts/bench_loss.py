@@ -9,8 +9,9 @@ Prints one JSON object per (shape, dtype) case:
 CPU: fwd+bwd time (median and min of the repeats; the methods timed interleaved, so host load
 drifts over all alike), XLA temporaries and FLOPs of each method, run on this host.
 TPU: `jax.grad` of TAD and KL compiled ahead of time for one TPU v5p chip (libtpu; nothing runs,
-nothing is allocated), `bench: "tpu_aot"` lines with bytes accessed, FLOPs, transcendentals and
-temporaries at the accelerator shapes (`--tpu_cases`), and TAD/KL ratios. "tad"/"kl" are the
+nothing is allocated), `bench: "tpu_aot"` lines with bytes accessed, FLOPs, transcendentals,
+XLA TPU's cycle estimate (`est_cycles`, TopK excluded) and temporaries at the accelerator shapes
+(`--tpu_cases`), and TAD/KL ratios. "tad"/"kl" are the
 default calls, "tad_finite"/"kl_finite" those with `student_padding=False` (the training step's).
 GPU (`--gpu_target h100:1`, needs tad_jax[gpu-aot]): `bench: "gpu_aot"` lines, temporaries only.
 
@@ -21,6 +22,7 @@ fwd+bwd <= 1.3x at V = 32000 and <= 1.5x at 128K/256K.
 import argparse
 import functools
 import json
+import re
 import statistics
 import time
 
@@ -54,7 +56,22 @@ def tpu_aot_cost(fn, args, topology="v5p:2x2x1"):
     mem = compiled.memory_analysis()
     return {"bytes": cost.get("bytes accessed"), "flops": cost.get("flops"),
             "transcendentals": cost.get("transcendentals"),
+            "est_cycles": estimated_cycles(compiled.as_text()),
             "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+def estimated_cycles(hlo_text):
+    """The sum of XLA TPU's per-op cycle estimates (`estimated_cycles` in each op's backend
+    config) over the entry computation of a compiled program, or None (no estimates: GPU).
+
+    It ranks programs where bytes do not: the fused loss is bound by its matmuls, and an
+    elementwise-heavy formulation can move fewer bytes yet take more cycles. Not counted:
+    custom calls (TopK carries no estimate: ~1 cycle per 1.6 bytes of its input at v5p's
+    bandwidth) and the bodies of loops (unroll them, as for FLOPs).
+    """
+    start = hlo_text.find("\nENTRY")
+    found = re.findall(r'"estimated_cycles":"(\d+)"', hlo_text[start:]) if start >= 0 else []
+    return sum(map(int, found)) or None
 
 
 @functools.cache
@@ -82,7 +99,7 @@ def run_tpu_case(b, t, v, dtype, topology="v5p:2x2x1"):
     for name, fn in fns.items():
         for key, value in tpu_aot_cost(jax.grad(fn), args, topology).items():
             row[f"{name}_{key}"] = value
-    for key in ("bytes", "flops", "temp_bytes"):
+    for key in ("bytes", "flops", "est_cycles", "temp_bytes"):
         if row[f"tad_{key}"] is not None:
             row[f"tad/kl_{key}"] = row[f"tad_{key}"] / max(row[f"kl_{key}"], 1)
             row[f"tad_finite/kl_finite_{key}"] = (row[f"tad_finite_{key}"]
