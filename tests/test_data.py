@@ -546,6 +546,10 @@ def test_prepared_sft_chat_and_bad_folders(tmp_path, chat_tok_dir):
     with pytest.raises(ValueError, match="prepared for mode 'sft'"):
         make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
     prepared.mode = "sft"
+    prepared.use_chat_template = False  # prepared with the template: other token ids
+    with pytest.raises(ValueError, match="use_chat_template=True, but .*=False: set it to True"):
+        make_train_iterator(prepared, seed=0, process_index=0, process_count=1)
+    prepared.use_chat_template = True
     other = tmp_path / "other_tokenizer"
     shutil.copytree(chat_tok_dir[0], other)
     prepared.tokenizer = str(other) + "/"  # the same files at another path: accepted

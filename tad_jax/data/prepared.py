@@ -150,8 +150,8 @@ def prepared_source(cfg, split: str) -> PreparedSource:
     Raises:
         FileNotFoundError: the folder has no complete preparation.
         ValueError: it was written by another format version, or for another mode, or with a
-            tokenizer whose files differ from ``cfg.tokenizer``'s (when set), or the split is
-            empty.
+            tokenizer whose files differ from ``cfg.tokenizer``'s (when set), or (sft) with
+            another ``use_chat_template``, or the split is empty.
         FileNotFoundError: ``cfg.tokenizer`` is set but holds no tokenizer files.
     """
     meta_path = os.path.join(cfg.prepared_dir, "meta.json")
@@ -175,6 +175,12 @@ def prepared_source(cfg, split: str) -> PreparedSource:
     if meta["mode"] != cfg.mode:
         raise ValueError(f"{cfg.prepared_dir} was prepared for mode {meta['mode']!r}, not "
                          f"{cfg.mode!r}; prepare it again with data.mode={cfg.mode!r}.")
+    # Supervised examples rendered with (or without) the chat template are other token ids.
+    used = meta.get("use_chat_template")
+    if cfg.mode == "sft" and used is not None and bool(used) != bool(cfg.use_chat_template):
+        raise ValueError(f"{cfg.prepared_dir} was prepared with data.use_chat_template={used}, "
+                         f"but data.use_chat_template={cfg.use_chat_template}: set it to {used}, "
+                         f"or {again}.")
     if not meta["splits"].get(split, {}).get("documents"):
         raise empty_split_error(cfg, split)
     return PreparedSource(cfg.prepared_dir, split, cfg.mode)
