@@ -219,9 +219,8 @@ def _gamma(log_at_rt, mask_rt, seg_rt, cfg: _Config):
 def _clm_terms(zs_mv, y_m):
     """Cross-entropy per token and its gradient w.r.t. the (untempered) student logits."""
     logp = core.log_softmax(zs_mv)
-    nll = -jnp.take_along_axis(logp, y_m[..., None], axis=-1)[..., 0]
     onehot = jnp.arange(zs_mv.shape[-1]) == y_m[..., None]
-    return nll, jnp.exp(logp) - onehot
+    return -core.at_targets(logp, y_m), jnp.exp(logp) - onehot
 
 
 def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
@@ -546,8 +545,30 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
     args = (student_hidden, student_head, student_bias, teacher_hidden, teacher_head,
             teacher_bias, mask, targets, segment_ids)
     cfg = _check_inputs(cfg, *args)
-    total, parts = _fused(cfg, *args)
+    total, parts = _auto_axes(functools.partial(_fused, cfg), cfg.reduction, student_hidden, args)
     return total, jax.lax.stop_gradient(parts)
+
+
+def _auto_axes(f, reduction, hidden, args):
+    """f(*args), run with Explicit mesh axes as Auto ones (`jax.sharding.auto_axes`).
+
+    The chunked scan reshapes, concatenates and contracts sharded arrays, which explicit
+    sharding types reject; under Auto axes XLA's sharding propagation places them, as on a mesh
+    of Auto axes. The mesh is the context's, else that of the first argument typed with one.
+    Per-token outputs (reduction "none") are sharded as the leading axes of `hidden`.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        typed = [core._explicit_spec(x)[0] for x in jax.tree.leaves(args)]
+        mesh = next((m for m in typed if m is not None and not m.empty), mesh)
+    explicit = () if mesh.empty else mesh.explicit_axes
+    if not explicit:
+        return f(*args)
+    out = jax.sharding.PartitionSpec()
+    if reduction == "none":
+        out = jax.sharding.PartitionSpec(*(core._explicit_spec(hidden)[1] or ())[:-1])
+    with jax.sharding.use_abstract_mesh(mesh):
+        return jax.sharding.auto_axes(f, axes=explicit, out_sharding=out)(*args)
 
 
 def fused_tad_loss(student_hidden, student_head, teacher_hidden, teacher_head, mask=None, **kw):

@@ -418,7 +418,7 @@ def causal_lm_loss(logits, targets, mask=None, reduction="mean"):
         raise ValueError(f"targets must be integer token ids, got {jnp.result_type(targets)}.")
     mask_bt = _mask_bt(mask, jnp.shape(targets))
     lp_btv = core.log_softmax(logits)
-    tgt_lp_bt = jnp.take_along_axis(lp_btv, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    tgt_lp_bt = core.at_targets(lp_btv, targets)
     loss_bt = _masked(-tgt_lp_bt, mask_bt)
     return _reduce(loss_bt, mask_bt, reduction)
 

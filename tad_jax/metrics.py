@@ -68,7 +68,7 @@ def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
     weighted_btk = jnp.where(mask_bt[..., None] > 0, top_p_btk, 0.0)
     conf = [jnp.sum(jnp.where(top_bin_btk == m, weighted_btk, 0.0)) for m in range(1, ece_bins)]
     conf0 = _valid_sum(total_bt, mask_bt) - sum(conf, jnp.float32(0.0))
-    tgt_p_bt = jnp.exp(jnp.take_along_axis(lps_btv, targets_bt[..., None], axis=-1)[..., 0])
+    tgt_p_bt = jnp.exp(core.at_targets(lps_btv, targets_bt))
     tgt_bin_bt = _bin_of(tgt_p_bt, ece_bins)
     hits = [jnp.sum(jnp.where(tgt_bin_bt == m, mask_bt, 0.0)) for m in range(ece_bins)]
     return {"ece_conf_m": jnp.stack([conf0, *conf]), "ece_hits_m": jnp.stack(hits)}
@@ -148,7 +148,7 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
 def _at(lp_btv, targets_bt):
     """lp[..., t, y_t], floored at the float32 minimum (a valid target on a -inf entry gives a
     huge finite NLL rather than inf; masked positions are dropped by `_valid_sum`)."""
-    out_bt = jnp.take_along_axis(lp_btv, targets_bt[..., None], axis=-1)[..., 0]
+    out_bt = core.at_targets(lp_btv, targets_bt)
     return jnp.maximum(out_bt, jnp.finfo(jnp.float32).min)
 
 

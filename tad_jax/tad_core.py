@@ -245,6 +245,17 @@ def _candidates(bmax, k, block, vocab, gather):
     return cidx, cols, tuple(jnp.where(valid, g, -jnp.inf) for g in got)
 
 
+def at_targets(x_v, targets):
+    """x[..., y] at each position: x [..., V], targets y int [...] (0 where y is outside [0, V)).
+
+    A select and a sum over V rather than a gather: the select is elementwise and the sum a
+    local reduction whatever V's sharding (a gather along an explicitly sharded V is a
+    ShardingTypeError), and its transpose is a select, not a scatter.
+    """
+    hit_v = jax.lax.broadcasted_iota(jnp.int32, x_v.shape, x_v.ndim - 1) == targets[..., None]
+    return jnp.sum(jnp.where(hit_v, x_v, 0), axis=-1)
+
+
 def _take(x_v, cols):
     return jnp.take_along_axis(x_v, cols, axis=-1)
 

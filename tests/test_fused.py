@@ -5,11 +5,13 @@ materialised logits `softcap(h @ W + b)` (their own tests check them against pla
 gradients from `jax.grad` through the matmul. Shapes are tiny; float32 comparisons at 1e-5.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tad_jax import fused, losses
@@ -238,6 +240,32 @@ def test_sharded_inputs_match_unsharded(shape, chunk_size):
     for a, b in zip(g, ref_g, strict=True):
         np.testing.assert_allclose(a, b, **TOL)
     assert g[0].sharding.is_equivalent_to(rows, g[0].ndim)
+
+
+@pytest.mark.parametrize("reduction, in_context", [("mean", False), ("none", True)])
+def test_explicit_mesh_axes_match_unsharded(reduction, in_context):
+    """Rows and heads on a mesh of Explicit axes (rows over "data", V over "model") give the
+    unsharded value and gradients, with the gradients sharded as their inputs; the mesh as the
+    context (`jax.set_mesh`) or only in the arrays' types. This was a ShardingTypeError."""
+    x = _inputs(seed=3, shape=(8, 6), vocab=40)
+    mesh = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    rows, cols = NamedSharding(mesh, P("data")), NamedSharding(mesh, P(None, "model"))
+    put = {"hs": rows, "ht": rows, "mask": rows, "targets": rows, "ws": cols, "wt": cols}
+    xs = {k: jax.device_put(v, put[k]) if k in put else v for k, v in x.items()}
+
+    def value_and_grads(x):
+        f = _fused("distill", x, None, 16, top_k=K, reduction=reduction)
+        ct = jax.random.uniform(jax.random.key(1), x["mask"].shape, minval=0.5, maxval=1.5)
+        loss = lambda hs, ws: jnp.sum(f(hs, ws, x["bs"])[0] * (ct if reduction == "none" else 1))
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x["hs"], x["ws"])
+
+    ref, ref_g = value_and_grads(x)
+    with jax.set_mesh(mesh) if in_context else contextlib.nullcontext():
+        out, g = value_and_grads(xs)
+    np.testing.assert_allclose(out, ref, **TOL)
+    for a, b, want in zip(g, ref_g, (rows, cols), strict=True):
+        np.testing.assert_allclose(a, b, **TOL)
+        assert a.sharding.is_equivalent_to(want, a.ndim)
 
 
 def test_no_n_by_v_temporary():

@@ -475,6 +475,13 @@ def test_sharded_equals_unsharded(mesh_shape, spec, axis_type, vocab):
     kl = jax.jit(kl_divergence)
     np.testing.assert_allclose(kl(jax.device_put(s, sh), jax.device_put(t, sh), m),
                                kl(s, t, m), **F32)
+    # The target's log-probability along a sharded V (once a gather: a ShardingTypeError).
+    y = jax.random.randint(jax.random.key(5), m.shape, 0, vocab)
+    ce = jax.jit(jax.value_and_grad(causal_lm_loss))
+    got_l, got_g = ce(jax.device_put(s, sh), jax.device_put(y, msh), jax.device_put(m, msh))
+    want_l, want_g = ce(s, y, m)
+    np.testing.assert_allclose(got_l, want_l, **F32)
+    np.testing.assert_allclose(got_g, want_g, **F32)
 
 
 # ---------------------------------------------------------------------------------------------
