@@ -348,7 +348,10 @@ def teacher_head(b_v, k) -> Head | None:
 
 
 class Maxima(NamedTuple):
-    """Maxima over V of a and b, and over the tail only, per position (-inf where none)."""
+    """Maxima over V of a and b, and over the tail only, per position (-inf where none).
+
+    ms_tail None: reduced in `token_terms`' pass of sums, with the tail's sum (online).
+    """
 
     m_s: jax.Array
     m_t: jax.Array
@@ -411,19 +414,23 @@ def _sorted_terms(a_v, b_v, vals, idx, from_matmul=False) -> tuple[Head, TokenTe
     """`head_and_terms` from the teacher's top-(K+1) of b (vals, idx [.., K+1], largest first).
 
     Its first value is max b and its last the maximum of b's tail, so only the student's two
-    maxima are reduced. `from_matmul` (a made by a matmul of the same program): as two plain
-    reductions, which XLA TPU fuses into the matmul; else as one variadic reduction, which
-    reads a and b once. TPU v5p compile: fused TAD at V = 256000 (`scripts/bench_fused.py
-    --tpu`) 129.2 -> 125.2 GB accessed with rows spanning chunks, 49.9 -> 45.7 GB with whole
-    rows (fused KL: 101.8 and 37.3); plain reductions made `tad_divergence` worse in bf16 (4.5
-    -> 5.0 f32 [N, V] units at [1, 4096, 32000]), the variadic one leaves it as it was.
+    maxima are left. `from_matmul` (a made by a matmul of the same program): max a as a plain
+    reduction, which XLA TPU fuses into the matmul, and the tail's in the pass of sums
+    (`token_terms`, online), so no pass reads b before it. Else both in one variadic reduction
+    (reads a and b once): a lone max of a was XLA TPU's slowest op there (jax.grad of TAD at
+    [1, 4096, 32000] bf16: 1.64 M estimated cycles, against 0.93 M for the variadic one).
+    TPU v5p compile of fused TAD at V = 256000 (`scripts/bench_fused.py --tpu`): 125.2 ->
+    121.0 GB accessed with rows spanning chunks, 45.7 -> 41.5 GB with whole rows (fused KL:
+    101.8 and 37.3), estimated cycles 181.5 -> 175.7 M and 110.0 -> 109.7 M (KL 139.3, 113.1).
     """
     k = vals.shape[-1] - 1
     head = head_of(vals[..., :k], idx[..., :k])
-    tail_v = in_tail(b_v, head)
-    reduce = _reduce_each if from_matmul else _reduce_v
-    m_s, ms_tail = reduce((a_v, jnp.where(tail_v, a_v, jnp.asarray(-jnp.inf, a_v.dtype))),
-                          -jnp.inf, jnp.maximum)
+    if from_matmul:
+        m_s, ms_tail = jnp.max(a_v, axis=-1), None
+    else:
+        ninf = jnp.asarray(-jnp.inf, a_v.dtype)
+        m_s, ms_tail = _reduce_v((a_v, jnp.where(in_tail(b_v, head), a_v, ninf)), -jnp.inf,
+                                 jnp.maximum)
     return head, token_terms(a_v, b_v, head, Maxima(m_s, vals[..., 0], ms_tail, vals[..., k]))
 
 
@@ -531,7 +538,8 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
       D_KL1 = Σ_I p_T (log p_T − log p_S) + α_T (log α_T − log α_S)
             = (H_1 − (log Z_t − log Z_s)·H_0)/Z_t + α_T (log α_T − log α_S)
     With `head` None (K = 0) the tail is everything: D_KL1 = 0, D_KL2 = KL.
-    `maxima` (optional): the first pass, done already (`_blocked_terms`). `head_ab` (optional):
+    `maxima` (optional): the first pass, done already (`_blocked_terms`); its m̃_s may be None,
+    then m̃_s and Z̃_s come from the pass of sums (`_reduce_lse_v`). `head_ab` (optional):
     (a, b) at the head's indices [.., K]; then the pass of sums takes the tail's three only (as
     KL's three), and Z_s = e^(m̃_s − m_s)·Z̃_s + Σ_I e^(a − m_s), Z_t = e^(m̃_t − m_t)·Z̃_t + H_0,
     H_0 and H_1 from the K values (sums of positive terms: no cancellation).
@@ -540,23 +548,27 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     if maxima is None:
         maxima = _maxima(a_v, b_v, tail_v)
     # The maxima are shifts only: lse = log Σ e^(x − m) + m does not depend on m (no gradient).
-    m_s, m_t, ms_tail, mt_tail = (jax.lax.stop_gradient(finite_shift(m)) for m in maxima)
+    shift = lambda m: jax.lax.stop_gradient(finite_shift(m))
+    m_s, m_t, mt_tail = shift(maxima.m_s), shift(maxima.m_t), shift(maxima.mt_tail)
     es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
     # b > -inf implies a > -inf (`tempered_pair`), so δ is finite wherever e^b > 0.
     delta_v = (b_v - m_t[..., None]) - (a_v - m_s[..., None])
     if tail_v is None:
         zs, zt, cross = _reduce_each((es_v, et_v, _times(et_v, delta_v)), 0.0, jnp.add)
-        zs_tail, zt_tail, h0, h1 = zs, zt, 0.0, 0.0
+        ms_tail, zs_tail, zt_tail, h0, h1 = m_s, zs, zt, 0.0, 0.0
     else:
-        ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
         ett_v = jnp.where(tail_v, jnp.exp(b_v - mt_tail[..., None]), 0.0)
-        tail_sums = (ets_v, ett_v, _times(ett_v, delta_v))
+        sums_v = (ett_v, _times(ett_v, delta_v))
         if head_ab is None:
             eh_v = jnp.where(tail_v, 0.0, et_v)
-            zs, zt, zs_tail, zt_tail, cross, h0, h1 = _reduce_v(
-                (es_v, et_v, *tail_sums, eh_v, _times(eh_v, delta_v)), 0.0, jnp.add)
+            sums_v += (es_v, et_v, eh_v, _times(eh_v, delta_v))
+        ms_tail = None if maxima.ms_tail is None else shift(maxima.ms_tail)
+        ms_tail, zs_tail, sums = _tail_lse_and_sums(a_v, tail_v, ms_tail, sums_v)
+        ms_tail = shift(ms_tail)
+        zt_tail, cross = sums[:2]
+        if head_ab is None:
+            zs, zt, h0, h1 = sums[2:]
         else:  # the head's sums from its K values; Z = (the tail's, rescaled) + (the head's)
-            zs_tail, zt_tail, cross = _reduce_v(tail_sums, 0.0, jnp.add)
             a_k, b_k = head_ab
             eh_k = jnp.exp(b_k - m_t[..., None])
             h0 = jnp.sum(eh_k, -1)
@@ -584,6 +596,18 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
         log_ratio = jnp.where(empty, 0.0, log_zt - log_zs)
         kl1 = kl1 + (h1 - log_ratio * h0) / jnp.where(empty, 1.0, zt)
     return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, m_s, m_t, log_zs, log_zt, rel_s)
+
+
+def _tail_lse_and_sums(a_v, tail_v, ms_tail, sums_v):
+    """(m̃_s, Z̃_s, the sums of sums_v) in one pass: the student's tail as (max, Σ e^(a − max))
+    and each of sums_v summed over V. ms_tail None: the tail's maximum is not known yet, so
+    both come from one online reduction (`_reduce_lse_v`); else (finite) Z̃_s = Σ_tail
+    e^(a − m̃_s)."""
+    if ms_tail is None:
+        return _reduce_lse_v(jnp.where(tail_v, a_v, -jnp.inf), sums_v)
+    ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
+    *sums, zs_tail = _reduce_v((*sums_v, ets_v), 0.0, jnp.add)
+    return ms_tail, zs_tail, sums
 
 
 def _maxima(a_v, b_v, tail_v) -> Maxima:
@@ -624,6 +648,33 @@ def _reduce_v(xs_v, init, op):
 
     return jax.lax.platform_dependent(*xs_v, cpu=lambda *xs: _reduce_each(xs, init, op),
                                       default=variadic)
+
+
+def _reduce_lse_v(x_v, sums_v):
+    """(max x, Σ e^(x − max x), the sums of sums_v) over V in ONE variadic reduce (online).
+
+    Partial results (m₁, z₁), (m₂, z₂) merge as (max, z₁ + z₂·e^(m₂ − m₁)) when m₁ ≥ m₂ (and
+    symmetrically): one exp per merge, and no shift is needed before the pass. An entry is
+    (x, 1), or (-inf, 0) where x = -inf; so z = 0 where x is all -inf. Exact up to rounding, at
+    any distance of x from the other maxima (unlike a shift by the row's max). The same reduce
+    on every platform: on CPU only short vocabularies reach it (`head_and_terms`).
+    """
+    x_v = widen(x_v)
+    dtype, axis = x_v.dtype, x_v.ndim - 1
+    one_v = (x_v > -jnp.inf).astype(dtype)
+    n = len(sums_v)
+
+    def merge(p, q):
+        (m1, z1), (m2, z2) = p[n:], q[n:]
+        first = m1 >= m2
+        e = jnp.exp(jnp.where(m1 == m2, 0.0, -jnp.abs(m1 - m2)))  # (-inf, -inf): e^0, z = 0
+        lse = (jnp.maximum(m1, m2), jnp.where(first, z1 + z2 * e, z1 * e + z2))
+        return tuple(u + w for u, w in zip(p[:n], q[:n], strict=True)) + lse
+
+    operands = (*(jnp.asarray(x, dtype) for x in sums_v), x_v, one_v)
+    inits = tuple(jnp.asarray(v, dtype) for v in (0.0,) * n + (-jnp.inf, 0.0))
+    *sums, m, z = jax.lax.reduce(operands, inits, merge, (axis,))
+    return m, z, sums
 
 
 def _reduce_each(xs_v, init, op):

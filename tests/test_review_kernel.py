@@ -152,10 +152,37 @@ def test_tail_far_below_the_head_keeps_log_alpha(vocab):
     k = 2
     with np.errstate(over="ignore"):  # e^(b − lse_tail) of head entries, dropped by a where
         r = ref_terms(s, t, k)
-    head, terms = core.pair_terms(jnp.asarray(s), jnp.asarray(t), k, 1.0)
-    np.testing.assert_array_equal(np.sort(np.asarray(head.idx_k), -1), [[3, 7], [3, 7]])
-    for name in ("log_alpha_t", "log_alpha_s"):
-        np.testing.assert_allclose(_got(terms, name), r[name], rtol=1e-6, atol=1e-6, err_msg=name)
-    # D_KL2 = C̃/Z̃_t − (lse_tail(b) − m_t) + (lse_tail(a) − m_s): brackets of ~1000 in float32.
-    np.testing.assert_allclose(terms.kl2, r["kl2"], atol=5e-4)
-    np.testing.assert_allclose(terms.kl1, r["kl1"], rtol=1e-4, atol=1e-30)
+    # The fused loss's form (`from_matmul`) reduces the student's tail max online instead.
+    for head, terms in (core.pair_terms(jnp.asarray(s), jnp.asarray(t), k, 1.0),
+                        core.head_and_terms(jnp.asarray(s), jnp.asarray(t), k, from_matmul=True)):
+        np.testing.assert_array_equal(np.sort(np.asarray(head.idx_k), -1), [[3, 7], [3, 7]])
+        for name in ("log_alpha_t", "log_alpha_s"):
+            np.testing.assert_allclose(_got(terms, name), r[name], rtol=1e-6, atol=1e-6,
+                                       err_msg=name)
+        # D_KL2 = C̃/Z̃_t − (lse_tail(b) − m_t) + (lse_tail(a) − m_s): brackets of ~1000 in f32.
+        np.testing.assert_allclose(terms.kl2, r["kl2"], atol=5e-4)
+        np.testing.assert_allclose(terms.kl1, r["kl1"], rtol=1e-4, atol=1e-30)
+
+
+def test_online_logsumexp_reduce_matches_numpy():
+    # `_reduce_lse_v`: (max, Σ e^(x − max)) merged online, beside plain sums, in one reduce.
+    # Rows: ordinary; a spread of 2000 (e^-2000 terms vanish, the max's 1 stays); -inf entries;
+    # all -inf (z = 0); one finite entry; ties at the max.
+    rng = np.random.default_rng(7)
+    x = (3.0 * rng.standard_normal((6, 301))).astype(np.float32)
+    x[1, :150] -= 2000.0
+    x[2, ::3] = -np.inf
+    x[3] = -np.inf
+    x[4, :] = -np.inf
+    x[4, 17] = -5.0
+    x[5, [4, 200]] = x[5].max() + 1.0
+    w = rng.uniform(size=x.shape).astype(np.float32)
+    m, z, (total,) = core._reduce_lse_v(jnp.asarray(x), (jnp.asarray(w),))
+    want_m = x.max(-1)
+    np.testing.assert_array_equal(m, want_m)
+    x64 = x.astype(np.float64)
+    with np.errstate(invalid="ignore"):
+        want_z = np.where(np.isneginf(want_m), 0.0,
+                          np.exp(x64 - np.where(np.isneginf(want_m), 0.0, want_m)[:, None]).sum(-1))
+    np.testing.assert_allclose(z, want_z, rtol=2e-6)
+    np.testing.assert_allclose(total, w.astype(np.float64).sum(-1), rtol=2e-6)
