@@ -132,6 +132,8 @@ def bench_tpu(args):
         rec[f"whole_rows_tad/kl_{key}"] = (rec[f"fused_tad_whole_rows_{key}"]
                                            / rec[f"fused_kl_whole_rows_{key}"])
     rec["tad/kl_flops_head_bound"] = head_flops_bound(args.d_student, args.d_teacher)
+    rec["whole_rows_tad/kl_bytes_top_k_bound"] = top_k_bytes_bound(
+        n, args.vocab, rec["fused_kl_whole_rows_bytes"])
     print(json.dumps(rec), flush=True)
 
 
@@ -141,6 +143,13 @@ def head_flops_bound(d_s, d_t):
     pre-pass adds d_t, keeping Eq. 6's two gradient parts apart until β(X) is known adds 2·d_s
     (derivation: docs/fused_loss.md, "FLOPs: is the pre-pass the floor?")."""
     return 1.0 + min(d_t, 2 * d_s) / (3 * d_s + d_t)
+
+
+def top_k_bytes_bound(tokens, vocab, kl_bytes):
+    """Fused TAD / fused KL bytes with whole rows per step when TAD adds only the exact top-K:
+    XLA's TopK fuses with nothing, so it reads the teacher's float32 logits once more, N·V·4
+    bytes (docs/fused_loss.md, "the student's tail maximum online")."""
+    return 1.0 + tokens * vocab * 4 / kl_bytes
 
 
 def _time_all(fns, inputs, repeats):
