@@ -89,6 +89,12 @@ def _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins
     if jnp.shape(student_logits) != jnp.shape(teacher_logits):
         raise ValueError(f"student logits {jnp.shape(student_logits)} and teacher logits "
                          f"{jnp.shape(teacher_logits)} must have the same shape [..., T, V].")
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {jnp.result_type(x)}; cast "
+                             "them with .astype(jnp.float32) (integers are likely token ids).")
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got {jnp.result_type(targets)}.")
     want = jnp.shape(student_logits)[:-1]
     if jnp.shape(targets) != want or jnp.shape(mask) != want:
         raise ValueError(f"targets {jnp.shape(targets)} and mask {jnp.shape(mask)} must both be "
@@ -120,7 +126,8 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
       shape [M].
 
     Raises:
-      ValueError: on mismatched shapes or bad ``tail_ks`` / ``ece_bins``.
+      ValueError: on mismatched shapes, non-float logits, non-integer targets or bad
+        ``tail_ks`` / ``ece_bins``.
     """
     _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins)
     mask_bt = (jnp.asarray(mask) != 0).astype(jnp.float32)

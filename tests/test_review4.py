@@ -1,0 +1,257 @@
+"""Review 4: the public losses, fused losses and metrics against a float64 numpy reference.
+
+The reference below is written from TAD_SPEC.md alone (log space, float64, the head from numpy's
+stable argsort of -b: equal values keep the lowest index first), not from the library's math.
+Padding convention of the spec/module docs: a student -inf entry leaves both distributions; a
+position with no teacher entry left gives 0 and α_T = 0 (K >= 1).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import tad_jax
+from tad_jax import metrics
+
+# ------------------------------------------------------------------------------ reference
+
+
+def _lse(x):
+    x = np.asarray(x, np.float64)
+    if x.size == 0 or np.all(np.isneginf(x)):
+        return -np.inf
+    m = np.max(x)
+    return float(np.log(np.sum(np.exp(x - m))) + m)
+
+
+def ref_position(s, t, k, tau=1.0):
+    """TAD pieces of one position (s, t: [V]) and d/da of KL and of α_T·D_KL2, float64."""
+    a = np.asarray(s, np.float64) / tau
+    b = np.asarray(t, np.float64) / tau
+    drop = np.isneginf(a)
+    b = np.where(drop, -np.inf, b)
+    v = a.shape[0]
+    zero = np.zeros(v)
+    if np.all(np.isneginf(b)):
+        return dict(kl1=0.0, kl2=0.0, alpha_t=0.0 if k else 1.0, kl=0.0, g_kl=zero, g_tail=zero)
+    lps = np.where(drop, -np.inf, a - _lse(a[~drop]))
+    lpt = b - _lse(b)
+    ps, pt = np.exp(lps), np.exp(lpt)
+    head = np.zeros(v, bool)
+    head[np.argsort(-b, kind="stable")[:k]] = True
+    tail = ~head
+    lat = _lse(lpt[tail])
+    las = _lse(lps[tail])
+    alpha_t = np.exp(lat)
+
+    def xlogratio(p, lp, lq):  # p·(log p − log q), 0 where p = 0
+        with np.errstate(invalid="ignore"):
+            return np.where(p > 0, p * (lp - lq), 0.0)
+
+    kl_v = xlogratio(pt, lpt, lps)
+    kl1 = float(np.sum(np.where(head, kl_v, 0.0)))
+    kl2 = 0.0
+    g_tail = zero
+    if alpha_t > 0:
+        kl1 += alpha_t * (lat - las)
+        lpt_t, lps_t = lpt - lat, lps - las
+        kl2 = float(np.sum(np.where(tail, xlogratio(np.exp(lpt_t), lpt_t, lps_t), 0.0)))
+        # d(α_T·D_KL2)/da_i = α_T·p̃_S,i − p_T,i on the tail (α_T is a teacher constant)
+        g_tail = np.where(tail & ~drop, np.exp(lps - las + lat) - pt, 0.0)
+    return dict(kl1=kl1, kl2=kl2, alpha_t=alpha_t, kl=float(np.sum(kl_v)),
+                g_kl=np.where(drop, 0.0, ps - pt), g_tail=g_tail)
+
+
+def ref_tad(s, t, mask=None, *, k=10, beta=2.0, tau=1.0, eps=1e-6, reduction="mean",
+            segment_ids=None):
+    """(loss, d loss / d s) of TAD_SPEC.md over [..., T, V] logits, float64."""
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    lead, v = s.shape[:-1], s.shape[-1]
+    m = np.ones(lead) if mask is None else (np.asarray(mask) != 0).astype(np.float64)
+    rows = [ref_position(si, ti, k, tau) for si, ti in zip(s.reshape(-1, v), t.reshape(-1, v),
+                                                             strict=True)]
+    at = np.array([r["alpha_t"] for r in rows]).reshape(lead) * m
+    tlen = lead[-1]
+    if segment_ids is None:
+        mean = at.sum(-1, keepdims=True) / np.maximum(m.sum(-1, keepdims=True), 1)
+        mean = np.broadcast_to(mean, lead)
+    else:
+        seg = np.asarray(segment_ids).reshape(-1, tlen)
+        a2, m2 = at.reshape(-1, tlen), m.reshape(-1, tlen)
+        mean = np.zeros_like(a2)
+        for r in range(seg.shape[0]):
+            for j in range(tlen):
+                same = seg[r] == seg[r, j]
+                mean[r, j] = a2[r][same].sum() / max(m2[r][same].sum(), 1)
+        mean = mean.reshape(lead)
+    bx = (beta / np.maximum(mean, eps)).reshape(-1)
+    loss = np.array([tau**2 * (r["kl1"] + bx[i] * r["alpha_t"] * r["kl2"])
+                     for i, r in enumerate(rows)]).reshape(lead) * m
+    grad = np.stack([tau * (r["g_kl"] + (bx[i] - 1) * r["g_tail"])
+                     for i, r in enumerate(rows)]).reshape(s.shape) * m[..., None]
+    if reduction == "none":
+        return loss, grad  # (grad of the sum)
+    if reduction == "sum":
+        return loss.sum(), grad
+    n = max(m.sum(), 1.0)
+    return loss.sum() / n, grad / n
+
+
+def _lib_tad(s, t, mask=None, **kw):
+    def f(s):
+        return tad_jax.tad_divergence(s, t, mask, **kw)
+
+    return f(s), jax.grad(lambda s: jnp.sum(f(s)))(s)
+
+
+def _close(got, want, rtol=1e-5, atol=1e-6):
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol, atol=atol)
+
+
+def _logits(shape, seed=0, scale=3.0):
+    rng = np.random.default_rng(seed)
+    return (scale * rng.standard_normal(shape)).astype(np.float32)
+
+
+def _fused_args(lead=(2, 5), d=6, v=24, seed=0):
+    rng = np.random.default_rng(seed)
+    hs = rng.standard_normal(lead + (d,)).astype(np.float32)
+    ht = rng.standard_normal(lead + (d + 2,)).astype(np.float32)
+    ws = rng.standard_normal((d, v)).astype(np.float32)
+    wt = 2 * rng.standard_normal((d + 2, v)).astype(np.float32)
+    return hs, ws, ht, wt
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+def test_reference_gradient_matches_finite_differences():
+    # The float64 reference's closed-form gradient (β(X) held constant) against central finite
+    # differences of its own loss: guards the reference every other test here relies on.
+    s = _logits((1, 2, 7), 1).astype(np.float64)
+    t = _logits((1, 2, 7), 2).astype(np.float64)
+    s[0, 0, 4] = -np.inf
+    t[0, 1, 2] = -np.inf
+    _, g = ref_tad(s, t, k=2, tau=1.7, reduction="sum")
+    at = np.array([ref_position(s[0, j], t[0, j], 2, 1.7)["alpha_t"] for j in range(2)])
+    bx = 2.0 / max(at.mean(), 1e-6)
+
+    def loss(sv):
+        out = 0.0
+        for j in range(2):
+            p = ref_position(sv[0, j], t[0, j], 2, 1.7)
+            out += 1.7**2 * (p["kl1"] + bx * p["alpha_t"] * p["kl2"])
+        return out
+
+    fd = np.zeros_like(s)
+    for idx in np.ndindex(s.shape):
+        if np.isfinite(s[idx]):
+            hi, lo = s.copy(), s.copy()
+            hi[idx] += 1e-6
+            lo[idx] -= 1e-6
+            fd[idx] = (loss(hi) - loss(lo)) / 2e-6
+    np.testing.assert_allclose(fd, g, atol=1e-7)
+
+
+# ------------------------------------------------------------------------------ β(X) per segment
+
+
+@pytest.mark.parametrize("ids", [[[100, 100, 200, 200, 7], [0, 7, 7, 9, 9]],
+                                 [[-1, -1, -2, -2, 5], [0, 3, 3, -4, -4]]],
+                         ids=["ids_above_T", "negative_ids"])
+def test_segment_ids_outside_0_T_keep_documents_apart(ids):
+    # segment_ids name documents; any integers do. Ids outside [0, T] used to be clipped into
+    # [0, T], merging documents 100 and 200 (or -1 and -2) into one sequence X: β(X) wrong.
+    s, t = _logits((2, 5, 12), 1), _logits((2, 5, 12), 2)
+    seg = np.asarray(ids)
+    mask = np.array([[1, 1, 1, 1, 1], [0, 1, 1, 1, 1]])
+    want, gwant = ref_tad(s, t, mask, k=3, segment_ids=seg)
+    got, g = _lib_tad(jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask), top_k=3,
+                      beta_scope="segment", segment_ids=jnp.asarray(seg))
+    _close(got, want)
+    _close(g, gwant)
+    # the same documents renumbered 1..n give the same loss
+    dense = np.array([[1, 1, 2, 2, 3], [0, 1, 1, 2, 2]])
+    _close(got, ref_tad(s, t, mask, k=3, segment_ids=dense)[0])
+
+
+def test_fused_segment_ids_outside_0_T(chunk_size=3):
+    hs, ws, ht, wt = _fused_args()
+    seg = np.array([[100, 100, 200, 200, 200], [0, 50, 50, 60, 60]])
+    mask = np.array([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
+    zs, zt = hs.astype(np.float64) @ ws, ht.astype(np.float64) @ wt
+    want = ref_tad(zs, zt, mask, k=3, segment_ids=seg)[0]
+    got = tad_jax.fused_tad_loss(jnp.asarray(hs), jnp.asarray(ws), jnp.asarray(ht),
+                                 jnp.asarray(wt), jnp.asarray(mask), top_k=3,
+                                 beta_scope="segment", segment_ids=jnp.asarray(seg),
+                                 chunk_size=chunk_size)
+    _close(got, want)
+
+
+def test_float_segment_ids_are_refused():
+    s, t = jnp.asarray(_logits((2, 5, 12), 1)), jnp.asarray(_logits((2, 5, 12), 2))
+    seg = jnp.asarray([[1.0, 1.5, 2.0, 2.0, 2.0]] * 2)  # 1.5 would be truncated to 1
+    with pytest.raises(ValueError, match="segment_ids must be integer"):
+        tad_jax.tad_divergence(s, t, top_k=3, beta_scope="segment", segment_ids=seg)
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
+    with pytest.raises(ValueError, match="segment_ids must be integer"):
+        tad_jax.fused_tad_loss(hs, ws, ht, wt, top_k=3, beta_scope="segment", segment_ids=seg)
+
+
+# ------------------------------------------------------------------------------ bad settings
+
+
+@pytest.mark.parametrize("name", ["beta", "temperature", "eps_alpha"])
+@pytest.mark.parametrize("value", [float("inf"), float("nan")])
+def test_non_finite_settings_are_refused(name, value):
+    # β = ∞ or τ = ∞ used to pass the "> 0" check and give a NaN loss (eps_alpha = ∞: a 0 one).
+    s, t = jnp.asarray(_logits((1, 3, 12), 1)), jnp.asarray(_logits((1, 3, 12), 2))
+    with pytest.raises(ValueError, match=name):
+        tad_jax.tad_divergence(s, t, top_k=3, **{name: value})
+
+
+@pytest.mark.parametrize("fn", ["reverse_kl_divergence", "js_divergence", "kl_divergence"])
+def test_infinite_temperature_is_refused_by_the_companions(fn):
+    s, t = jnp.asarray(_logits((1, 3, 12), 1)), jnp.asarray(_logits((1, 3, 12), 2))
+    with pytest.raises(ValueError, match="temperature"):
+        getattr(tad_jax, fn)(s, t, temperature=float("inf"))
+
+
+def test_infinite_softcap_is_refused():
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
+    with pytest.raises(ValueError, match="final_logit_softcap"):
+        tad_jax.fused_tad_loss(hs, ws, ht, wt, top_k=3, final_logit_softcap=float("inf"))
+
+
+# ------------------------------------------------------------------------------ fused: bad calls
+
+
+def test_fused_divergence_without_teacher_names_the_fix():
+    # Used to raise KeyError: 'ht' from inside the scan.
+    hs, ws, _, wt = (jnp.asarray(x) for x in _fused_args())
+    y = jnp.zeros(hs.shape[:-1], jnp.int32)
+    for teacher_head in (None, wt):
+        with pytest.raises(ValueError, match="teacher_hidden"):
+            tad_jax.fused_distillation_loss(hs, ws, None, teacher_head, y, top_k=3)
+
+
+def test_fused_loss_with_nothing_to_compute_is_refused():
+    # fused_causal_lm_loss(h, W, None) used to return 0: no term at all, silently.
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
+    with pytest.raises(ValueError, match="targets"):
+        tad_jax.fused_causal_lm_loss(hs, ws, None)
+    with pytest.raises(ValueError, match="targets"):
+        tad_jax.fused_distillation_loss(hs, ws, ht, wt, None, divergence=None)
+
+
+# ------------------------------------------------------------------------------ metrics: bad calls
+
+
+def test_metrics_refuse_float_targets_and_integer_logits():
+    s, t = jnp.asarray(_logits((2, 3, 12), 1)), jnp.asarray(_logits((2, 3, 12), 2))
+    y, m = jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 3))
+    with pytest.raises(ValueError, match="targets must be integer"):
+        metrics.eval_sums(s, t, y + 0.7, m)  # used to be truncated to token 0 silently
+    with pytest.raises(ValueError, match="floating point"):
+        metrics.eval_sums(s.astype(jnp.int32), t, y, m)
