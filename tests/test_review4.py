@@ -255,3 +255,222 @@ def test_metrics_refuse_float_targets_and_integer_logits():
         metrics.eval_sums(s, t, y + 0.7, m)  # used to be truncated to token 0 silently
     with pytest.raises(ValueError, match="floating point"):
         metrics.eval_sums(s.astype(jnp.int32), t, y, m)
+
+
+# ------------------------------------------------------------------------------ coverage vs the
+# reference: adversarial inputs that turned out right (kept as regression tests)
+
+
+def _case(name, v):
+    """(s, t) float32 [2, 3, V] logits of one adversarial case."""
+    s, t = _logits((2, 3, v), 1), _logits((2, 3, v), 2)
+    if name == "ties":  # many equal teacher values, so the K-th place is a tie
+        t = np.round(t / 4).astype(np.float32)
+    elif name == "flat_teacher":
+        t = np.zeros_like(t)
+    elif name == "student_pad":  # the student's padded columns, one at the teacher's argmax
+        s[..., -3:] = -np.inf
+        np.put_along_axis(s, np.argmax(t, -1)[..., None], -np.inf, -1)
+    elif name == "teacher_pad":
+        t[..., -3:] = -np.inf
+    elif name == "both_pad_and_empty":
+        s[..., -3:] = -np.inf
+        t[..., -5:] = -np.inf
+        s[0, 1] = -np.inf  # no student entry at all
+        t[1, 2] = -np.inf  # no teacher entry at all
+    elif name == "magnitude_1e4":
+        s, t = 3e3 * s, 3e3 * t + 1e4
+    elif name == "tails_1000_below":
+        s[..., 7:] -= 1000.0
+        t[..., 5:] -= 1000.0
+    return s, t
+
+
+_CASES = ["plain", "ties", "flat_teacher", "student_pad", "teacher_pad", "both_pad_and_empty",
+          "magnitude_1e4", "tails_1000_below"]
+
+
+@pytest.mark.parametrize("v,k", [(12, 0), (12, 3), (12, 11), (300, 1), (520, 3)])
+@pytest.mark.parametrize("name", _CASES)
+def test_tad_divergence_adversarial(name, v, k):
+    s, t = _case(name, v)
+    want, gwant = ref_tad(s, t, k=k, reduction="sum")
+    got, g = _lib_tad(jnp.asarray(s), jnp.asarray(t), top_k=k, reduction="sum")
+    _close(got, want, rtol=1e-5, atol=2e-4 if name == "magnitude_1e4" else 1e-5)
+    _close(g, gwant)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_tad_divergence_low_precision_settings(dtype):
+    # bf16/f16 logits (the reference sees the rounded values), τ ≠ 1, a masked row, segments,
+    # extra leading dims; gradients come back in the input dtype.
+    s = jnp.asarray(_logits((2, 2, 3, 64), 4), dtype)
+    t = jnp.asarray(_logits((2, 2, 3, 64), 5), dtype)
+    mask = np.array([[[1, 1, 0], [0, 0, 0]], [[1, 1, 1], [0, 1, 1]]])
+    seg = np.array([[[1, 1, 2], [1, 1, 1]], [[5, 9, 9], [0, 3, 3]]])
+    want, gwant = ref_tad(np.asarray(s, np.float32), np.asarray(t, np.float32), mask, k=5,
+                          tau=2.5, segment_ids=seg)
+    got, g = _lib_tad(s, t, jnp.asarray(mask), top_k=5, temperature=2.5, beta_scope="segment",
+                      segment_ids=jnp.asarray(seg))
+    assert got.dtype == jnp.float32 and g.dtype == dtype
+    _close(got, want, rtol=1e-5)
+    _close(np.asarray(g, np.float32), gwant, rtol=1e-2, atol=1e-5)  # (g rounded to dtype)
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_companion_losses_against_reference(reduction):
+    # The student's padding (3 columns, and all of position [0, 1]: 0 loss); the teacher -inf
+    # only on those columns (elsewhere RKL would be +inf).
+    s, t = _case("both_pad_and_empty", 12)
+    t = _logits((2, 3, 12), 2)
+    t[..., -3:] = -np.inf
+    mask = np.array([[1, 0, 1], [1, 1, 1]])
+    tau, w = 1.5, 0.3
+    a, b = s / tau, np.where(np.isneginf(s), -np.inf, t) / tau
+    rkl, jsd = np.zeros((2, 3)), np.zeros((2, 3))
+    for i, j in np.ndindex(2, 3):
+        keep = ~np.isneginf(a[i, j])
+        if not keep.any() or not mask[i, j]:
+            continue
+        lps = a[i, j, keep] - _lse(a[i, j, keep])
+        lpt = b[i, j, keep] - _lse(b[i, j, keep])
+        ps, pt = np.exp(lps), np.exp(lpt)
+        lm = np.log(w * pt + (1 - w) * ps)
+        rkl[i, j] = tau**2 * np.sum(ps * (lps - lpt))
+        jsd[i, j] = tau**2 * (w * np.sum(np.where(pt > 0, pt * (lpt - lm), 0.0))
+                              + (1 - w) * np.sum(ps * (lps - lm)))
+    n = mask.sum()
+    red = {"none": lambda x: x, "sum": np.sum, "mean": lambda x: np.sum(x) / n}[reduction]
+    sj, tj, mj = jnp.asarray(s), jnp.asarray(t), jnp.asarray(mask)
+    _close(tad_jax.reverse_kl_divergence(sj, tj, mj, temperature=tau, reduction=reduction),
+           red(rkl))
+    _close(tad_jax.js_divergence(sj, tj, mj, weight=w, temperature=tau, reduction=reduction),
+           red(jsd))
+    kl, gkl = ref_tad(s, t, mask, k=0, beta=1.0, tau=tau, reduction=reduction)
+    _close(tad_jax.kl_divergence(sj, tj, mj, temperature=tau, reduction=reduction), kl)
+    g = jax.grad(lambda s: jnp.sum(tad_jax.kl_divergence(s, tj, mj, temperature=tau,
+                                                         reduction=reduction)))(sj)
+    _close(g, gkl)
+
+
+def _ref_fused(hs, ws, bs, ht, wt, bt, y, mask, cap, k, tau, reduction, seg):
+    """(loss, dh, dW, db) of CLM + TAD on softcap(h W + b), float64."""
+    f64 = [None if x is None else np.asarray(x, np.float64) for x in (hs, ws, bs, ht, wt, bt)]
+    hs, ws, bs, ht, wt, bt = f64
+    zs = hs @ ws + (0.0 if bs is None else bs)
+    zt = ht @ wt + (0.0 if bt is None else bt)
+    dcap = 1.0
+    if cap is not None:
+        dcap = 1.0 - np.tanh(zs / cap) ** 2
+        zs, zt = cap * np.tanh(zs / cap), cap * np.tanh(zt / cap)
+    m = np.ones(zs.shape[:-1]) if mask is None else (np.asarray(mask) != 0) * 1.0
+    loss, dz = ref_tad(zs, zt, mask, k=k, tau=tau, reduction=reduction, segment_ids=seg)
+    lps = zs - np.log(np.sum(np.exp(zs - zs.max(-1, keepdims=True)), -1, keepdims=True)) \
+        - zs.max(-1, keepdims=True)
+    clm = -np.take_along_axis(lps, y[..., None], -1)[..., 0] * m
+    dclm = (np.exp(lps) - np.eye(zs.shape[-1])[y]) * m[..., None]
+    n = max(m.sum(), 1.0) if reduction == "mean" else 1.0
+    loss = loss + (clm if reduction == "none" else clm.sum() / n)
+    dz = (dz + dclm / n) * dcap
+    flat = dz.reshape(-1, dz.shape[-1])
+    return loss, dz @ ws.T, hs.reshape(-1, hs.shape[-1]).T @ flat, flat.sum(0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 5, 10, 64])  # < T, rows spanning, = T, > T
+@pytest.mark.parametrize("variant", ["plain", "padded_biases_softcap_tau", "segments_none",
+                                     "frozen_head_3d"])
+def test_fused_distillation_loss_against_reference(chunk_size, variant):
+    hs, ws, ht, wt = _fused_args(lead=(2, 2, 5) if variant == "frozen_head_3d" else (2, 5), v=50)
+    lead, v = hs.shape[:-1], ws.shape[1]
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, v - 4, lead)
+    bs = bt = mask = seg = cap = None
+    tau, k, reduction, head_grad = 1.0, 3, "mean", True
+    if variant == "padded_biases_softcap_tau":
+        bs = rng.standard_normal(v).astype(np.float32)
+        bs[-4:] = -np.inf  # padded student columns (no soft-cap: those would not stay -inf)
+        bt = rng.standard_normal(v).astype(np.float32)
+        bt[::7] = -np.inf  # the teacher's zero probabilities
+        tau, k = 1.7, 10
+    if variant == "segments_none":
+        mask = np.array([[1, 1, 1, 1, 0], [0, 0, 0, 0, 0]])
+        seg = np.array([[1, 1, 2, 2, 0], [0, 1, 1, 2, 3]])
+        cap, reduction = 4.0, "none"
+    if variant == "frozen_head_3d":
+        head_grad, k = False, 49
+    want, dh, dw, db = _ref_fused(hs, ws, bs, ht, wt, bt, y, mask, cap, k, tau, reduction, seg)
+    kw = dict(top_k=k, temperature=tau, chunk_size=chunk_size, final_logit_softcap=cap,
+              reduction=reduction, student_head_grad=head_grad, teacher_bias=bt)
+    if seg is not None:
+        kw.update(beta_scope="segment", segment_ids=jnp.asarray(seg))
+
+    def f(hs, ws, bs):
+        return jnp.sum(tad_jax.fused_distillation_loss(
+            hs, ws, jnp.asarray(ht), jnp.asarray(wt), jnp.asarray(y),
+            None if mask is None else jnp.asarray(mask), student_bias=bs, **kw)[0])
+
+    args = (jnp.asarray(hs), jnp.asarray(ws), None if bs is None else jnp.asarray(bs))
+    got = tad_jax.fused_distillation_loss(args[0], args[1], jnp.asarray(ht), jnp.asarray(wt),
+                                          jnp.asarray(y), None if mask is None else
+                                          jnp.asarray(mask), student_bias=args[2], **kw)[0]
+    _close(got, want, rtol=2e-5, atol=2e-5)
+    g = jax.grad(f, argnums=(0, 1, 2) if bs is not None else (0, 1))(*args)
+    _close(g[0], dh, rtol=1e-4, atol=1e-5)
+    if head_grad:
+        _close(g[1], dw, rtol=1e-4, atol=1e-5)
+    else:
+        assert not np.any(np.asarray(g[1]))
+    if bs is not None:
+        _close(g[2], db, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ metrics
+
+
+def _ref_metrics(s, t, y, mask, ks, bins):
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+    t = np.where(np.isneginf(s), -np.inf, t)
+    v = s.shape[-1]
+    keep = np.asarray(mask).reshape(-1) != 0
+    s, t, y = s.reshape(-1, v)[keep], t.reshape(-1, v)[keep], np.asarray(y).reshape(-1)[keep]
+    lps = np.stack([x - _lse(x) for x in s])
+    lpt = np.stack([x - _lse(x) for x in t])
+    ps, n = np.exp(lps), len(y)
+    tail = {}
+    for k in ks:
+        tail[k] = np.mean([np.exp(_lse(x[np.argsort(-x, kind="stable")[k:]])) for x in lpt])
+    b = np.clip(np.floor(ps * bins).astype(int), 0, bins - 1)
+    hits, conf = np.zeros(bins), np.zeros(bins)
+    np.add.at(conf, b, ps)
+    np.add.at(hits, b[np.arange(n), y], 1.0)
+    return dict(kl=np.mean([ref_position(a, c, 0)["kl"] for a, c in zip(s, t, strict=True)]),
+                full_ece=np.sum(np.abs(hits - conf)) / n,
+                mismatch_rate=np.mean(np.argmax(lpt, -1) != y),
+                top1_agreement=np.mean(np.argmax(lps, -1) == np.argmax(lpt, -1)),
+                student_ce=-np.mean(lps[np.arange(n), y]),
+                teacher_ce=-np.mean(lpt[np.arange(n), y]),
+                tail_mass=tail, tokens=n)
+
+
+@pytest.mark.parametrize("name", ["plain", "ties", "flat_teacher", "student_pad", "teacher_pad",
+                                  "magnitude_1e4", "tails_1000_below"])
+def test_metrics_against_reference(name):
+    v, ks, bins = 64, (1, 2, 5, 63, 64, 80), 7
+    s, t = _case(name, v)
+    if name == "student_pad":
+        s[..., -3:] = -np.inf  # (not at the teacher's argmax: the targets must stay finite)
+        s[..., :-3] = _logits((2, 3, v - 3), 1)
+    s, t = 4.0 * s if name == "plain" else s, t  # sharp: probabilities in the upper bins
+    y = np.random.default_rng(2).integers(0, v - 3, (2, 3))
+    y[0, 0] = int(np.argmax(t[0, 0]))
+    mask = np.array([[1, 1, 1], [0, 1, 1]])
+    got = metrics.finalize(metrics.add_sums(None, metrics.eval_sums(
+        jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), jnp.asarray(mask), tail_ks=ks,
+        ece_bins=bins)))
+    want = _ref_metrics(s, t, y, mask, ks, bins)
+    for key, w in want.items():
+        if key == "tail_mass":
+            assert list(got[key]) == sorted(ks)
+            _close([got[key][k] for k in ks], [w[k] for k in ks], rtol=1e-4)
+        else:
+            _close(got[key], w, rtol=1e-4, atol=2e-5)
