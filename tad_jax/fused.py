@@ -230,7 +230,10 @@ def _clm_terms(zs_mv, y_m):
     """Cross-entropy per token and its gradient w.r.t. the (untempered) student logits."""
     logp = core.log_softmax(zs_mv)
     onehot = jnp.arange(zs_mv.shape[-1]) == y_m[..., None]
-    return -core.at_targets(logp, y_m), jnp.exp(logp) - onehot
+    # A target outside [0, V) adds 0 (`core.at_targets`), so its gradient is 0 too (as that of
+    # `losses.causal_lm_loss`), not softmax − a one-hot of nothing.
+    valid = ((y_m >= 0) & (y_m < zs_mv.shape[-1]))[..., None]
+    return -core.at_targets(logp, y_m), jnp.where(valid, jnp.exp(logp) - onehot, 0.0)
 
 
 def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):

@@ -474,3 +474,27 @@ def test_metrics_against_reference(name):
             _close([got[key][k] for k in ks], [w[k] for k in ks], rtol=1e-4)
         else:
             _close(got[key], w, rtol=1e-4, atol=2e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [3, 64])
+def test_fused_clm_out_of_range_target_gradient_matches_its_value(chunk_size):
+    # An unmasked target outside [0, V) (an HF-style -100 left unmasked) adds 0 to the CLM in
+    # both the fused and the unfused loss (`tad_core.at_targets`); the fused gradient was
+    # p_S there (softmax − a one-hot of nothing), not the 0 of that value and of causal_lm_loss.
+    hs, ws, _, _ = (jnp.asarray(x) for x in _fused_args())
+    y = np.random.default_rng(0).integers(0, ws.shape[1], hs.shape[:-1])
+    y[0, 0], y[1, 3] = -100, ws.shape[1]
+    y = jnp.asarray(y, jnp.int32)
+
+    def fused(h):
+        return tad_jax.fused_causal_lm_loss(h, ws, y, reduction="sum", chunk_size=chunk_size)
+
+    zs = np.asarray(hs, np.float64) @ np.asarray(ws, np.float64)
+    lp = zs - np.log(np.sum(np.exp(zs), -1, keepdims=True))
+    valid = (np.asarray(y) >= 0) & (np.asarray(y) < ws.shape[1])
+    yc = np.where(valid, np.asarray(y), 0)
+    want = -np.sum(np.where(valid, np.take_along_axis(lp, yc[..., None], -1)[..., 0], 0.0))
+    dz = np.where(valid[..., None], np.exp(lp) - np.eye(ws.shape[1])[yc], 0.0)
+    _close(fused(hs), want)
+    _close(tad_jax.causal_lm_loss(hs @ ws, y, reduction="sum"), want)
+    _close(jax.grad(fused)(hs), dz @ np.asarray(ws, np.float64).T, rtol=1e-4, atol=1e-5)
