@@ -69,7 +69,10 @@ def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
     conf = [jnp.sum(jnp.where(top_bin_btk == m, weighted_btk, 0.0)) for m in range(1, ece_bins)]
     conf0 = _valid_sum(total_bt, mask_bt) - sum(conf, jnp.float32(0.0))
     tgt_p_bt = jnp.exp(core.at_targets(lps_btv, targets_bt))
-    tgt_bin_bt = _bin_of(tgt_p_bt, ece_bins)
+    # A target outside [0, V) (e.g. an unmasked -100) is no entry k = y: no hit (at_targets
+    # reads 0 there, whose exp(0) = 1 would put a hit in the top bin).
+    tgt_bin_bt = jnp.where((targets_bt >= 0) & (targets_bt < vocab),
+                           _bin_of(tgt_p_bt, ece_bins), -1)
     hits = [jnp.sum(jnp.where(tgt_bin_bt == m, mask_bt, 0.0)) for m in range(ece_bins)]
     return {"ece_conf_m": jnp.stack([conf0, *conf]), "ece_hits_m": jnp.stack(hits)}
 

@@ -176,7 +176,8 @@ def test_segment_ids_outside_0_T_keep_documents_apart(ids):
     _close(got, ref_tad(s, t, mask, k=3, segment_ids=dense)[0])
 
 
-def test_fused_segment_ids_outside_0_T(chunk_size=3):
+@pytest.mark.parametrize("chunk_size", [3, 64])  # rows spanning chunks (pre-pass), whole rows
+def test_fused_segment_ids_outside_0_T(chunk_size):
     hs, ws, ht, wt = _fused_args()
     seg = np.array([[100, 100, 200, 200, 200], [0, 50, 50, 60, 60]])
     mask = np.array([[1, 1, 1, 1, 0], [0, 1, 1, 1, 1]])
@@ -498,3 +499,24 @@ def test_fused_clm_out_of_range_target_gradient_matches_its_value(chunk_size):
     _close(fused(hs), want)
     _close(tad_jax.causal_lm_loss(hs @ ws, y, reduction="sum"), want)
     _close(jax.grad(fused)(hs), dz @ np.asarray(ws, np.float64).T, rtol=1e-4, atol=1e-5)
+
+
+def test_full_ece_counts_no_hit_for_a_target_outside_the_vocabulary():
+    # Full-ECE's hits_m counts the (i, k) in bin m with k = y_i: none when y_i is outside
+    # [0, V) (e.g. an unmasked -100). The target's probability read as exp(0) = 1 put a hit in
+    # the top bin.
+    s, t = _logits((2, 3, 12), 1), _logits((2, 3, 12), 2)
+    y = np.random.default_rng(0).integers(0, 12, (2, 3))
+    y[0, 1], y[1, 2] = -100, 12
+    mask = np.ones((2, 3))
+    sums = metrics.eval_sums(jnp.asarray(s), jnp.asarray(t), jnp.asarray(y), jnp.asarray(mask),
+                             ece_bins=5)
+    ps = np.exp(np.stack([x - _lse(x) for x in s.reshape(-1, 12).astype(np.float64)]))
+    b = np.clip(np.floor(ps * 5).astype(int), 0, 4)
+    hits, conf = np.zeros(5), np.zeros(5)
+    np.add.at(conf, b, ps)
+    yv = y.reshape(-1)
+    ok = (yv >= 0) & (yv < 12)
+    np.add.at(hits, b[np.arange(6)[ok], yv[ok]], 1.0)
+    _close(sums["ece_hits_m"], hits)
+    _close(sums["ece_conf_m"], conf, rtol=1e-5)
