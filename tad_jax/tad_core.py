@@ -700,10 +700,17 @@ def beta_x(log_alpha_t, mask, cfg: TADConfig, segment_ids=None):
         raise ValueError('beta_scope="segment" needs segment_ids ([..., T], one id per document '
                          'of a packed row); pass them, or use beta_scope="row".')
     t = alpha.shape[-1]
-    # Each id as its first place in the sorted row: dense ids in [0, T) for any integers (a
-    # clip into [0, T] merged the documents of ids outside it, e.g. 100 and 200, or -1 and -2).
+    # Dense ids in [0, T) for any integers: the rank of each id among the row's distinct ids
+    # (a clip into [0, T] merged the documents of ids outside it, e.g. 100 and 200, or -1 and
+    # -2). Sorts along T only, batched (a vmapped searchsorted failed on rows sharded over
+    # Explicit mesh axes).
     seg = segment_ids.reshape(-1, t)
-    seg = jax.vmap(lambda s: jnp.searchsorted(jnp.sort(s), s))(seg).astype(jnp.int32)
+    order = jnp.argsort(seg, axis=-1)
+    sorted_ids = jnp.take_along_axis(seg, order, axis=-1)
+    starts = jnp.concatenate([jnp.zeros_like(sorted_ids[:, :1], bool),
+                              sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=-1)
+    rank = jnp.cumsum(starts.astype(jnp.int32), axis=-1)
+    seg = jnp.take_along_axis(rank, jnp.argsort(order, axis=-1), axis=-1)
     sums = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t))
     alpha_sum = sums(alpha.reshape(-1, t), seg)
     count = sums(mask.reshape(-1, t).astype(alpha.dtype), seg)

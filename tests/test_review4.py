@@ -520,3 +520,22 @@ def test_full_ece_counts_no_hit_for_a_target_outside_the_vocabulary():
     np.add.at(hits, b[np.arange(6)[ok], yv[ok]], 1.0)
     _close(sums["ece_hits_m"], hits)
     _close(sums["ece_conf_m"], conf, rtol=1e-5)
+
+
+def test_segment_scope_on_rows_sharded_over_explicit_axes():
+    # The dense renumbering of segment ids must run on rows sharded over an Explicit mesh axis
+    # (a vmapped searchsorted there raised "Resource axis: data ... not found").
+    from jax.sharding import AxisType, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Explicit,))
+    s, t = _logits((8, 4, 40), 1), _logits((8, 4, 40), 2)
+    seg = np.random.default_rng(0).integers(0, 3, (8, 4)) * 50
+    want, gwant = ref_tad(s, t, k=3, segment_ids=seg)
+    f = jax.jit(jax.value_and_grad(lambda s, t, seg: tad_jax.tad_divergence(
+        s, t, top_k=3, beta_scope="segment", segment_ids=seg)))
+    sh, rows = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data", None))
+    got, g = f(jax.device_put(jnp.asarray(s), sh), jax.device_put(jnp.asarray(t), sh),
+               jax.device_put(jnp.asarray(seg, jnp.int32), rows))
+    _close(got, want)
+    _close(g, gwant)
