@@ -704,7 +704,10 @@ def beta_x(log_alpha_t, mask, cfg: TADConfig, segment_ids=None):
     # (a clip into [0, T] merged the documents of ids outside it, e.g. 100 and 200, or -1 and
     # -2). Sorts along T only, batched (a vmapped searchsorted failed on rows sharded over
     # Explicit mesh axes).
-    seg = segment_ids.reshape(-1, t)
+    # (+ zeros like α: the ids and the mask take α's sharding, which the vmap below needs;
+    # a mask of None made by `losses` is unsharded.)
+    seg = (segment_ids + jnp.zeros_like(alpha, segment_ids.dtype)).reshape(-1, t)
+    valid = jnp.where(mask > 0, jnp.ones_like(alpha), jnp.zeros_like(alpha))
     order = jnp.argsort(seg, axis=-1)
     sorted_ids = jnp.take_along_axis(seg, order, axis=-1)
     starts = jnp.concatenate([jnp.zeros_like(sorted_ids[:, :1], bool),
@@ -713,6 +716,6 @@ def beta_x(log_alpha_t, mask, cfg: TADConfig, segment_ids=None):
     seg = jnp.take_along_axis(rank, jnp.argsort(order, axis=-1), axis=-1)
     sums = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t))
     alpha_sum = sums(alpha.reshape(-1, t), seg)
-    count = sums(mask.reshape(-1, t).astype(alpha.dtype), seg)
+    count = sums(valid.reshape(-1, t), seg)
     mean = jnp.take_along_axis(alpha_sum / jnp.maximum(count, 1.0), seg, axis=-1)
     return (cfg.beta / jnp.maximum(mean, cfg.eps_alpha)).reshape(alpha.shape)

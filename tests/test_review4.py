@@ -522,9 +522,11 @@ def test_full_ece_counts_no_hit_for_a_target_outside_the_vocabulary():
     _close(sums["ece_conf_m"], conf, rtol=1e-5)
 
 
-def test_segment_scope_on_rows_sharded_over_explicit_axes():
-    # The dense renumbering of segment ids must run on rows sharded over an Explicit mesh axis
-    # (a vmapped searchsorted there raised "Resource axis: data ... not found").
+@pytest.mark.parametrize("shard_ids", [True, False])
+def test_segment_scope_on_rows_sharded_over_explicit_axes(shard_ids):
+    # β(X) per segment on rows sharded over an Explicit mesh axis, mask None: main raised
+    # "Mapped away dimension of inputs passed to vmap should be sharded the same" (the mask of
+    # ones, unsharded, against sharded α); a vmapped searchsorted also failed there.
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -536,6 +538,7 @@ def test_segment_scope_on_rows_sharded_over_explicit_axes():
         s, t, top_k=3, beta_scope="segment", segment_ids=seg)))
     sh, rows = NamedSharding(mesh, P("data")), NamedSharding(mesh, P("data", None))
     got, g = f(jax.device_put(jnp.asarray(s), sh), jax.device_put(jnp.asarray(t), sh),
-               jax.device_put(jnp.asarray(seg, jnp.int32), rows))
+               jax.device_put(jnp.asarray(seg, jnp.int32), rows) if shard_ids
+               else jnp.asarray(seg, jnp.int32))
     _close(got, want)
     _close(g, gwant)
