@@ -94,6 +94,12 @@ def _check_head(who: str, hidden, head, bias) -> int:
 
 def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _Config:
     vocab = _check_head("student", hs, ws, bs)
+    if cfg.divergence is not None and (ht is None or wt is None):
+        raise ValueError(f"divergence={cfg.divergence!r} needs teacher_hidden and teacher_head "
+                         "(got None); pass both, or divergence=None for the CLM term alone")
+    if cfg.divergence is None and targets is None:
+        raise ValueError("nothing to compute: divergence=None and targets=None; pass the next-"
+                         "token targets (int [..., T]) for the CLM term, or a divergence")
     if ht is not None:
         if _check_head("teacher", ht, wt, bt) != vocab:
             raise ValueError(
@@ -113,6 +119,10 @@ def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _C
             segment_ids is None or segment_ids.shape != hs.shape[:-1]):
         raise ValueError(f'beta_scope="segment" needs segment_ids of shape [..., T] = '
                          f"{hs.shape[:-1]} (the document of each position)")
+    if (cfg.divergence == "tad" and cfg.tad.beta_scope == "segment"
+            and not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
+        raise ValueError(f"segment_ids must be integer document ids, got {segment_ids.dtype}; "
+                         "cast them with .astype(jnp.int32)")
     if targets is not None:
         if targets.shape != hs.shape[:-1]:
             raise ValueError(
@@ -220,7 +230,10 @@ def _clm_terms(zs_mv, y_m):
     """Cross-entropy per token and its gradient w.r.t. the (untempered) student logits."""
     logp = core.log_softmax(zs_mv)
     onehot = jnp.arange(zs_mv.shape[-1]) == y_m[..., None]
-    return -core.at_targets(logp, y_m), jnp.exp(logp) - onehot
+    # A target outside [0, V) adds 0 (`core.at_targets`), so its gradient is 0 too (as that of
+    # `losses.causal_lm_loss`), not softmax − a one-hot of nothing.
+    valid = ((y_m >= 0) & (y_m < zs_mv.shape[-1]))[..., None]
+    return -core.at_targets(logp, y_m), jnp.where(valid, jnp.exp(logp) - onehot, 0.0)
 
 
 def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
@@ -533,7 +546,8 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
 
     Raises:
         ValueError: on mismatched shapes or vocabularies, chunk_size < 1, an invalid TAD setting,
-            soft-cap, reduction or divergence, or non-integer targets.
+            soft-cap, reduction or divergence, non-integer targets or segment_ids, a divergence
+            without the teacher, or no term to compute (no divergence and no targets).
     """
     if divergence not in _DIVERGENCES + (None,):
         raise ValueError(f"divergence must be one of {_DIVERGENCES} when fused, got {divergence!r}")

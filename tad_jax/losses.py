@@ -49,8 +49,8 @@ def _static_number(name, value):
 
 def _check_positive(name, value):
     value = _static_number(name, value)
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}.")
+    if not 0 < value < math.inf:  # (inf made the loss NaN; nan fails too)
+        raise ValueError(f"{name} must be > 0 and finite, got {value}.")
     return value
 
 
@@ -182,6 +182,9 @@ def _segments(segment_ids, cfg, shape):
         raise ValueError(f'beta_scope="segment" needs segment_ids of shape {shape} ([..., T]: the '
                          f"document of each position), got "
                          f"{None if segment_ids is None else jnp.shape(segment_ids)}.")
+    if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
+        raise ValueError(f"segment_ids must be integer document ids, got "
+                         f"{jnp.result_type(segment_ids)}; cast them with .astype(jnp.int32).")
     return jnp.asarray(segment_ids).astype(jnp.int32)
 
 

@@ -69,7 +69,10 @@ def _full_ece_sums(lps_btv, targets_bt, mask_bt, ece_bins):
     conf = [jnp.sum(jnp.where(top_bin_btk == m, weighted_btk, 0.0)) for m in range(1, ece_bins)]
     conf0 = _valid_sum(total_bt, mask_bt) - sum(conf, jnp.float32(0.0))
     tgt_p_bt = jnp.exp(core.at_targets(lps_btv, targets_bt))
-    tgt_bin_bt = _bin_of(tgt_p_bt, ece_bins)
+    # A target outside [0, V) (e.g. an unmasked -100) is no entry k = y: no hit (at_targets
+    # reads 0 there, whose exp(0) = 1 would put a hit in the top bin).
+    tgt_bin_bt = jnp.where((targets_bt >= 0) & (targets_bt < vocab),
+                           _bin_of(tgt_p_bt, ece_bins), -1)
     hits = [jnp.sum(jnp.where(tgt_bin_bt == m, mask_bt, 0.0)) for m in range(ece_bins)]
     return {"ece_conf_m": jnp.stack([conf0, *conf]), "ece_hits_m": jnp.stack(hits)}
 
@@ -89,6 +92,12 @@ def _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins
     if jnp.shape(student_logits) != jnp.shape(teacher_logits):
         raise ValueError(f"student logits {jnp.shape(student_logits)} and teacher logits "
                          f"{jnp.shape(teacher_logits)} must have the same shape [..., T, V].")
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {jnp.result_type(x)}; cast "
+                             "them with .astype(jnp.float32) (integers are likely token ids).")
+    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
+        raise ValueError(f"targets must be integer token ids, got {jnp.result_type(targets)}.")
     want = jnp.shape(student_logits)[:-1]
     if jnp.shape(targets) != want or jnp.shape(mask) != want:
         raise ValueError(f"targets {jnp.shape(targets)} and mask {jnp.shape(mask)} must both be "
@@ -120,7 +129,8 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
       shape [M].
 
     Raises:
-      ValueError: on mismatched shapes or bad ``tail_ks`` / ``ece_bins``.
+      ValueError: on mismatched shapes, non-float logits, non-integer targets or bad
+        ``tail_ks`` / ``ece_bins``.
     """
     _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins)
     mask_bt = (jnp.asarray(mask) != 0).astype(jnp.float32)

@@ -64,8 +64,8 @@ class TADConfig:
         "segment" (one document of a packed row, from `segment_ids`: supervised distillation).
 
     Raises:
-      ValueError: on a non-integer or negative top_k, non-positive beta/temperature/eps_alpha, or
-        an unknown beta_scope.
+      ValueError: on a non-integer or negative top_k, non-positive or infinite
+        beta/temperature/eps_alpha, or an unknown beta_scope.
     """
 
     top_k: int = 10
@@ -84,8 +84,8 @@ class TADConfig:
             except (TypeError, jax.errors.ConcretizationTypeError) as e:
                 raise ValueError(f"{name} must be a static Python number, got "
                                  f"{type(value).__name__}; pass a float, not a jax value.") from e
-            if not value > 0:
-                raise ValueError(f"{name} must be > 0, got {value}.")
+            if not 0 < value < float("inf"):  # (inf made the loss NaN; nan fails too)
+                raise ValueError(f"{name} must be > 0 and finite, got {value}.")
             object.__setattr__(self, name, value)
         if self.beta_scope not in BETA_SCOPES:
             raise ValueError(f"beta_scope must be one of {BETA_SCOPES}, got {self.beta_scope!r}.")
@@ -730,8 +730,8 @@ def beta_x(log_alpha_t, mask, cfg: TADConfig, segment_ids=None):
 
     ᾱ(X) is the mean teacher tail mass over the valid positions of the sequence X holding the
     position: the row (the last axis) for `cfg.beta_scope == "row"`, or, for "segment", the
-    positions of the row with the same `segment_ids` (one document of a packed row; ids in
-    [0, T], as the data pipeline makes them). Teacher-only: a constant for differentiation. A
+    positions of the row with the same `segment_ids` (one document of a packed row; any
+    integers, not only the pipeline's [0, T]). Teacher-only: a constant for differentiation. A
     sequence with no valid position gets β/eps_alpha, which multiplies only zeros.
 
     Args:
@@ -751,9 +751,22 @@ def beta_x(log_alpha_t, mask, cfg: TADConfig, segment_ids=None):
         raise ValueError('beta_scope="segment" needs segment_ids ([..., T], one id per document '
                          'of a packed row); pass them, or use beta_scope="row".')
     t = alpha.shape[-1]
-    seg = jnp.clip(segment_ids.reshape(-1, t).astype(jnp.int32), 0, t)
-    sums = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t + 1))
+    # Dense ids in [0, T) for any integers: the rank of each id among the row's distinct ids
+    # (a clip into [0, T] merged the documents of ids outside it, e.g. 100 and 200, or -1 and
+    # -2). Sorts along T only, batched (a vmapped searchsorted failed on rows sharded over
+    # Explicit mesh axes).
+    # (+ zeros like α: the ids and the mask take α's sharding, which the vmap below needs;
+    # a mask of None made by `losses` is unsharded.)
+    seg = (segment_ids + jnp.zeros_like(alpha, segment_ids.dtype)).reshape(-1, t)
+    valid = jnp.where(mask > 0, jnp.ones_like(alpha), jnp.zeros_like(alpha))
+    order = jnp.argsort(seg, axis=-1)
+    sorted_ids = jnp.take_along_axis(seg, order, axis=-1)
+    starts = jnp.concatenate([jnp.zeros_like(sorted_ids[:, :1], bool),
+                              sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=-1)
+    rank = jnp.cumsum(starts.astype(jnp.int32), axis=-1)
+    seg = jnp.take_along_axis(rank, jnp.argsort(order, axis=-1), axis=-1)
+    sums = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t))
     alpha_sum = sums(alpha.reshape(-1, t), seg)
-    count = sums(mask.reshape(-1, t).astype(alpha.dtype), seg)
+    count = sums(valid.reshape(-1, t), seg)
     mean = jnp.take_along_axis(alpha_sum / jnp.maximum(count, 1.0), seg, axis=-1)
     return (cfg.beta / jnp.maximum(mean, cfg.eps_alpha)).reshape(alpha.shape)
