@@ -516,6 +516,7 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
     Equals `losses.distillation_loss(softcap(h_s W_s + b_s), softcap(h_t W_t + b_t), targets, mask,
     ...)` (without the cosine term) in value and in its gradients w.r.t. the student's hidden
     states, head and bias, with the exact β(X) of TAD_SPEC.md even when a row spans chunks.
+    Computed in float32 whatever the inputs' dtype (float64 too); gradients in the inputs'.
 
     Args:
         student_hidden: final student hidden states [..., T, d_s] (after the last norm).
@@ -556,9 +557,15 @@ def fused_distillation_loss(student_hidden, student_head, teacher_hidden, teache
         tad = core.TADConfig(top_k=0, beta=1.0, temperature=tad.temperature)
     cfg = _Config(divergence, targets is not None, tad, chunk_size, final_logit_softcap, reduction,
                   student_head_grad)
+    as_array = lambda x: None if x is None else jnp.asarray(x)  # (lists, numpy arrays)
+    mask, targets, segment_ids = as_array(mask), as_array(targets), as_array(segment_ids)
     args = (student_hidden, student_head, student_bias, teacher_hidden, teacher_head,
             teacher_bias, mask, targets, segment_ids)
     cfg = _check_inputs(cfg, *args)
+    if math.prod(student_hidden.shape[:-1]) == 0:  # no position: 0, as the unfused losses
+        zero = jnp.zeros(student_hidden.shape[:-1] if reduction == "none" else (), _F32)
+        names = ("div",) * (divergence is not None) + ("clm",) * cfg.clm
+        return zero, {k: zero for k in names}
     total, parts = _auto_axes(functools.partial(_fused, cfg), cfg.reduction, student_hidden, args)
     return total, jax.lax.stop_gradient(parts)
 

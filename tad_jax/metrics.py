@@ -119,7 +119,7 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
       student_logits: float `[..., T, V]`.
       teacher_logits: float `[..., T, V]`.
       targets: int `[..., T]`, the next token y at each position.
-      mask: `[..., T]`, non-zero = the position counts.
+      mask: `[..., T]`, non-zero = the position counts; None: every position counts.
       tail_ks: the K of the teacher tail masses α_T(K).
       ece_bins: M, the number of equal-width Full-ECE bins over [0, 1].
 
@@ -132,6 +132,8 @@ def eval_sums(student_logits, teacher_logits, targets, mask, *,
       ValueError: on mismatched shapes, non-float logits, non-integer targets or bad
         ``tail_ks`` / ``ece_bins``.
     """
+    if mask is None:
+        mask = jnp.ones(jnp.shape(targets), jnp.float32)
     _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins)
     mask_bt = (jnp.asarray(mask) != 0).astype(jnp.float32)
     targets_bt = jnp.asarray(targets).astype(jnp.int32)

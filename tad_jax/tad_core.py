@@ -167,7 +167,7 @@ def top_k(x_v, k):
     Implementation: `lax.top_k` on TPU, or when V is short next to k; elsewhere a two-level
     search that reads x once instead of sorting it (`_blocked_top_k`; see `_on_tpu`).
     """
-    x_v = _whole_vocab(x_v)
+    x_v = _whole_last_axis(x_v)
     if k == 0:
         return jax.lax.top_k(x_v, 0)
     block = _head_block(x_v.shape[-1], k)
@@ -302,7 +302,7 @@ def _top_k_2d(x_v, k):
 def _per_shard(f, x_v):
     """f(x) for an f that works on each position alone; shard by shard (`jax.shard_map`) when
     x has explicitly sharded leading axes, whose merge by a reshape is not a local operation
-    (a ShardingTypeError). The last axis must be whole (`_whole_vocab`)."""
+    (a ShardingTypeError). The last axis must be whole (`_whole_last_axis`)."""
     mesh, spec = _explicit_spec(x_v)
     if spec is None or all(a is None for a in spec[:-1]):
         return f(x_v)
@@ -310,8 +310,9 @@ def _per_shard(f, x_v):
     return jax.shard_map(f, mesh=mesh, in_specs=spec, out_specs=spec)(x_v)
 
 
-def _whole_vocab(x_v):
-    """x with its vocabulary axis unsharded (top_k along an explicitly sharded axis is an error)."""
+def _whole_last_axis(x_v):
+    """x with its last axis (V; T in `beta_x`) unsharded: a top_k, sort or segment sum along an
+    explicitly sharded axis is an error."""
     mesh, spec = _explicit_spec(x_v)
     if spec is None or spec[-1] is None:
         return x_v
@@ -367,7 +368,7 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     in its own dtype (widening keeps order and ties; dividing by τ ≠ 1 may not: values that
     flush to 0 or overflow become ties). XLA TPU's TopK does not fuse its producer.
     """
-    s_v, t_v = _whole_vocab(s_v), _whole_vocab(t_v)
+    s_v, t_v = _whole_last_axis(s_v), _whole_last_axis(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
     block = _head_block(b_v.shape[-1], k) if k else None
     if block is None or temperature != 1.0:
@@ -440,7 +441,7 @@ def _blocked_terms(a_v, b_v, k, block, gather=None):
     maxima from the other blocks' maxima and the candidates outside the head. Exact: no sort,
     no [.., V] mask. `gather(columns)`: (a, b) at those columns (default: from a_v, b_v)."""
     vocab = b_v.shape[-1]
-    a_v, b_v = _whole_vocab(a_v), _whole_vocab(b_v)
+    a_v, b_v = _whole_last_axis(a_v), _whole_last_axis(b_v)
     gather = gather or (lambda cols: (_take(a_v, cols), _take(b_v, cols)))
     bmax_s, bmax_t = _block_maxima((a_v, b_v), block)
     cidx, cols, (a_c, b_c) = _candidates(bmax_t, k, block, vocab, gather)
@@ -750,23 +751,39 @@ def beta_x(log_alpha_t, mask, cfg: TADConfig, segment_ids=None):
     if segment_ids is None:
         raise ValueError('beta_scope="segment" needs segment_ids ([..., T], one id per document '
                          'of a packed row); pass them, or use beta_scope="row".')
-    t = alpha.shape[-1]
-    # Dense ids in [0, T) for any integers: the rank of each id among the row's distinct ids
-    # (a clip into [0, T] merged the documents of ids outside it, e.g. 100 and 200, or -1 and
-    # -2). Sorts along T only, batched (a vmapped searchsorted failed on rows sharded over
-    # Explicit mesh axes).
+    like, t = alpha, alpha.shape[-1]
+    # Sorts and sums along T: T whole (gathered where it is explicitly sharded), then back.
+    alpha, mask, ids = (_whole_last_axis(jnp.asarray(x)) for x in (alpha, mask, segment_ids))
     # (+ zeros like α: the ids and the mask take α's sharding, which the vmap below needs;
     # a mask of None made by `losses` is unsharded.)
-    seg = (segment_ids + jnp.zeros_like(alpha, segment_ids.dtype)).reshape(-1, t)
+    seg = _dense_ids((ids + jnp.zeros_like(alpha, ids.dtype)).reshape(-1, t))
     valid = jnp.where(mask > 0, jnp.ones_like(alpha), jnp.zeros_like(alpha))
-    order = jnp.argsort(seg, axis=-1)
-    sorted_ids = jnp.take_along_axis(seg, order, axis=-1)
-    starts = jnp.concatenate([jnp.zeros_like(sorted_ids[:, :1], bool),
-                              sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=-1)
-    rank = jnp.cumsum(starts.astype(jnp.int32), axis=-1)
-    seg = jnp.take_along_axis(rank, jnp.argsort(order, axis=-1), axis=-1)
     sums = jax.vmap(lambda x, s: jax.ops.segment_sum(x, s, num_segments=t))
     alpha_sum = sums(alpha.reshape(-1, t), seg)
     count = sums(valid.reshape(-1, t), seg)
     mean = jnp.take_along_axis(alpha_sum / jnp.maximum(count, 1.0), seg, axis=-1)
-    return (cfg.beta / jnp.maximum(mean, cfg.eps_alpha)).reshape(alpha.shape)
+    beta = cfg.beta / jnp.maximum(mean, cfg.eps_alpha)
+    return _sharded_like(beta.reshape(like.shape), like)
+
+
+def _dense_ids(ids_rt):
+    """Each id's rank among its row's distinct ids, int [R, T] in [0, T).
+
+    Any integers name documents (a clip into [0, T] merged those outside it, e.g. 100 and 200,
+    or -1 and -2). Sorts along T only, batched (a vmapped searchsorted failed on rows sharded
+    over Explicit mesh axes).
+    """
+    order = jnp.argsort(ids_rt, axis=-1)
+    sorted_ids = jnp.take_along_axis(ids_rt, order, axis=-1)
+    starts = jnp.concatenate([jnp.zeros_like(sorted_ids[:, :1], bool),
+                              sorted_ids[:, 1:] != sorted_ids[:, :-1]], axis=-1)
+    rank = jnp.cumsum(starts.astype(jnp.int32), axis=-1)
+    return jnp.take_along_axis(rank, jnp.argsort(order, axis=-1), axis=-1)
+
+
+def _sharded_like(x, like):
+    """x resharded as `like` where their explicit shardings differ (`_whole_last_axis` undone)."""
+    mesh, spec = _explicit_spec(like)
+    if spec is None or _explicit_spec(x)[1] == spec:
+        return x
+    return jax.sharding.reshard(x, jax.sharding.NamedSharding(mesh, spec))

@@ -6,6 +6,8 @@ Padding convention of the spec/module docs: a student -inf entry leaves both dis
 position with no teacher entry left gives 0 and α_T = 0 (K >= 1).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -256,6 +258,25 @@ def test_metrics_refuse_float_targets_and_integer_logits():
         metrics.eval_sums(s, t, y + 0.7, m)  # used to be truncated to token 0 silently
     with pytest.raises(ValueError, match="floating point"):
         metrics.eval_sums(s.astype(jnp.int32), t, y, m)
+
+
+def test_metrics_mask_none_counts_every_position():
+    # mask=None was refused ("mask () must be ..."): it now means every position counts.
+    s, t = jnp.asarray(_logits((2, 3, 12), 1)), jnp.asarray(_logits((2, 3, 12), 2))
+    y = jnp.asarray(np.random.default_rng(3).integers(0, 12, (2, 3)), jnp.int32)
+    got, want = metrics.eval_sums(s, t, y, None), metrics.eval_sums(s, t, y, jnp.ones((2, 3)))
+    assert float(got["count"]) == 6.0
+    for k in want:
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def test_fused_loss_takes_list_and_numpy_masks():
+    # A mask given as a list (accepted by the unfused losses) was an AttributeError.
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
+    m = [[1, 1, 0, 1, 1], [0, 1, 1, 1, 0]]
+    want = tad_jax.fused_tad_loss(hs, ws, ht, wt, jnp.asarray(m), top_k=3)
+    for mask in (m, np.asarray(m)):
+        np.testing.assert_array_equal(tad_jax.fused_tad_loss(hs, ws, ht, wt, mask, top_k=3), want)
 
 
 # ------------------------------------------------------------------------------ coverage vs the
@@ -544,9 +565,9 @@ def test_segment_scope_on_rows_sharded_over_explicit_axes(shard_ids):
     _close(g, gwant)
 
 
-@pytest.mark.xfail(strict=True, reason="beta_x's sort / vmapped segment sums along T reject a "
-                   "T sharded over an Explicit axis (ShardingTypeError); row scope works there")
 def test_segment_scope_with_positions_sharded_over_explicit_axes():
+    # beta_x's sorts and vmapped segment sums along a T sharded over an Explicit axis were a
+    # ShardingTypeError: T is now gathered there, and β(X) resharded as α.
     from jax.sharding import AxisType, NamedSharding
     from jax.sharding import PartitionSpec as P
 
@@ -562,10 +583,16 @@ def test_segment_scope_with_positions_sharded_over_explicit_axes():
     _close(got, want)
 
 
-@pytest.mark.xfail(strict=True, reason="fused._layout divides by T: ZeroDivisionError for T = 0 "
-                   "(tad_divergence returns 0 there)")
 def test_fused_loss_of_an_empty_sequence():
+    # T = 0 (and no rows) gave a ZeroDivisionError in fused._layout: now 0 and a 0 gradient, as
+    # tad_divergence gives.
     hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
-    got = tad_jax.fused_tad_loss(hs[:, :0], ws, ht[:, :0], wt, top_k=3)
-    assert float(got) == 0.0 == float(tad_jax.tad_divergence(
-        hs[:, :0] @ ws, ht[:, :0] @ wt, top_k=3))
+    for cut in (np.s_[:, :0], np.s_[:0]):
+        h_s, h_t = hs[cut], ht[cut]
+        got = tad_jax.fused_tad_loss(h_s, ws, h_t, wt, top_k=3)
+        assert float(got) == 0.0 == float(tad_jax.tad_divergence(h_s @ ws, h_t @ wt, top_k=3))
+        g = jax.grad(functools.partial(tad_jax.fused_tad_loss, h_s, top_k=3), argnums=0)(
+            ws, h_t, wt)
+        assert g.shape == ws.shape and not np.any(np.asarray(g))
+        none = tad_jax.fused_tad_loss(h_s, ws, h_t, wt, top_k=3, reduction="none")
+        assert none.shape == h_s.shape[:-1]
