@@ -78,6 +78,10 @@ def _check_head(who: str, hidden, head, bias) -> int:
     """Checks one (hidden [..., T, d], head [d, V], bias [V]) triple; returns V."""
     if hidden.ndim < 2:
         raise ValueError(f"{who}_hidden must be [..., T, d], got shape {hidden.shape}")
+    for name, x in ((f"{who}_hidden", hidden), (f"{who}_head", head)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must be floating point, got {x.dtype}; cast it with "
+                             ".astype(jnp.float32) (or the model's bfloat16)")
     if head.ndim != 2:
         raise ValueError(f"{who}_head must be a 2-D [d, V] matrix, got shape {head.shape}")
     if head.shape[0] != hidden.shape[-1]:

@@ -47,6 +47,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 BETA_SCOPES = ("row", "segment")
 
@@ -75,8 +76,12 @@ class TADConfig:
     beta_scope: str = "row"
 
     def __post_init__(self):
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be a Python int >= 0, got {self.top_k!r}.")
+        # Any static integer (numpy's too, e.g. from a config array); not a bool or a jax value.
+        static_int = isinstance(self.top_k, (int, np.integer)) and not isinstance(self.top_k, bool)
+        if not static_int or self.top_k < 0:
+            raise ValueError(f"top_k must be a static integer >= 0 (a Python or numpy int, not a "
+                             f"jax value), got {self.top_k!r}.")
+        object.__setattr__(self, "top_k", int(self.top_k))
         for name in ("beta", "temperature", "eps_alpha"):
             value = getattr(self, name)
             try:

@@ -270,6 +270,26 @@ def test_metrics_mask_none_counts_every_position():
         np.testing.assert_array_equal(got[k], want[k], err_msg=k)
 
 
+def test_numpy_top_k_is_taken_and_jax_or_bool_refused():
+    # top_k=np.int64(2) (e.g. read from a config array) was refused as "not a Python int".
+    s, t = jnp.asarray(_logits((2, 3, 12), 1)), jnp.asarray(_logits((2, 3, 12), 2))
+    want = tad_jax.tad_divergence(s, t, top_k=2)
+    np.testing.assert_array_equal(tad_jax.tad_divergence(s, t, top_k=np.int64(2)), want)
+    assert type(tad_jax.TADConfig(top_k=np.int32(3)).top_k) is int
+    for bad in (jnp.int32(2), True, 2.0):
+        with pytest.raises(ValueError, match="top_k must be a static integer"):
+            tad_jax.TADConfig(top_k=bad)
+
+
+def test_fused_loss_refuses_integer_hidden_states_and_heads():
+    # Integer hidden states (token ids by mistake) or heads were taken silently.
+    hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
+    for args, name in (((hs.astype(jnp.int32), ws, ht, wt), "student_hidden"),
+                       ((hs, ws, ht, wt.astype(jnp.int32)), "teacher_head")):
+        with pytest.raises(ValueError, match=f"{name} must be floating point"):
+            tad_jax.fused_tad_loss(*args, top_k=3)
+
+
 def test_fused_loss_takes_list_and_numpy_masks():
     # A mask given as a list (accepted by the unfused losses) was an AttributeError.
     hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
