@@ -78,10 +78,8 @@ def _check_head(who: str, hidden, head, bias) -> int:
     """Checks one (hidden [..., T, d], head [d, V], bias [V]) triple; returns V."""
     if hidden.ndim < 2:
         raise ValueError(f"{who}_hidden must be [..., T, d], got shape {hidden.shape}")
-    for name, x in ((f"{who}_hidden", hidden), (f"{who}_head", head)):
-        if not jnp.issubdtype(x.dtype, jnp.floating):
-            raise ValueError(f"{name} must be floating point, got {x.dtype}; cast it with "
-                             ".astype(jnp.float32) (or the model's bfloat16)")
+    losses._check_float(f"{who}_hidden", hidden)
+    losses._check_float(f"{who}_head", head)
     if head.ndim != 2:
         raise ValueError(f"{who}_head must be a 2-D [d, V] matrix, got shape {head.shape}")
     if head.shape[0] != hidden.shape[-1]:
@@ -123,17 +121,14 @@ def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _C
             segment_ids is None or segment_ids.shape != hs.shape[:-1]):
         raise ValueError(f'beta_scope="segment" needs segment_ids of shape [..., T] = '
                          f"{hs.shape[:-1]} (the document of each position)")
-    if (cfg.divergence == "tad" and cfg.tad.beta_scope == "segment"
-            and not jnp.issubdtype(segment_ids.dtype, jnp.integer)):
-        raise ValueError(f"segment_ids must be integer document ids, got {segment_ids.dtype}; "
-                         "cast them with .astype(jnp.int32)")
+    if cfg.divergence == "tad" and cfg.tad.beta_scope == "segment":
+        losses._check_ids("segment_ids", segment_ids, "document ids")
     if targets is not None:
         if targets.shape != hs.shape[:-1]:
             raise ValueError(
                 f"targets must have shape [..., T] = {hs.shape[:-1]}, got {targets.shape}"
             )
-        if not jnp.issubdtype(targets.dtype, jnp.integer):
-            raise ValueError(f"targets must hold integer token ids, got dtype {targets.dtype}")
+        losses._check_ids("targets", targets, "token ids")
     return _check_scalars(cfg, vocab)
 
 

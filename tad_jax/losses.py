@@ -63,8 +63,15 @@ def _check_float(name, x):
     if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
         raise ValueError(
             f"{name} must be floating point (got {jnp.result_type(x)}); cast them with "
-            f".astype(jnp.float32) — integer logits are almost always token ids passed by mistake."
+            f".astype(jnp.float32) — integers here are almost always token ids passed by mistake."
         )
+
+
+def _check_ids(name, x, what):
+    """x must hold integer ids (`what`: "token ids", "document ids"), not floats to truncate."""
+    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        raise ValueError(f"{name} must be integer {what}, got {jnp.result_type(x)}; cast them "
+                         "with .astype(jnp.int32).")
 
 
 def _check_pair(student_btv, teacher_btv):
@@ -182,9 +189,7 @@ def _segments(segment_ids, cfg, shape):
         raise ValueError(f'beta_scope="segment" needs segment_ids of shape {shape} ([..., T]: the '
                          f"document of each position), got "
                          f"{None if segment_ids is None else jnp.shape(segment_ids)}.")
-    if not jnp.issubdtype(jnp.result_type(segment_ids), jnp.integer):
-        raise ValueError(f"segment_ids must be integer document ids, got "
-                         f"{jnp.result_type(segment_ids)}; cast them with .astype(jnp.int32).")
+    _check_ids("segment_ids", segment_ids, "document ids")
     return jnp.asarray(segment_ids).astype(jnp.int32)
 
 
@@ -417,8 +422,7 @@ def causal_lm_loss(logits, targets, mask=None, reduction="mean"):
             f"targets shape {jnp.shape(targets)} must equal logits shape without the vocabulary "
             f"axis ({jnp.shape(logits)[:-1]}); logits must be [..., T, V]."
         )
-    if not jnp.issubdtype(jnp.result_type(targets), jnp.integer):
-        raise ValueError(f"targets must be integer token ids, got {jnp.result_type(targets)}.")
+    _check_ids("targets", targets, "token ids")
     mask_bt = _mask_bt(mask, jnp.shape(targets))
     lp_btv = core.log_softmax(logits)
     tgt_lp_bt = core.at_targets(lp_btv, targets)
