@@ -11,7 +11,7 @@ runs the scan again).
 β(X) is exact (TAD_SPEC.md, per row or per segment): when every step holds whole rows
 (T <= chunk_size) it comes from the step itself; otherwise a teacher pre-pass computes log α_T of
 every position first (one more teacher head matmul, over vocabulary blocks: the teacher head is
-read once). Layouts, costs and measurements: docs/fused_loss.md.
+read once). The chunk layouts: `tad_jax.chunks`; costs and measurements: docs/fused_loss.md.
 
 Shape suffixes: r = rows (the flattened leading axes), t = positions of a row, n = chunks,
 a = rows per chunk, c = positions of a row per chunk, m = a·c tokens of one chunk,
@@ -23,12 +23,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
-from tad_jax import losses
+from tad_jax import checks, chunks, losses
 from tad_jax import tad_core as core
 
 _F32 = jnp.float32
@@ -54,48 +53,13 @@ class _Config:
 # ----------------------------------------------------------------------------- argument checks
 
 
-def _check_scalars(cfg: _Config, vocab: int) -> _Config:
-    """Checks the settings not covered by `TADConfig`; returns them with the soft-cap a float."""
+def _check_inputs(cfg: _Config, hs, ws, bs, ht, wt, bt, mask, targets, seg) -> _Config:
+    """Checks the arguments (`tad_jax.checks`); returns cfg with the soft-cap a float."""
     size = cfg.chunk_size
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(
-            f"chunk_size must be an integer >= 1 (tokens per step), got {cfg.chunk_size!r}"
-        )
-    losses._check_reduction(cfg.reduction)
-    if cfg.divergence is not None and cfg.divergence not in _DIVERGENCES:
-        raise ValueError(
-            f"divergence must be one of {_DIVERGENCES} when fused, got {cfg.divergence!r}"
-        )
-    if cfg.divergence == "tad":
-        cfg.tad.check_vocab(vocab)
-    cap = cfg.softcap
-    if cap is not None:
-        cap = losses._check_positive("final_logit_softcap (None for no cap)", cap)
-    return dataclasses.replace(cfg, softcap=cap)
-
-
-def _check_head(who: str, hidden, head, bias) -> int:
-    """Checks one (hidden [..., T, d], head [d, V], bias [V]) triple; returns V."""
-    if hidden.ndim < 2:
-        raise ValueError(f"{who}_hidden must be [..., T, d], got shape {hidden.shape}")
-    losses._check_float(f"{who}_hidden", hidden)
-    losses._check_float(f"{who}_head", head)
-    if head.ndim != 2:
-        raise ValueError(f"{who}_head must be a 2-D [d, V] matrix, got shape {head.shape}")
-    if head.shape[0] != hidden.shape[-1]:
-        transposed = head.shape[1] == hidden.shape[-1]
-        hint = " (transpose it: an embedding table is [V, d])" if transposed else ""
-        raise ValueError(
-            f"{who}_head is {head.shape} but {who}_hidden has hidden size {hidden.shape[-1]}: "
-            f"the head must be [d, V] = [{hidden.shape[-1]}, V]{hint}"
-        )
-    if bias is not None and bias.shape != (head.shape[1],):
-        raise ValueError(f"{who}_bias must have shape [V] = ({head.shape[1]},), got {bias.shape}")
-    return head.shape[1]
-
-
-def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _Config:
-    vocab = _check_head("student", hs, ws, bs)
+        raise ValueError(f"chunk_size must be an integer >= 1 (tokens per step), got {size!r}")
+    checks.reduction(cfg.reduction)
+    vocab, positions = checks.head("student", hs, ws, bs), hs.shape[:-1]
     if cfg.divergence is not None and (ht is None or wt is None):
         raise ValueError(f"divergence={cfg.divergence!r} needs teacher_hidden and teacher_head "
                          "(got None); pass both, or divergence=None for the CLM term alone")
@@ -103,7 +67,7 @@ def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _C
         raise ValueError("nothing to compute: divergence=None and targets=None; pass the next-"
                          "token targets (int [..., T]) for the CLM term, or a divergence")
     if ht is not None:
-        if _check_head("teacher", ht, wt, bt) != vocab:
+        if checks.head("teacher", ht, wt, bt) != vocab:
             raise ValueError(
                 f"the heads disagree on the vocabulary: student {ws.shape} vs teacher {wt.shape}. "
                 "Slice the larger head (and its bias) to the shared vocabulary, "
@@ -111,28 +75,24 @@ def _check_inputs(cfg, hs, ws, bs, ht, wt, bt, mask, targets, segment_ids) -> _C
                 "zero columns and a student_bias of -inf on them (such entries are dropped from "
                 "both distributions)"
             )
-        if ht.shape[:-1] != hs.shape[:-1]:
+        if ht.shape[:-1] != positions:
             raise ValueError(
-                f"teacher_hidden {ht.shape} and student_hidden {hs.shape} must share [..., T]"
-            )
-    if mask is not None and mask.shape != hs.shape[:-1]:
-        raise ValueError(f"mask must have shape [..., T] = {hs.shape[:-1]}, got {mask.shape}")
-    if cfg.divergence == "tad" and cfg.tad.beta_scope == "segment" and (
-            segment_ids is None or segment_ids.shape != hs.shape[:-1]):
-        raise ValueError(f'beta_scope="segment" needs segment_ids of shape [..., T] = '
-                         f"{hs.shape[:-1]} (the document of each position)")
-    if cfg.divergence == "tad" and cfg.tad.beta_scope == "segment":
-        losses._check_ids("segment_ids", segment_ids, "document ids")
+                f"teacher_hidden {ht.shape} and student_hidden {hs.shape} must share [..., T]")
+    checks.per_position("mask", mask, positions)
+    checks.per_position("targets", targets, positions)
     if targets is not None:
-        if targets.shape != hs.shape[:-1]:
-            raise ValueError(
-                f"targets must have shape [..., T] = {hs.shape[:-1]}, got {targets.shape}"
-            )
-        losses._check_ids("targets", targets, "token ids")
-    return _check_scalars(cfg, vocab)
+        checks.ids("targets", targets, "token ids")
+    if cfg.divergence == "tad":
+        cfg.tad.check_vocab(vocab)
+        if cfg.tad.beta_scope == "segment":
+            checks.segments(seg, positions)
+    cap = cfg.softcap
+    if cap is not None:
+        cap = checks.positive("final_logit_softcap (None for no cap)", cap)
+    return dataclasses.replace(cfg, softcap=cap)
 
 
-# ----------------------------------------------------------------------------- layout
+# ----------------------------------------------------------------------------- mask
 
 
 def _mask_rt(mask, rows: int, t: int):
@@ -140,67 +100,6 @@ def _mask_rt(mask, rows: int, t: int):
     if mask is None:
         return jnp.ones((rows, t), _F32)
     return (mask.reshape(rows, t) != 0).astype(_F32)
-
-
-class _Layout(NamedTuple):
-    """How the [R, T] tokens are cut into n steps of a·c tokens (a rows × c positions).
-
-    by_rows=False: every step takes c positions of every row (a = R); rows span the chunks.
-    by_rows=True (T <= chunk_size): every step takes whole rows (c = T), a of them, strided
-    (step i holds rows i, n + i, 2n + i, ...) so that a batch sharded over its rows in contiguous
-    blocks keeps each step spread over all shards. No row spans two chunks: β(X) needs no pre-pass.
-    """
-
-    rows: int
-    t: int
-    a: int
-    n: int
-    c: int
-    by_rows: bool
-
-
-def _layout(rows: int, t: int, chunk_size: int) -> _Layout:
-    """Whole rows per step when T <= chunk_size, unless that would leave a batch sharded over
-    its rows unevenly spread (fewer rows per step than devices, or not a multiple of them)."""
-    devices = jax.device_count()
-    a = min(rows, chunk_size // t)
-    if rows >= devices:  # the rows may be sharded: a multiple of the device count per step
-        a -= a % devices
-    if a >= 1 and rows > 1:
-        return _Layout(rows, t, a, -(-rows // a), t, True)
-    c = min(t, max(1, chunk_size // rows))
-    return _Layout(rows, t, rows, -(-t // c), c, False)
-
-
-def _blocks(lay: _Layout, x_rt):
-    """[R, T, ...] -> [a, n, c, ...]: a reshape, plus a zero-padded copy when n·c or a·n is
-    larger than T or R (the padding is masked)."""
-    axis, size = (0, lay.rows) if lay.by_rows else (1, lay.t)
-    extra = lay.a * lay.n - size if lay.by_rows else lay.n * lay.c - size
-    if extra:
-        x_rt = jnp.pad(x_rt, [(0, extra if i == axis else 0) for i in range(x_rt.ndim)])
-    # by rows: row s·n + i -> [s, i]; by time: position j·c + k of row r -> [r, j, k].
-    return x_rt.reshape((lay.a, lay.n, lay.c) + x_rt.shape[2:])
-
-
-def _unblock(lay: _Layout, x_anc):
-    """[a, n, c, ...] -> [R, T, ...] (drops the padding)."""
-    if lay.by_rows:
-        return x_anc.reshape((lay.a * lay.n, lay.t) + x_anc.shape[3:])[: lay.rows]
-    return x_anc.reshape((lay.rows, lay.n * lay.c) + x_anc.shape[3:])[:, : lay.t]
-
-
-def _to_chunks(lay: _Layout, x_rt):
-    """[R, T, ...] -> [n, m = a·c, ...] for the per-token inputs (mask, targets, weights, teacher
-    statistics): small, so a transposed copy is cheap; the hidden states are read in place."""
-    x = jnp.moveaxis(_blocks(lay, x_rt), 1, 0)
-    return x.reshape((lay.n, lay.a * lay.c) + x.shape[3:])
-
-
-def _from_chunks(lay: _Layout, x_nm):
-    """[n, m = a·c, ...] -> [R, T, ...]."""
-    x = x_nm.reshape((lay.n, lay.a, lay.c) + x_nm.shape[2:])
-    return _unblock(lay, jnp.moveaxis(x, 0, 1))
 
 
 # ----------------------------------------------------------------------------- per-chunk math
@@ -272,28 +171,22 @@ def _chunk(cfg: _Config, params, xs, rows: int, want_grad: bool):
 # ----------------------------------------------------------------------------- scans
 
 
-def _take(x_rncd, i):
-    """Chunk i of every row, [m = R·c, d], read in place (no transposed copy of the input)."""
-    x = jax.lax.dynamic_index_in_dim(x_rncd, i, axis=1, keepdims=False)
-    return x.reshape(-1, x.shape[-1])
-
-
 def _prepare(cfg: _Config, hs, ht, mask, targets, seg):
     """The hidden states as blocks [a, n, c, d], per-token inputs as chunks [n, m], the mask."""
     t = hs.shape[-2]
     rows = math.prod(hs.shape[:-2])
-    lay = _layout(rows, t, cfg.chunk_size)
+    lay = chunks.layout(rows, t, cfg.chunk_size)
     mask_rt = _mask_rt(mask, rows, t)
-    big = {"hs": _blocks(lay, hs.reshape(rows, t, -1))}
+    big = {"hs": chunks.blocks(lay, hs.reshape(rows, t, -1))}
     if ht is not None:
-        big["ht"] = _blocks(lay, ht.reshape(rows, t, -1))
-    small = {"i": jnp.arange(lay.n), "mask": _to_chunks(lay, mask_rt)}
+        big["ht"] = chunks.blocks(lay, ht.reshape(rows, t, -1))
+    small = {"i": jnp.arange(lay.n), "mask": chunks.to_chunks(lay, mask_rt)}
     if targets is not None:
-        small["targets"] = _to_chunks(lay, targets.reshape(rows, t).astype(jnp.int32))
+        small["targets"] = chunks.to_chunks(lay, targets.reshape(rows, t).astype(jnp.int32))
     seg_rt = None
     if seg is not None and cfg.tad.beta_scope == "segment":
         seg_rt = seg.reshape(rows, t).astype(jnp.int32)
-        small["seg"] = _to_chunks(lay, seg_rt)
+        small["seg"] = chunks.to_chunks(lay, seg_rt)
     return lay, big, small, mask_rt, seg_rt
 
 
@@ -393,7 +286,7 @@ def _main_pass(cfg: _Config, params, big, small, want_grad: bool):
 
     def body(carry, xs_c):
         i = xs_c["i"]
-        xs_c = dict(xs_c, **{k: _take(v, i) for k, v in big.items()})
+        xs_c = dict(xs_c, **{k: chunks.take(v, i) for k, v in big.items()})
         out, dz = _chunk(cfg, params, xs_c, rows, want_grad)
         if not want_grad:
             return carry, out
@@ -421,15 +314,15 @@ def _run(cfg: _Config, params, hs, ht, mask, targets, seg, weights_rt, want_grad
     if cfg.divergence == "kl":
         small["gamma"] = jnp.zeros(small["mask"].shape, _F32)
     elif cfg.divergence == "tad" and lay.n > 1 and not lay.by_rows:  # rows span chunks
-        small["gamma"] = _to_chunks(lay, _pre_pass(cfg, params, ht, mask_rt, seg_rt))
+        small["gamma"] = chunks.to_chunks(lay, _pre_pass(cfg, params, ht, mask_rt, seg_rt))
     if want_grad:
-        small["w"] = _to_chunks(lay, weights_rt)
+        small["w"] = chunks.to_chunks(lay, weights_rt)
     grads, out = _main_pass(cfg, params, big, small, want_grad)
     # where, not multiply: a masked position may hold inf (e.g. a -inf target logit).
-    per_tok = {k: jnp.where(mask_rt > 0, _from_chunks(lay, v), 0.0) for k, v in out.items()}
+    per_tok = {k: jnp.where(mask_rt > 0, chunks.from_chunks(lay, v), 0.0) for k, v in out.items()}
     if want_grad:
         dw, db, dh = grads
-        grads = (_unblock(lay, dh).reshape(hs.shape[:-1] + (-1,)), dw, db)
+        grads = (chunks.unblock(lay, dh).reshape(hs.shape[:-1] + (-1,)), dw, db)
     return per_tok, mask_rt, grads
 
 

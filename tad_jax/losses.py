@@ -25,91 +25,22 @@ import math
 import jax
 import jax.numpy as jnp
 
+from tad_jax import checks
 from tad_jax import tad_core as core
 
-_REDUCTIONS = ("none", "sum", "mean")
 _DIVERGENCES = ("tad", "kl", "rkl", "jsd")
 
 
 # ----------------------------------------------------------------------------------------------
-# Argument checks (trace time, Python level)
+# Masks and reductions (argument checks: `tad_jax.checks`)
 # ----------------------------------------------------------------------------------------------
-
-
-def _static_number(name, value):
-    """Returns `value` as a Python float, or raises if it is a traced/array value."""
-    try:
-        return float(value)
-    except (TypeError, jax.errors.ConcretizationTypeError) as e:
-        raise ValueError(
-            f"{name} must be a static Python number (it configures the loss at trace time); "
-            f"got {type(value).__name__}. Pass a float, not a traced jax value."
-        ) from e
-
-
-def _check_positive(name, value):
-    value = _static_number(name, value)
-    if not 0 < value < math.inf:  # (inf made the loss NaN; nan fails too)
-        raise ValueError(f"{name} must be > 0 and finite, got {value}.")
-    return value
-
-
-def _check_reduction(reduction):
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}.")
-
-
-def _check_float(name, x):
-    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
-        raise ValueError(
-            f"{name} must be floating point (got {jnp.result_type(x)}); cast them with "
-            f".astype(jnp.float32) — integers here are almost always token ids passed by mistake."
-        )
-
-
-def _check_ids(name, x, what):
-    """x must hold integer ids (`what`: "token ids", "document ids"), not floats to truncate."""
-    if not jnp.issubdtype(jnp.result_type(x), jnp.integer):
-        raise ValueError(f"{name} must be integer {what}, got {jnp.result_type(x)}; cast them "
-                         "with .astype(jnp.int32).")
-
-
-def _check_pair(student_btv, teacher_btv):
-    """Checks that student and teacher logits are float `[..., T, V]` arrays of equal shape."""
-    _check_float("student_logits", student_btv)
-    _check_float("teacher_logits", teacher_btv)
-    s_shape, t_shape = jnp.shape(student_btv), jnp.shape(teacher_btv)
-    if len(s_shape) < 2:
-        raise ValueError(f"logits must be [..., T, V] (at least 2-D), got shape {s_shape}.")
-    if len(s_shape) != len(t_shape):
-        raise ValueError(
-            f"student logits {s_shape} and teacher logits {t_shape} have different ranks; "
-            "both must be [..., T, V] with the same leading dims."
-        )
-    if s_shape[-1] != t_shape[-1]:
-        raise ValueError(
-            f"vocabulary axis (-1) differs: student V={s_shape[-1]}, teacher V={t_shape[-1]}. "
-            "Slice the teacher's (padded) vocabulary to the shared tokenizer's: "
-            "teacher_logits[..., :student_vocab_size]."
-        )
-    for axis, (a, b) in enumerate(zip(s_shape, t_shape, strict=True)):
-        if a != b:
-            what = "time" if axis == len(s_shape) - 2 else "batch"
-            raise ValueError(
-                f"{what} axis {axis} differs: student {s_shape} vs teacher {t_shape}; "
-                "student and teacher logits must cover the same positions."
-            )
 
 
 def _mask_bt(mask, positions_shape):
     """The validity mask as float32 0/1 of `positions_shape` (all ones when None)."""
     if mask is None:
         return jnp.ones(positions_shape, jnp.float32)
-    if tuple(jnp.shape(mask)) != tuple(positions_shape):
-        raise ValueError(
-            f"mask shape {jnp.shape(mask)} must equal the logits' leading shape {positions_shape} "
-            "([..., T]: one entry per position)."
-        )
+    checks.per_position("mask", mask, positions_shape, " (the logits' leading shape)")
     return (jnp.asarray(mask) != 0).astype(jnp.float32)
 
 
@@ -148,13 +79,9 @@ def _divergence_bt(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, paddi
     return _divergence_fwd(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, padding)[0]
 
 
-def _head_and_terms(student_btv, teacher_btv, cfg, padding):
-    """The kernel's head and per-position terms of a pair of logits (`tad_core`)."""
-    return core.pair_terms(student_btv, teacher_btv, cfg.top_k, cfg.temperature, padding)
-
-
 def _divergence_fwd(student_btv, teacher_btv, mask_bt, segment_ids_bt, cfg, padding):
-    head, terms = _head_and_terms(student_btv, teacher_btv, cfg, padding)
+    head, terms = core.pair_terms(student_btv, teacher_btv, cfg.top_k, cfg.temperature,
+                                  padding)
     beta_bt = core.beta_x(terms.log_alpha_t, mask_bt, cfg, segment_ids_bt)
     loss_bt = terms.kl1 + beta_bt * jnp.exp(terms.log_alpha_t) * terms.kl2
     loss_bt = _masked(cfg.temperature**2 * loss_bt, mask_bt)
@@ -185,11 +112,7 @@ _divergence_bt.defvjp(_divergence_fwd, _divergence_bwd)
 def _segments(segment_ids, cfg, shape):
     if cfg.beta_scope != "segment":
         return None
-    if segment_ids is None or tuple(jnp.shape(segment_ids)) != tuple(shape):
-        raise ValueError(f'beta_scope="segment" needs segment_ids of shape {shape} ([..., T]: the '
-                         f"document of each position), got "
-                         f"{None if segment_ids is None else jnp.shape(segment_ids)}.")
-    _check_ids("segment_ids", segment_ids, "document ids")
+    checks.segments(segment_ids, shape)
     return jnp.asarray(segment_ids).astype(jnp.int32)
 
 
@@ -232,8 +155,8 @@ def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
         unknown reduction or beta_scope, or "segment" without segment_ids.
     """
     cfg = config or core.TADConfig(top_k, beta, temperature, eps_alpha, beta_scope)
-    _check_reduction(reduction)
-    _check_pair(student_logits, teacher_logits)
+    checks.reduction(reduction)
+    checks.logits_pair(student_logits, teacher_logits)
     cfg.check_vocab(jnp.shape(student_logits)[-1])
     mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
     seg_bt = _segments(segment_ids, cfg, jnp.shape(student_logits)[:-1])
@@ -258,12 +181,12 @@ def tad_components(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
       ValueError: as `tad_divergence`.
     """
     cfg = core.TADConfig(top_k, beta, temperature, eps_alpha, beta_scope)
-    _check_pair(student_logits, teacher_logits)
+    checks.logits_pair(student_logits, teacher_logits)
     cfg.check_vocab(jnp.shape(student_logits)[-1])
     mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
     seg_bt = _segments(segment_ids, cfg, jnp.shape(student_logits)[:-1])
-    _, terms = _head_and_terms(jax.lax.stop_gradient(student_logits),
-                               jax.lax.stop_gradient(teacher_logits), cfg, True)
+    _, terms = core.pair_terms(jax.lax.stop_gradient(student_logits),
+                               jax.lax.stop_gradient(teacher_logits), cfg.top_k, cfg.temperature)
     out = dict(kl1=terms.kl1, kl2=terms.kl2, alpha_t=jnp.exp(terms.log_alpha_t),
                alpha_s=jnp.exp(terms.log_alpha_s), kl=terms.kl)
     out = {k: _masked(v, mask_bt) for k, v in out.items()}
@@ -293,8 +216,8 @@ def kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
       ValueError: on mismatched shapes, integer logits, τ <= 0 or an unknown reduction.
     """
     cfg = core.TADConfig(top_k=0, beta=1.0, temperature=temperature)
-    _check_reduction(reduction)
-    _check_pair(student_logits, teacher_logits)
+    checks.reduction(reduction)
+    checks.logits_pair(student_logits, teacher_logits)
     mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
     loss_bt = _divergence_bt(student_logits, teacher_logits, mask_bt, None, cfg,
                              bool(student_padding))
@@ -307,10 +230,10 @@ def kl_divergence(student_logits, teacher_logits, mask=None, *, temperature=1.0,
 
 
 def _common_args(student_logits, teacher_logits, mask, temperature, reduction):
-    _check_reduction(reduction)
-    _check_pair(student_logits, teacher_logits)
+    checks.reduction(reduction)
+    checks.logits_pair(student_logits, teacher_logits)
     mask_bt = _mask_bt(mask, jnp.shape(student_logits)[:-1])
-    return mask_bt, _check_positive("temperature", temperature)
+    return mask_bt, checks.positive("temperature", temperature)
 
 
 def _xlogy_diff(p_btv, logp_btv, logq_btv):
@@ -385,7 +308,7 @@ def js_divergence(student_logits, teacher_logits, mask=None, *, weight=0.5, temp
     """
     mask_bt, temperature = _common_args(student_logits, teacher_logits, mask, temperature,
                                         reduction)
-    w = _static_number("weight", weight)
+    w = checks.static_number("weight", weight)
     if not 0.0 < w < 1.0:
         raise ValueError(f"weight (the JSD mixing weight) must be in (0, 1), got {w}.")
     lps_btv, lpt_btv = _autodiff_log_probs(student_logits, teacher_logits, mask_bt, temperature)
@@ -415,14 +338,14 @@ def causal_lm_loss(logits, targets, mask=None, reduction="mean"):
     Raises:
       ValueError: on integer logits, float targets, mismatched shapes or an unknown reduction.
     """
-    _check_reduction(reduction)
-    _check_float("logits", logits)
+    checks.reduction(reduction)
+    checks.floating("logits", logits)
     if jnp.shape(logits)[:-1] != jnp.shape(targets) or len(jnp.shape(logits)) < 2:
         raise ValueError(
             f"targets shape {jnp.shape(targets)} must equal logits shape without the vocabulary "
             f"axis ({jnp.shape(logits)[:-1]}); logits must be [..., T, V]."
         )
-    _check_ids("targets", targets, "token ids")
+    checks.ids("targets", targets, "token ids")
     mask_bt = _mask_bt(mask, jnp.shape(targets))
     lp_btv = core.log_softmax(logits)
     tgt_lp_bt = core.at_targets(lp_btv, targets)
@@ -446,9 +369,9 @@ def cosine_hidden_loss(student_hidden, teacher_hidden, mask=None, reduction="mea
       ValueError: on unequal hidden sizes (project one side first), mismatched positions or an
         unknown reduction.
     """
-    _check_reduction(reduction)
-    _check_float("student_hidden", student_hidden)
-    _check_float("teacher_hidden", teacher_hidden)
+    checks.reduction(reduction)
+    checks.floating("student_hidden", student_hidden)
+    checks.floating("teacher_hidden", teacher_hidden)
     hs, ht = jnp.shape(student_hidden), jnp.shape(teacher_hidden)
     if len(hs) < 2 or len(hs) != len(ht) or hs[:-1] != ht[:-1]:
         raise ValueError(f"hidden states must both be [..., T, d] over the same positions, got "
@@ -497,7 +420,7 @@ def distillation_loss(student_logits, teacher_logits, targets, mask, *, divergen
     """
     if divergence not in _DIVERGENCES:
         raise ValueError(f"divergence must be one of {_DIVERGENCES}, got {divergence!r}.")
-    cosine_weight = _static_number("cosine_weight", cosine_weight)
+    cosine_weight = checks.static_number("cosine_weight", cosine_weight)
     if cosine_weight < 0:
         raise ValueError(f"cosine_weight must be >= 0, got {cosine_weight}.")
     clm = causal_lm_loss(student_logits, targets, mask, reduction)

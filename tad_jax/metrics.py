@@ -22,7 +22,7 @@ from collections.abc import Mapping, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from tad_jax import losses
+from tad_jax import checks
 from tad_jax import tad_core as core
 
 DEFAULT_TAIL_KS = (1, 2, 5, 10, 20, 50)
@@ -93,9 +93,9 @@ def _check_args(student_logits, teacher_logits, targets, mask, tail_ks, ece_bins
     if jnp.shape(student_logits) != jnp.shape(teacher_logits):
         raise ValueError(f"student logits {jnp.shape(student_logits)} and teacher logits "
                          f"{jnp.shape(teacher_logits)} must have the same shape [..., T, V].")
-    losses._check_float("student_logits", student_logits)
-    losses._check_float("teacher_logits", teacher_logits)
-    losses._check_ids("targets", targets, "token ids")
+    checks.floating("student_logits", student_logits)
+    checks.floating("teacher_logits", teacher_logits)
+    checks.ids("targets", targets, "token ids")
     want = jnp.shape(student_logits)[:-1]
     if jnp.shape(targets) != want or jnp.shape(mask) != want:
         raise ValueError(f"targets {jnp.shape(targets)} and mask {jnp.shape(mask)} must both be "

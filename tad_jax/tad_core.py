@@ -49,6 +49,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tad_jax import checks
+
 BETA_SCOPES = ("row", "segment")
 
 
@@ -83,15 +85,7 @@ class TADConfig:
                              f"jax value), got {self.top_k!r}.")
         object.__setattr__(self, "top_k", int(self.top_k))
         for name in ("beta", "temperature", "eps_alpha"):
-            value = getattr(self, name)
-            try:
-                value = float(value)
-            except (TypeError, jax.errors.ConcretizationTypeError) as e:
-                raise ValueError(f"{name} must be a static Python number, got "
-                                 f"{type(value).__name__}; pass a float, not a jax value.") from e
-            if not 0 < value < float("inf"):  # (inf made the loss NaN; nan fails too)
-                raise ValueError(f"{name} must be > 0 and finite, got {value}.")
-            object.__setattr__(self, name, value)
+            object.__setattr__(self, name, checks.positive(name, getattr(self, name)))
         if self.beta_scope not in BETA_SCOPES:
             raise ValueError(f"beta_scope must be one of {BETA_SCOPES}, got {self.beta_scope!r}.")
 

@@ -604,7 +604,7 @@ def test_segment_scope_with_positions_sharded_over_explicit_axes():
 
 
 def test_fused_loss_of_an_empty_sequence():
-    # T = 0 (and no rows) gave a ZeroDivisionError in fused._layout: now 0 and a 0 gradient, as
+    # T = 0 (and no rows) gave a ZeroDivisionError in the chunk layout: now 0 and a 0 gradient, as
     # tad_divergence gives.
     hs, ws, ht, wt = (jnp.asarray(x) for x in _fused_args())
     for cut in (np.s_[:, :0], np.s_[:0]):
