@@ -388,6 +388,21 @@ def test_tiny_student_tail_gradient_exact(x64):
     np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-6)
 
 
+def test_tiny_teacher_tail_gradient_exact(x64):
+    # The other side of `token_grad`'s one exp: the teacher's tail ~200 nats below its head
+    # (α_T/α_S ≈ e^-200), so p_S,i on the tail, not α_T·p̃_S,i, is the exponent taken; rows mix
+    # both sides, and a third row sits near α_T = α_S.
+    s, t, m = _data(shape=(1, 3, 9))
+    top = jax.lax.top_k(t, 2)[1]
+    head = jnp.any(top[..., :, None] == jnp.arange(9), -2)
+    t = t.at[0, 0].set(jnp.where(head[0, 0], t[0, 0], t[0, 0] - 200.0))
+    s = s.at[0, 1].set(jnp.where(head[0, 1], s[0, 1], s[0, 1] - 200.0))
+    s = s.at[0, 2].set(t[0, 2] + 1e-3)
+    g32 = jax.grad(tad_divergence)(s, t, m, top_k=2)
+    g64 = jax.grad(ref_tad)(s.astype(jnp.float64), t.astype(jnp.float64), m, 2, 2.0)
+    np.testing.assert_allclose(g32, g64, rtol=1e-4, atol=1e-6)
+
+
 def test_bf16_close_to_f32():
     s, t, m = _data(shape=(2, 8, 64))
     sb, tb = s.astype(jnp.bfloat16), t.astype(jnp.bfloat16)
