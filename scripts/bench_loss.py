@@ -89,7 +89,7 @@ def pallas_bytes(hlo_text):
         if 'custom_call_target="tpu_custom_call"' not in line:
             continue
         results = line.split("=", 1)[1].split("custom-call(", 1)[0]
-        operands = re.search(r"operand_layout_constraints=\{(.*?)\}, ", line)
+        operands = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", line)
         if operands is None:
             raise ValueError(f"no operand shapes in a tpu_custom_call: {line[:300]}")
         for text in (results, operands.group(1)):

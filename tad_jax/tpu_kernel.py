@@ -125,9 +125,18 @@ def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks):
     def block(ref, j):  # lanes [128 j, 128 (j + 1)) of every row
         return ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)]
 
-    # (1) Per lane, the K+1 largest entries in (value desc, index asc) order, and max a.
+    # (0) Lane maxima of a and b. The row's (K+1)-th largest lane maximum τ bounds its top-(K+1)
+    # from below (K+1 lanes hold an entry >= τ): blocks with no entry >= τ are skipped in (1).
+    ma, mb = jax.lax.fori_loop(0, n_blocks, lambda j, m: (
+        jnp.maximum(m[0], block(a_ref, j)), jnp.maximum(m[1], block(b_ref, j))), (ninf, ninf))
+    for _ in range(k + 1):
+        tau = jnp.max(mb, axis=1, keepdims=True)
+        first = jnp.min(jnp.where(mb == tau, lane, _LANES), axis=1, keepdims=True)
+        mb = jnp.where(lane == first, -jnp.inf, mb)
+
+    # (1) Per lane, the K+1 largest entries in (value desc, index asc) order.
     def insert(j, carry):
-        ma, vs, ids = carry
+        vs, ids = carry
         c, ci = block(b_ref, j), lane + j * _LANES
         new_vs, new_ids = [], []
         for v, i in zip(vs, ids, strict=True):
@@ -137,11 +146,15 @@ def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks):
             new_vs.append(jnp.where(swap, c, v))
             new_ids.append(jnp.where(swap, ci, i))
             c, ci = jnp.where(swap, v, c), jnp.where(swap, i, ci)
-        return jnp.maximum(ma, block(a_ref, j)), tuple(new_vs), tuple(new_ids)
+        return tuple(new_vs), tuple(new_ids)
+
+    def insert_if_above(j, carry):
+        above = jnp.max(jnp.where(block(b_ref, j) >= tau, 1.0, 0.0)) > 0
+        return jax.lax.cond(above, functools.partial(insert, j), lambda carry: carry, carry)
 
     empty_ids = jnp.full(shape, _SENTINEL, jnp.int32)
-    ma, vs, ids = jax.lax.fori_loop(0, n_blocks, insert,
-                                    (ninf, (ninf,) * (k + 1), (empty_ids,) * (k + 1)))
+    vs, ids = jax.lax.fori_loop(0, n_blocks, insert_if_above,
+                                ((ninf,) * (k + 1), (empty_ids,) * (k + 1)))
     # The row's top-(K+1): K+1 times the next entry after (pv, pi) in that order.
     top_v, top_i = ninf, jnp.full(shape, -1, jnp.int32)
     pv = jnp.full((_ROWS, 1), jnp.inf, jnp.float32)

@@ -5,6 +5,9 @@ on `tad_core.top_k`) exactly in its head and to rounding in its terms, and a flo
 reference from the definitions (TAD_SPEC.md). The TPU compile is checked ahead of time.
 """
 
+import importlib.util
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,6 +87,16 @@ def test_tie_heavy_integer_rows(k):
     _check(s, t, k)
 
 
+def test_blocks_below_the_lane_bound_skipped():
+    # Most [8, 128] blocks hold no entry >= τ (the (K+1)-th largest lane maximum) and are
+    # skipped: Gaussian rows, a head in the last block only, and τ tied with many entries.
+    rng = np.random.default_rng(4)
+    s, t = rng.normal(size=(8, 5000)), rng.normal(size=(8, 5000))
+    t[1, :4990] -= 50.0
+    t[2] = np.round(t[2])
+    _check(s, t, 10)
+
+
 def test_signed_zeros_tie_as_equal():
     t = np.full((2, 384), -1.0)
     t[0, [3, 130, 200, 260]] = [-0.0, 0.0, -0.0, 0.0]  # K = 2 takes 3 and 130
@@ -152,3 +165,14 @@ def test_tpu_compile_of_fused_tad_uses_the_kernel(monkeypatch):
         sds(2, 256, 64), sds(64, 2048), sds(2, 256, 96), sds(96, 2048)).compile().as_text()
     assert 'custom_call_target="tpu_custom_call"' in hlo
     assert "TopK" not in hlo  # the kernel replaced XLA's TopK
+    # The benchmarks' count of its HBM bytes (XLA counts none): a and b of one chunk (the scan
+    # body, counted once as by XLA) read once, three [256, 128] results written once.
+    assert _bench_loss().pallas_bytes(hlo) == 2 * 256 * 2048 * 4 + 3 * 256 * 128 * 4
+
+
+def _bench_loss():
+    spec = importlib.util.spec_from_file_location(
+        "bench_loss", pathlib.Path(__file__).parents[1] / "scripts" / "bench_loss.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
