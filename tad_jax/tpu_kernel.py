@@ -17,12 +17,19 @@ rule), one insertion network of K+1 compare-and-swap steps per [rows, 128] block
 rounds of "the next entry in (value desc, index asc) order" over the 128·(K+1) survivors. Every
 global top-(K+1) entry survives in its lane. Values compare as values: -0.0 = 0.0, as in
 `tad_core.in_tail` (the outputs pass through `tad_core._equal_zeros`, as XLA's path does).
-Cost: 7·(K+1) vector ops per [8, 128] block of b for the network (77 at K = 10) against ~40 for
-the pass of sums: VPU work, not HBM traffic, is this kernel's likely limit (not timed: no TPU).
+The network costs 7·(K+1) vector ops per [8, 128] block of b (77 at K = 10), so a block runs
+it only if it holds an entry >= τ, the row's (K+1)-th largest lane maximum (a lower bound of
+the row's top-(K+1), from a first pass of maxima): 4.5% of the blocks of Gaussian or Gumbel rows
+at V = 256000, every block of tie-heavy rows (then slower, never wrong).
 
-Measured (TPU v5p compile on a CPU host, `scripts/bench_fused.py --tpu`, whole rows per step,
-custom calls counted by their operands and results, see `scripts/bench_loss.py`): see
-docs/fused_loss.md, "TPU: the top-K inside the pass of sums (Pallas)".
+Measured (TPU v5p compile on a CPU host, `scripts/bench_fused.py --tpu`, N = 4096, V = 256000,
+bf16 heads; the kernel's bytes counted as its operands read once and results written once,
+`bench_loss.pallas_bytes`, since XLA counts none): fused TAD / fused KL bytes with whole rows
+per step 1.113x -> 1.001x (41.5 -> 37.3 GB; KL 37.3), with rows spanning chunks 1.189x ->
+1.147x (the teacher pre-pass keeps its TopK). VMEM: 31.3 MiB at V = 256000 (default scoped
+limit 16 MiB: raised, `_vmem_bytes`). XLA has no cost model for the kernel (FLOPs and cycles
+exclude it); ~60 vector ops per 8 KB of a and b read, so likely VPU-bound rather than at HBM
+speed (not timed: no TPU). docs/fused_loss.md, "TPU: the top-K inside the pass of sums".
 """
 
 from __future__ import annotations
@@ -40,9 +47,10 @@ _ROWS = 8  # rows per grid step: one f32 sublane tile
 _LANES = 128
 _SENTINEL = jnp.iinfo(jnp.int32).max  # index of an empty list slot: after every real entry
 _N_OUT = 11  # the 7 `core.Sums`, then m_s, m_t, m̃_s, m̃_t
-# VMEM for the double-buffered [ROWS, V] blocks of a and b: at most this (v5p has 95 MiB per
-# core); larger vocabularies take XLA's path.
-_VMEM_CAP = 64 * 2**20
+# VMEM for the double-buffered [ROWS, V] blocks of a and b (and headroom): at most this, below
+# v5p's 63.94 MiB per core (its compile error names the capacity; V = 512000 still compiled
+# at 64.5 MiB asked); larger vocabularies take XLA's path.
+_VMEM_CAP = 60 * 2**20
 
 
 def applies(a_v, b_v, k) -> bool:
