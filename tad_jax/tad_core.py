@@ -375,11 +375,24 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     """
     s_v, t_v = _whole_last_axis(s_v), _whole_last_axis(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
+    # The Pallas kernel (`tpu_kernel`) only for float32 logits at τ = 1: else its operands are
+    # widened or tempered copies, written out (TPU v5p compile, jax.grad of TAD at [1, 1024,
+    # 256000]: bf16 TAD/KL bytes 1.29x -> 1.86x and temporaries 2.0 f32 [N, V]; τ = 2, float32:
+    # the same bytes, temporaries 0.001 -> 1.0). float32 at τ = 1: 1.29x -> 1.14x, and
+    # 1.14x -> 0.72x with finite student logits (`scripts/bench_loss.py`).
+    from tad_jax import tpu_kernel  # (imports this module)
+
+    pallas = s_v.dtype == t_v.dtype == jnp.float32 and temperature == 1.0
     block = _head_block(b_v.shape[-1], k) if k else None
     if block is None or temperature != 1.0:
-        return head_and_terms(a_v, b_v, k)
+        return head_and_terms(a_v, b_v, k, pallas=pallas)
+    kernel = pallas and tpu_kernel.applies(a_v, b_v, k)
+    if kernel and _KERNEL_INTERPRET:
+        return tpu_kernel.head_and_terms(a_v, b_v, k, interpret=True)
 
     def tpu(s_v, t_v):
+        if kernel:
+            return tpu_kernel.head_and_terms(a_v, b_v, k)
         vals, idx = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k + 1)
         return _sorted_terms(a_v, b_v, widen(vals), idx)  # = b at idx: the same widening
 
@@ -392,11 +405,12 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     return _on_tpu(tpu, blocked, s_v, t_v)
 
 
-def head_and_terms(a_v, b_v, k, from_matmul=False) -> tuple[Head | None, TokenTerms]:
+def head_and_terms(a_v, b_v, k, from_matmul=False, pallas=True) -> tuple[Head | None, TokenTerms]:
     """The teacher's head I (the top-k of b) and `token_terms(a, b, I)`, a, b: [.., V].
 
     `from_matmul`: a is the output of a matmul in the same program (the fused loss), whose
-    epilogue XLA TPU can take the student's maxima into (`_sorted_terms`).
+    epilogue XLA TPU can take the student's maxima into (`_sorted_terms`). `pallas=False`: never
+    the TPU kernel (for a caller whose a, b would be written out only for it, `pair_terms`).
 
     Off TPU (`_on_tpu`) the two-level search (`_blocked_terms`) makes the head and the maxima
     pass of `token_terms` one pass, and the head's K values give its sums: TAD then reads the
@@ -416,7 +430,7 @@ def head_and_terms(a_v, b_v, k, from_matmul=False) -> tuple[Head | None, TokenTe
 
     from tad_jax import tpu_kernel  # (imports this module)
 
-    kernel = tpu_kernel.applies(a_v, b_v, k)
+    kernel = pallas and tpu_kernel.applies(a_v, b_v, k)
     if kernel and _KERNEL_INTERPRET:
         return tpu_kernel.head_and_terms(a_v, b_v, k, interpret=True)
 

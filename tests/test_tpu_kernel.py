@@ -153,6 +153,29 @@ def test_fused_loss_with_the_kernel(monkeypatch):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("padding", [True, False])
+def test_tad_divergence_with_the_kernel(monkeypatch, padding):
+    # `losses.tad_divergence` on float32 logits takes the kernel on TPU: = its XLA path.
+    from tad_jax import losses
+
+    rng = np.random.default_rng(5)
+    s = jnp.asarray(rng.normal(size=(2, 8, 700)), jnp.float32)
+    t = jnp.asarray(rng.integers(-3, 3, size=(2, 8, 700)), jnp.float32)
+    if padding:
+        s = s.at[..., 650:].set(-jnp.inf)
+    loss = lambda s: losses.tad_divergence(s, t, top_k=5, student_padding=padding)  # noqa: E731
+    want = jax.value_and_grad(loss)(s)
+    monkeypatch.setattr(core, "_KERNEL_INTERPRET", True)
+    calls = []
+    kernel = tpu_kernel.head_and_terms
+    monkeypatch.setattr(tpu_kernel, "head_and_terms",
+                        lambda *a, **kw: calls.append(kw) or kernel(*a, **kw))
+    got = jax.value_and_grad(loss)(s)
+    assert calls
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
 def test_tpu_compile_of_fused_tad_uses_the_kernel(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu
@@ -168,6 +191,23 @@ def test_tpu_compile_of_fused_tad_uses_the_kernel(monkeypatch):
     # The benchmarks' count of its HBM bytes (XLA counts none): a and b of one chunk (the scan
     # body, counted once as by XLA) read once, three [256, 128] results written once.
     assert _bench_loss().pallas_bytes(hlo) == 2 * 256 * 2048 * 4 + 3 * 256 * 128 * 4
+
+
+@pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
+def test_tpu_compile_of_tad_divergence_float32_only(monkeypatch):
+    from tad_jax import losses
+
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    device = targets.resolve_target("v5p:2x2x1").devices[0]
+    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
+                                     jax.sharding.PartitionSpec())
+    grad = jax.jit(jax.grad(lambda s, t: losses.tad_divergence(s, t, top_k=10)))
+    for dtype, kernel in ((jnp.float32, True), (jnp.bfloat16, False)):
+        x = jax.ShapeDtypeStruct((1, 64, 4096), dtype, sharding=rep)
+        hlo = grad.lower(x, x).compile().as_text()
+        # bf16 keeps TopK: the kernel would need widened copies written out.
+        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel
+        assert ("TopK" in hlo) != kernel
 
 
 def _bench_loss():
