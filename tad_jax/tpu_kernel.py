@@ -54,7 +54,7 @@ _VMEM_CAP = 60 * 2**20
 
 
 def applies(a_v, b_v, k) -> bool:
-    """Whether the kernel takes a, b [.., V] at top-K k: float32, 1 <= K < 128, whole V fits in
+    """Whether the kernel takes a, b [.., V] at top-K k: float32, 1 <= K < min(127, V), V fits in
     VMEM, no explicitly sharded axis (the kernel sees one device's rows)."""
     vocab = b_v.shape[-1]
     return (a_v.dtype == b_v.dtype == jnp.float32 and a_v.shape == b_v.shape and a_v.ndim >= 1
