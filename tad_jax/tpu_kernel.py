@@ -38,8 +38,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax._src import sharding_impls  # the lowering's axis context (jax pinned: 0.10)
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
 
 from tad_jax import tad_core as core
 
@@ -76,6 +79,12 @@ def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenT
     """`tad_core.head_and_terms(a, b, k)` for K >= 1 by the kernel: the same head (indices,
     lowest-index ties) and the same terms up to the order of the sums' additions.
 
+    Where the program is partitioned by XLA (jit over several devices, outside a shard_map that
+    makes every mesh axis manual) a Mosaic kernel cannot be lowered ("cannot be automatically
+    partitioned"), and outside TPU it has no lowering: there the same results come from XLA's
+    path (`tad_core._sorted_terms` on `lax.top_k`), chosen when the program is lowered
+    (`_dispatch`). No derivative: the callers differentiate by Eq. 6, not through this.
+
     Args:
       a_v, b_v: float32 [.., V], tempered student / teacher logits (`tad_core.tempered_pair`:
         b is -inf wherever a is).
@@ -86,6 +95,52 @@ def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenT
     when they are not: -inf entries past V lose every tie to those before, so never enter the
     top-(K+1) when K < V).
     """
+    if interpret:
+        return _by_kernel(a_v, b_v, k, True)
+    out = _dispatch.bind(a_v, b_v, k=k)
+    return jax.tree.unflatten(_tree(a_v, b_v, k), out)
+
+
+def _by_xla(a_v, b_v, k):
+    return core._sorted_terms(a_v, b_v, *core._top_k_2d(b_v, k + 1))
+
+
+def _tree(a_v, b_v, k):
+    return jax.tree.structure(jax.eval_shape(functools.partial(_by_xla, k=k), a_v, b_v))
+
+
+def _partitioned(ctx) -> bool:
+    """Whether the program is partitioned where this lowers (the test of jax's Mosaic lowering,
+    `jax._src.tpu_custom_call`, which refuses a kernel there)."""
+    axes = ctx.module_context.axis_context
+    if isinstance(axes, sharding_impls.SPMDAxisContext):
+        manual = axes.manual_axes | set(axes.mesh.manual_axes)
+        return bool(axes.manual_axes) and manual != frozenset(axes.mesh.axis_names)
+    if isinstance(axes, sharding_impls.ShardingContext):
+        return axes.num_devices != 1
+    return False
+
+
+def _lower(ctx, a_v, b_v, *, k):
+    kernel = ctx.module_context.platforms == ("tpu",) and not _partitioned(ctx)
+    path = functools.partial(_by_kernel, interpret=False) if kernel else _by_xla
+    return mlir.lower_fun(lambda a, b: jax.tree.leaves(path(a, b, k)),
+                          multiple_results=True)(ctx, a_v, b_v)
+
+
+def _abstract(a_v, b_v, *, k):
+    out = jax.eval_shape(functools.partial(_by_xla, k=k), a_v, b_v)
+    return [jax.core.ShapedArray(x.shape, x.dtype) for x in jax.tree.leaves(out)]
+
+
+_dispatch = jex_core.Primitive("tad_tpu_head_and_terms")
+_dispatch.multiple_results = True
+_dispatch.def_impl(lambda a_v, b_v, *, k: jax.tree.leaves(_by_xla(a_v, b_v, k)))
+_dispatch.def_abstract_eval(_abstract)
+mlir.register_lowering(_dispatch, _lower)
+
+
+def _by_kernel(a_v, b_v, k, interpret):
     lead, vocab = b_v.shape[:-1], b_v.shape[-1]
     a2, b2 = a_v.reshape(-1, vocab), b_v.reshape(-1, vocab)
     rows = a2.shape[0]
