@@ -35,6 +35,7 @@ speed (not timed: no TPU). docs/fused_loss.md, "TPU: the top-K inside the pass o
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -97,8 +98,24 @@ def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenT
     """
     if interpret:
         return _by_kernel(a_v, b_v, k, True)
-    out = _dispatch.bind(a_v, b_v, k=k)
-    return jax.tree.unflatten(_tree(a_v, b_v, k), out)
+    tree = _tree(a_v, b_v, k)
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = math.prod(a_v.shape[:-1])
+    auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    if mesh.empty or mesh.size == 1 or not auto or rows % mesh.size:
+        return jax.tree.unflatten(tree, _dispatch.bind(a_v, b_v, k=k))
+    # A mesh of Auto axes in context (`jax.set_mesh`, as in training; the fused loss makes
+    # Explicit axes Auto): the kernel per device, on its share of the rows (XLA reshards a and
+    # b to that, V whole).
+    lead, vocab = a_v.shape[:-1], a_v.shape[-1]
+    rows_spec = jax.sharding.PartitionSpec(mesh.axis_names)
+    row_v = jax.sharding.PartitionSpec(mesh.axis_names, None)
+    out_specs = [row_v if x.ndim == 2 else rows_spec for x in jax.tree.leaves(jax.eval_shape(
+        functools.partial(_by_xla, k=k), a_v.reshape(-1, vocab), b_v.reshape(-1, vocab)))]
+    out = jax.shard_map(lambda a, b: _dispatch.bind(a, b, k=k), mesh=mesh, in_specs=(row_v, row_v),
+                        out_specs=out_specs, check_vma=False)(
+        a_v.reshape(-1, vocab), b_v.reshape(-1, vocab))
+    return jax.tree.unflatten(tree, [x.reshape(lead + x.shape[1:]) for x in out])
 
 
 def _by_xla(a_v, b_v, k):

@@ -211,9 +211,9 @@ def test_tpu_compile_of_tad_divergence_float32_only(monkeypatch):
 
 
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
-def test_tpu_compile_over_several_devices_falls_back_to_xla(monkeypatch):
-    # A Mosaic kernel cannot be partitioned by XLA: over 4 devices with rows sharded, the
-    # program lowers XLA's path (TopK) instead of failing.
+def test_tpu_compile_over_several_devices(monkeypatch):
+    # A Mosaic kernel cannot be partitioned by XLA: over 4 devices with rows sharded and no
+    # mesh in context, the program lowers XLA's path (TopK) instead of failing.
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     mesh = jax.sharding.Mesh(targets.resolve_target("v5p:2x2x1").devices[:4], ("data",))
     shard = lambda *spec: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*spec))  # noqa: E731
@@ -222,6 +222,10 @@ def test_tpu_compile_over_several_devices_falls_back_to_xla(monkeypatch):
     loss = lambda hs, ws, ht, wt: fused.fused_tad_loss(hs, ws, ht, wt, top_k=10, chunk_size=2048)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
     assert "TopK" in hlo and "tpu_custom_call" not in hlo
+    # With the mesh in context (as in training) the kernel runs per device, on its rows.
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(*args).compile().as_text()
+    assert "TopK" not in hlo and 'custom_call_target="tpu_custom_call"' in hlo
 
 
 def _bench_loss():
