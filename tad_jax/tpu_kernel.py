@@ -30,6 +30,9 @@ per step 1.113x -> 1.001x (41.5 -> 37.3 GB; KL 37.3), with rows spanning chunks 
 limit 16 MiB: raised, `_vmem_bytes`). XLA has no cost model for the kernel (FLOPs and cycles
 exclude it); ~60 vector ops per 8 KB of a and b read, so likely VPU-bound rather than at HBM
 speed (not timed: no TPU). docs/fused_loss.md, "TPU: the top-K inside the pass of sums".
+
+Several devices: per device in a shard_map under a mesh of Auto axes in context; elsewhere a
+partitioned program gets XLA's path, chosen when it is lowered (`_dispatch`).
 """
 
 from __future__ import annotations
