@@ -7,7 +7,10 @@
 TPU: `--tpu` prints a `bench: "tpu_aot"` line: fused TAD vs fused KL fwd+bwd compiled ahead of
 time for one TPU v5p chip (run with JAX_PLATFORMS=cpu), bytes accessed, FLOPs and XLA TPU's
 cycle estimate (`est_cycles`, TopK excluded; the chunk scans unrolled, as XLA counts a loop body
-once) and temporaries (scans rolled), at V = 256000, bf16;
+once) and temporaries (scans rolled), at V = 256000, bf16. A Pallas kernel (`tad_jax.tpu_kernel`,
+fused TAD's top-K and pass of sums on TPU) is in `bytes` as its operands read once plus its
+results written once (`*_pallas_bytes`, from the HLO shapes: XLA counts 0 bytes for it); its
+FLOPs, transcendentals and cycles are in none of the figures (XLA has no estimate for it);
 with `chunk_size` tokens per step (rows span chunks: teacher pre-pass) and with whole rows per
 step (`*_whole_rows`: no pre-pass, [T, V] logits), the memory vs FLOPs trade-off.
 `tad/kl_flops_head_bound`: the head matmuls' ratio of the cheapest exact β(X) with rows that
@@ -126,7 +129,8 @@ def bench_tpu(args):
             fused._UNROLL = 1
             jax.clear_caches()
         rec.update({f"{name}_{k}": cost[k]
-                    for k in ("bytes", "flops", "transcendentals", "est_cycles")})
+                    for k in ("bytes", "pallas_bytes", "flops", "transcendentals",
+                              "est_cycles")})
     for key in ("bytes", "flops", "est_cycles", "temp_bytes"):
         rec[f"tad/kl_{key}"] = rec[f"fused_tad_{key}"] / rec[f"fused_kl_{key}"]
         rec[f"whole_rows_tad/kl_{key}"] = (rec[f"fused_tad_whole_rows_{key}"]

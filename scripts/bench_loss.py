@@ -10,8 +10,9 @@ CPU: fwd+bwd time (median and min of the repeats; the methods timed interleaved,
 drifts over all alike), XLA temporaries and FLOPs of each method, run on this host.
 TPU: `jax.grad` of TAD and KL compiled ahead of time for one TPU v5p chip (libtpu; nothing runs,
 nothing is allocated), `bench: "tpu_aot"` lines with bytes accessed, FLOPs, transcendentals,
-XLA TPU's cycle estimate (`est_cycles`, TopK excluded) and temporaries at the accelerator shapes
-(`--tpu_cases`), and TAD/KL ratios. "tad"/"kl" are the
+XLA TPU's cycle estimate (`est_cycles`, TopK and Pallas kernels excluded) and temporaries at
+the accelerator shapes (`--tpu_cases`), and TAD/KL ratios; a Pallas kernel's HBM bytes are
+added to XLA's "bytes accessed", which counts none of them (`pallas_bytes`). "tad"/"kl" are the
 default calls, "tad_finite"/"kl_finite" those with `student_padding=False` (the training step's).
 GPU (`--gpu_target h100:1`, needs tad_jax[gpu-aot]): `bench: "gpu_aot"` lines, temporaries only.
 
@@ -54,10 +55,50 @@ def tpu_aot_cost(fn, args, topology="v5p:2x2x1"):
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, list | tuple) else cost
     mem = compiled.memory_analysis()
-    return {"bytes": cost.get("bytes accessed"), "flops": cost.get("flops"),
+    hlo = compiled.as_text()
+    kernel_bytes = pallas_bytes(hlo)
+    xla_bytes = cost.get("bytes accessed")
+    if xla_bytes is None and kernel_bytes:  # (a program of custom calls alone has no such key)
+        xla_bytes = 0.0
+    return {"bytes": None if xla_bytes is None else xla_bytes + kernel_bytes,
+            "pallas_bytes": kernel_bytes, "flops": cost.get("flops"),
             "transcendentals": cost.get("transcendentals"),
-            "est_cycles": estimated_cycles(compiled.as_text()),
+            "est_cycles": estimated_cycles(hlo),
             "temp_bytes": int(mem.temp_size_in_bytes)}
+
+
+_ITEM_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}
+
+
+def pallas_bytes(hlo_text):
+    """HBM bytes of the Pallas (Mosaic) kernels of a compiled TPU program: for every
+    `tpu_custom_call` instruction, its operands' bytes (read once) plus its results' (written
+    once), from the shapes in the HLO text.
+
+    XLA TPU's cost analysis counts 0 for such a call in "bytes accessed" (measured: a program
+    of one pallas_call reading [1024, 4096] f32 and writing [1024, 128] has no "bytes accessed"
+    at all, only per-operand keys such as "bytes accessed0{}"; with a fusion after it, "bytes
+    accessed" is the fusion's alone), so `tpu_aot_cost` adds this. "Read once" is what
+    `tad_jax.tpu_kernel`'s BlockSpecs do (each row block visited once, whole rows); a kernel
+    whose index maps revisit blocks would need its own count. Like XLA's, one count per
+    instruction: a loop body's call counts once (unroll loops, as for FLOPs).
+    """
+    total = 0
+    for line in hlo_text.splitlines():
+        if 'custom_call_target="tpu_custom_call"' not in line:
+            continue
+        results = line.split("=", 1)[1].split("custom-call(", 1)[0]
+        operands = re.search(r"operand_layout_constraints=\{((?:[^{}]|\{[^{}]*\})*)\}", line)
+        if operands is None:
+            raise ValueError(f"no operand shapes in a tpu_custom_call: {line[:300]}")
+        for text in (results, operands.group(1)):
+            for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", text):
+                size = 1
+                for d in filter(None, dims.split(",")):
+                    size *= int(d)
+                total += size * _ITEM_BYTES[dtype]
+    return total
 
 
 def estimated_cycles(hlo_text):
@@ -66,8 +107,8 @@ def estimated_cycles(hlo_text):
 
     It ranks programs where bytes do not: the fused loss is bound by its matmuls, and an
     elementwise-heavy formulation can move fewer bytes yet take more cycles. Not counted:
-    custom calls (TopK carries no estimate: ~1 cycle per 1.6 bytes of its input at v5p's
-    bandwidth) and the bodies of loops (unroll them, as for FLOPs).
+    custom calls (TopK and Pallas kernels carry no estimate: ~1 cycle per 1.6 bytes of their
+    input at v5p's bandwidth) and the bodies of loops (unroll them, as for FLOPs).
     """
     start = hlo_text.find("\nENTRY")
     found = re.findall(r'"estimated_cycles":"(\d+)"', hlo_text[start:]) if start >= 0 else []

@@ -31,6 +31,9 @@ no [N, V] temporary. Before this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 
 Where the bytes go on TPU: top_k (one pass over t, and over s too to merge the student's padding
 into t: XLA TPU fuses that producer into its TopK), one pass of maxima and one of sums, and
 the gradient (3 passes, as KL's).
+On TPU with float32 logits at τ = 1, and in the fused loss, a Pallas kernel (`tpu_kernel`) makes
+the top-(K+1), the maxima and the sums from one read of the logits: TAD 9.0 -> 8.0 (8.0 -> 5.0
+with finite student logits; the gradient's three passes and the kernel's read of a and b).
 Off TPU (`_on_tpu`, the one device split) the head comes from a two-level search fused with the
 pass of maxima (`_blocked_terms`), and the head's sums from its K values: TAD then makes KL's
 passes and KL's number of reductions. H100 compile, temporaries (f32 [N, V] units, f32 / bf16):
@@ -369,11 +372,24 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     """
     s_v, t_v = _whole_last_axis(s_v), _whole_last_axis(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
+    # The Pallas kernel (`tpu_kernel`) only for float32 logits at τ = 1: else its operands are
+    # widened or tempered copies, written out (TPU v5p compile, jax.grad of TAD at [1, 1024,
+    # 256000]: bf16 TAD/KL bytes 1.29x -> 1.86x and temporaries 2.0 f32 [N, V]; τ = 2, float32:
+    # the same bytes, temporaries 0.001 -> 1.0). float32 at τ = 1: 1.29x -> 1.14x, and
+    # 1.14x -> 0.72x with finite student logits (`scripts/bench_loss.py`).
+    from tad_jax import tpu_kernel  # (imports this module)
+
+    pallas = s_v.dtype == t_v.dtype == jnp.float32 and temperature == 1.0
     block = _head_block(b_v.shape[-1], k) if k else None
     if block is None or temperature != 1.0:
-        return head_and_terms(a_v, b_v, k)
+        return head_and_terms(a_v, b_v, k, pallas=pallas)
+    kernel = pallas and tpu_kernel.applies(a_v, b_v, k)
+    if kernel and _KERNEL_INTERPRET:
+        return tpu_kernel.head_and_terms(a_v, b_v, k, interpret=True)
 
     def tpu(s_v, t_v):
+        if kernel:
+            return tpu_kernel.head_and_terms(a_v, b_v, k)
         vals, idx = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k + 1)
         return _sorted_terms(a_v, b_v, widen(vals), idx)  # = b at idx: the same widening
 
@@ -386,17 +402,21 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     return _on_tpu(tpu, blocked, s_v, t_v)
 
 
-def head_and_terms(a_v, b_v, k, from_matmul=False) -> tuple[Head | None, TokenTerms]:
+def head_and_terms(a_v, b_v, k, from_matmul=False, pallas=True) -> tuple[Head | None, TokenTerms]:
     """The teacher's head I (the top-k of b) and `token_terms(a, b, I)`, a, b: [.., V].
 
     `from_matmul`: a is the output of a matmul in the same program (the fused loss), whose
-    epilogue XLA TPU can take the student's maxima into (`_sorted_terms`).
+    epilogue XLA TPU can take the student's maxima into (`_sorted_terms`). `pallas=False`: never
+    the TPU kernel (for a caller whose a, b would be written out only for it, `pair_terms`).
 
     Off TPU (`_on_tpu`) the two-level search (`_blocked_terms`) makes the head and the maxima
     pass of `token_terms` one pass, and the head's K values give its sums: TAD then reads the
     logits as often as KL, with KL's number of reductions. On TPU, and when V is short next to
     k, the top-(K+1) (`lax.top_k`) gives the teacher's maxima and `token_terms` reduces the
-    student's, then the sums (`_sorted_terms`). (None, terms) for K = 0.
+    student's, then the sums (`_sorted_terms`); on TPU, where `tpu_kernel.applies` (float32,
+    K < 127, V fits in VMEM), a Pallas kernel does all of it from one read of a and b (fused
+    TAD / fused KL bytes with whole rows 1.113x -> 1.001x; `tpu_kernel`). (None, terms) for
+    K = 0.
     """
     if k == 0:
         return None, token_terms(a_v, b_v, None)
@@ -405,9 +425,22 @@ def head_and_terms(a_v, b_v, k, from_matmul=False) -> tuple[Head | None, TokenTe
     def sorted_terms(a_v, b_v):
         return _sorted_terms(a_v, b_v, *top_k(b_v, k + 1), from_matmul)
 
+    from tad_jax import tpu_kernel  # (imports this module)
+
+    kernel = pallas and tpu_kernel.applies(a_v, b_v, k)
+    if kernel and _KERNEL_INTERPRET:
+        return tpu_kernel.head_and_terms(a_v, b_v, k, interpret=True)
+
+    def tpu(a_v, b_v):
+        return tpu_kernel.head_and_terms(a_v, b_v, k) if kernel else sorted_terms(a_v, b_v)
+
     if block is None:
-        return sorted_terms(a_v, b_v)
-    return _on_tpu(sorted_terms, lambda a, b: _blocked_terms(a, b, k, block), a_v, b_v)
+        return _on_tpu(tpu, sorted_terms, a_v, b_v)
+    return _on_tpu(tpu, lambda a, b: _blocked_terms(a, b, k, block), a_v, b_v)
+
+
+# Tests: run `tpu_kernel` (Pallas' interpreter) wherever it applies, on any platform.
+_KERNEL_INTERPRET = False
 
 
 def _sorted_terms(a_v, b_v, vals, idx, from_matmul=False) -> tuple[Head, TokenTerms]:
@@ -550,18 +583,13 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     # The maxima are shifts only: lse = log Σ e^(x − m) + m does not depend on m (no gradient).
     shift = lambda m: jax.lax.stop_gradient(finite_shift(m))
     m_s, m_t, mt_tail = shift(maxima.m_s), shift(maxima.m_t), shift(maxima.mt_tail)
-    es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
-    # b > -inf implies a > -inf (`tempered_pair`), so δ is finite wherever e^b > 0.
-    delta_v = (b_v - m_t[..., None]) - (a_v - m_s[..., None])
     if tail_v is None:
-        zs, zt, cross = _reduce_each((es_v, et_v, _times(et_v, delta_v)), 0.0, jnp.add)
+        es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
+        zs, zt, cross = _reduce_each((es_v, et_v, _times(et_v, _delta(a_v, b_v, m_s, m_t))),
+                                     0.0, jnp.add)
         ms_tail, zs_tail, zt_tail, h0, h1 = m_s, zs, zt, 0.0, 0.0
     else:
-        ett_v = jnp.where(tail_v, jnp.exp(b_v - mt_tail[..., None]), 0.0)
-        sums_v = (ett_v, _times(ett_v, delta_v))
-        if head_ab is None:
-            eh_v = jnp.where(tail_v, 0.0, et_v)
-            sums_v += (es_v, et_v, eh_v, _times(eh_v, delta_v))
+        sums_v = tail_summands(a_v, b_v, tail_v, m_s, m_t, mt_tail, head_ab is None)
         ms_tail = None if maxima.ms_tail is None else shift(maxima.ms_tail)
         ms_tail, zs_tail, sums = _tail_lse_and_sums(a_v, tail_v, ms_tail, sums_v)
         ms_tail = shift(ms_tail)
@@ -575,6 +603,28 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
             h1 = jnp.sum(_times(eh_k, (b_k - m_t[..., None]) - (a_k - m_s[..., None])), -1)
             zs = _rescale(zs_tail, ms_tail - m_s) + jnp.sum(jnp.exp(a_k - m_s[..., None]), -1)
             zt = _rescale(zt_tail, mt_tail - m_t) + h0
+    return finish_terms(Sums(zs, zt, zs_tail, zt_tail, cross, h0, h1), m_s, m_t, ms_tail,
+                        mt_tail, head is not None)
+
+
+class Sums(NamedTuple):
+    """The pass of sums of `token_terms`, per position (f32 [..]):
+    Z_s, Z_t, Z̃_s, Z̃_t, C̃, H_0, H_1."""
+
+    zs: jax.Array
+    zt: jax.Array
+    zs_tail: jax.Array
+    zt_tail: jax.Array
+    cross: jax.Array
+    h0: jax.Array
+    h1: jax.Array
+
+
+def finish_terms(sums: Sums, m_s, m_t, ms_tail, mt_tail, with_head=True) -> TokenTerms:
+    """`TokenTerms` from the pass of sums and the (finite-shifted) maxima: [..] arithmetic only,
+    the Eq. 2-3 formulas of `token_terms`' docstring. Shared by `token_terms` and the TPU kernel
+    (`tpu_kernel`), which makes the sums itself. `with_head` False: K = 0 (α ≡ 1, D_KL1 = 0)."""
+    zs, zt, zs_tail, zt_tail, cross, h0, h1 = sums
     log_zs, log_zt = jnp.log(zs), jnp.log(zt)
     # Tail logsumexps relative to the row maxima (rel = lse_tail − m), so that no difference of
     # two absolute logsumexps brings the logits' offset back in (f32 at |logits| ~ 1e4).
@@ -583,7 +633,7 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     # has no distribution: every term is 0 and, for K ≥ 1, α_T = α_S = 0 (Σ over the tail of a
     # zero p_T), not 0/0 = NaN. For K = 0, α ≡ 1 (the tail is V), so β(X) stays β (KL exact).
     empty = zt == 0
-    if head is None:
+    if not with_head:
         log_alpha_t = log_alpha_s = jnp.zeros_like(log_zt)
     else:
         log_alpha_t = log_share(rel_t, log_zt)  # (log_zt = -inf exactly where empty)
@@ -591,11 +641,37 @@ def token_terms(a_v, b_v, head: Head | None, maxima: Maxima | None = None,
     has_tail = zt_tail > 0  # α_T = 0: the tail terms are 0 (the limit x log x -> 0), not NaN
     kl2 = jnp.where(has_tail, cross / jnp.where(has_tail, zt_tail, 1.0) - rel_t + rel_s, 0.0)
     kl1 = jnp.where(has_tail, jnp.exp(log_alpha_t) * (log_alpha_t - log_alpha_s), 0.0)
-    if head is not None:
+    if with_head:
         # (h0 = h1 = 0 where empty; the selects keep -inf and 0/0 out of both branches.)
         log_ratio = jnp.where(empty, 0.0, log_zt - log_zs)
         kl1 = kl1 + (h1 - log_ratio * h0) / jnp.where(empty, 1.0, zt)
     return TokenTerms(kl1, kl2, log_alpha_t, log_alpha_s, m_s, m_t, log_zs, log_zt, rel_s)
+
+
+def _delta(a_v, b_v, m_s, m_t):
+    """δ = (b − m_t) − (a − m_s): log p_T − log p_S up to the row constants (which cancel).
+    b > -inf implies a > -inf (`tempered_pair`), so δ is finite wherever e^b > 0."""
+    return (b_v - m_t[..., None]) - (a_v - m_s[..., None])
+
+
+def tail_summands(a_v, b_v, tail_v, m_s, m_t, mt_tail, with_head_sums=True):
+    """The summands of the pass of sums (elementwise, [.., V] or any block of V): (e^(b − m̃_t),
+    e^(b − m̃_t)·δ) over the tail, and with `with_head_sums` (e^(a − m_s), e^(b − m_t),
+    e^(b − m_t), e^(b − m_t)·δ over the head): summed over V they are Z̃_t, C̃, Z_s, Z_t, H_0,
+    H_1 of `token_terms` (maxima finite-shifted). Z̃_s's summand: `student_tail_summand`."""
+    delta_v = _delta(a_v, b_v, m_s, m_t)
+    ett_v = jnp.where(tail_v, jnp.exp(b_v - mt_tail[..., None]), 0.0)
+    sums_v = (ett_v, _times(ett_v, delta_v))
+    if with_head_sums:
+        es_v, et_v = jnp.exp(a_v - m_s[..., None]), jnp.exp(b_v - m_t[..., None])
+        eh_v = jnp.where(tail_v, 0.0, et_v)
+        sums_v += (es_v, et_v, eh_v, _times(eh_v, delta_v))
+    return sums_v
+
+
+def student_tail_summand(a_v, tail_v, ms_tail):
+    """e^(a − m̃_s) over the tail, 0 on the head: summed over V, Z̃_s (m̃_s finite-shifted)."""
+    return jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
 
 
 def _tail_lse_and_sums(a_v, tail_v, ms_tail, sums_v):
@@ -605,8 +681,8 @@ def _tail_lse_and_sums(a_v, tail_v, ms_tail, sums_v):
     e^(a − m̃_s)."""
     if ms_tail is None:
         return _reduce_lse_v(jnp.where(tail_v, a_v, -jnp.inf), sums_v)
-    ets_v = jnp.where(tail_v, jnp.exp(a_v - ms_tail[..., None]), 0.0)
-    *sums, zs_tail = _reduce_v((*sums_v, ets_v), 0.0, jnp.add)
+    *sums, zs_tail = _reduce_v((*sums_v, student_tail_summand(a_v, tail_v, ms_tail)), 0.0,
+                               jnp.add)
     return ms_tail, zs_tail, sums
 
 

@@ -1,0 +1,290 @@
+"""TPU only: the teacher's top-(K+1) inside the pass of sums, as one Pallas (Mosaic) kernel.
+
+`tad_core.head_and_terms` on TPU otherwise takes the top-(K+1) with XLA's TopK, an exact custom
+call that fuses with nothing: with whole rows per chunk it is the one pass over the teacher's
+float32 logits that fused TAD makes beyond fused KL (1.11x KL's bytes at V = 256000,
+docs/fused_loss.md). Here a block of `_ROWS` whole rows of a and b is read from HBM into VMEM
+once, and the kernel makes, in VMEM, (1) the top-(K+1) of b and max a, (2) the student's tail
+maximum m̃_s, (3) the pass of sums of `tad_core.token_terms`, with the head decided by values
+(`tad_core.in_tail`) and the summands of `tad_core.tail_summands` / `student_tail_summand`; the
+[..] finish is `tad_core.finish_terms`, outside the kernel. So a chunk's logits cross HBM once
+for the forward terms, as in fused KL.
+
+The top-(K+1) without gathers (Mosaic has no per-row lane gathers): every lane l of the 128
+keeps a sorted list of the K+1 largest entries it has seen (entries l, 128 + l, ... arrive in
+index order, so a strict ">" keeps equal values in index order: `lax.top_k`'s lowest-index
+rule), one insertion network of K+1 compare-and-swap steps per [rows, 128] block; then K+1
+rounds of "the next entry in (value desc, index asc) order" over the 128·(K+1) survivors. Every
+global top-(K+1) entry survives in its lane. Values compare as values: -0.0 = 0.0, as in
+`tad_core.in_tail` (the outputs pass through `tad_core._equal_zeros`, as XLA's path does).
+The network costs 7·(K+1) vector ops per [8, 128] block of b (77 at K = 10), so a block runs
+it only if it holds an entry >= τ, the row's (K+1)-th largest lane maximum (a lower bound of
+the row's top-(K+1), from a first pass of maxima): 4.5% of the blocks of Gaussian or Gumbel rows
+at V = 256000, every block of tie-heavy rows (then slower, never wrong).
+
+Measured (TPU v5p compile on a CPU host, `scripts/bench_fused.py --tpu`, N = 4096, V = 256000,
+bf16 heads; the kernel's bytes counted as its operands read once and results written once,
+`bench_loss.pallas_bytes`, since XLA counts none): fused TAD / fused KL bytes with whole rows
+per step 1.113x -> 1.001x (41.5 -> 37.3 GB; KL 37.3), with rows spanning chunks 1.189x ->
+1.147x (the teacher pre-pass keeps its TopK). VMEM: 31.3 MiB at V = 256000 (default scoped
+limit 16 MiB: raised, `_vmem_bytes`). XLA has no cost model for the kernel (FLOPs and cycles
+exclude it); ~60 vector ops per 8 KB of a and b read, so likely VPU-bound rather than at HBM
+speed (not timed: no TPU). docs/fused_loss.md, "TPU: the top-K inside the pass of sums".
+
+Several devices: per device in a shard_map under a mesh of Auto axes in context; elsewhere a
+partitioned program gets XLA's path, chosen when it is lowered (`_dispatch`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax._src import sharding_impls  # the lowering's axis context (jax pinned: 0.10)
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.extend import core as jex_core
+from jax.interpreters import mlir
+
+from tad_jax import tad_core as core
+
+_ROWS = 8  # rows per grid step: one f32 sublane tile
+_LANES = 128
+_SENTINEL = jnp.iinfo(jnp.int32).max  # index of an empty list slot: after every real entry
+_N_OUT = 11  # the 7 `core.Sums`, then m_s, m_t, m̃_s, m̃_t
+# VMEM for the double-buffered [ROWS, V] blocks of a and b (and headroom): at most this, below
+# v5p's 63.94 MiB per core (its compile error names the capacity; V = 512000 still compiled
+# at 64.5 MiB asked); larger vocabularies take XLA's path.
+_VMEM_CAP = 60 * 2**20
+
+
+def applies(a_v, b_v, k) -> bool:
+    """Whether the kernel takes a, b [.., V] at top-K k: float32, 1 <= K < min(127, V), V fits in
+    VMEM, no explicitly sharded axis (the kernel sees one device's rows)."""
+    vocab = b_v.shape[-1]
+    return (a_v.dtype == b_v.dtype == jnp.float32 and a_v.shape == b_v.shape and a_v.ndim >= 1
+            and 1 <= k < min(_LANES - 1, vocab) and _vmem_bytes(vocab) <= _VMEM_CAP
+            and not any(_sharded_axes(x) for x in (a_v, b_v)))
+
+
+def _sharded_axes(x):
+    spec = core._explicit_spec(x)[1]
+    return spec is not None and any(axis is not None for axis in spec)
+
+
+def _vmem_bytes(vocab):
+    padded = -(-vocab // _LANES) * _LANES
+    return 2 * 2 * _ROWS * padded * 4 + 2 * 2**20  # a, b double-buffered; outputs, headroom
+
+
+def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenTerms]:
+    """`tad_core.head_and_terms(a, b, k)` for K >= 1 by the kernel: the same head (indices,
+    lowest-index ties) and the same terms up to the order of the sums' additions.
+
+    Where the program is partitioned by XLA (jit over several devices, outside a shard_map that
+    makes every mesh axis manual) a Mosaic kernel cannot be lowered ("cannot be automatically
+    partitioned"), and outside TPU it has no lowering: there the same results come from XLA's
+    path (`tad_core._sorted_terms` on `lax.top_k`), chosen when the program is lowered
+    (`_dispatch`). No derivative: the callers differentiate by Eq. 6, not through this.
+
+    Args:
+      a_v, b_v: float32 [.., V], tempered student / teacher logits (`tad_core.tempered_pair`:
+        b is -inf wherever a is).
+      k: the top-K, 1 <= k < min(127, V) (`applies`).
+      interpret: run the kernel in Pallas' interpreter (tests on CPU).
+
+    Rows are padded to a multiple of 8 and V to a multiple of 128 with -inf (a copy, only
+    when they are not: -inf entries past V lose every tie to those before, so never enter the
+    top-(K+1) when K < V).
+    """
+    if interpret:
+        return _by_kernel(a_v, b_v, k, True)
+    tree = _tree(a_v, b_v, k)
+    mesh = jax.sharding.get_abstract_mesh()
+    rows = math.prod(a_v.shape[:-1])
+    auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+    if mesh.empty or mesh.size == 1 or not auto or rows % mesh.size:
+        return jax.tree.unflatten(tree, _dispatch.bind(a_v, b_v, k=k))
+    # A mesh of Auto axes in context (`jax.set_mesh`, as in training; the fused loss makes
+    # Explicit axes Auto): the kernel per device, on its share of the rows (XLA reshards a and
+    # b to that, V whole).
+    lead, vocab = a_v.shape[:-1], a_v.shape[-1]
+    rows_spec = jax.sharding.PartitionSpec(mesh.axis_names)
+    row_v = jax.sharding.PartitionSpec(mesh.axis_names, None)
+    out_specs = [row_v if x.ndim == 2 else rows_spec for x in jax.tree.leaves(jax.eval_shape(
+        functools.partial(_by_xla, k=k), a_v.reshape(-1, vocab), b_v.reshape(-1, vocab)))]
+    out = jax.shard_map(lambda a, b: _dispatch.bind(a, b, k=k), mesh=mesh, in_specs=(row_v, row_v),
+                        out_specs=out_specs, check_vma=False)(
+        a_v.reshape(-1, vocab), b_v.reshape(-1, vocab))
+    return jax.tree.unflatten(tree, [x.reshape(lead + x.shape[1:]) for x in out])
+
+
+def _by_xla(a_v, b_v, k):
+    return core._sorted_terms(a_v, b_v, *core._top_k_2d(b_v, k + 1))
+
+
+def _tree(a_v, b_v, k):
+    return jax.tree.structure(jax.eval_shape(functools.partial(_by_xla, k=k), a_v, b_v))
+
+
+def _partitioned(ctx) -> bool:
+    """Whether the program is partitioned where this lowers (the test of jax's Mosaic lowering,
+    `jax._src.tpu_custom_call`, which refuses a kernel there)."""
+    axes = ctx.module_context.axis_context
+    if isinstance(axes, sharding_impls.SPMDAxisContext):
+        manual = axes.manual_axes | set(axes.mesh.manual_axes)
+        return bool(axes.manual_axes) and manual != frozenset(axes.mesh.axis_names)
+    if isinstance(axes, sharding_impls.ShardingContext):
+        return axes.num_devices != 1
+    return False
+
+
+def _lower(ctx, a_v, b_v, *, k):
+    kernel = ctx.module_context.platforms == ("tpu",) and not _partitioned(ctx)
+    path = functools.partial(_by_kernel, interpret=False) if kernel else _by_xla
+    return mlir.lower_fun(lambda a, b: jax.tree.leaves(path(a, b, k)),
+                          multiple_results=True)(ctx, a_v, b_v)
+
+
+def _abstract(a_v, b_v, *, k):
+    out = jax.eval_shape(functools.partial(_by_xla, k=k), a_v, b_v)
+    return [jax.core.ShapedArray(x.shape, x.dtype) for x in jax.tree.leaves(out)]
+
+
+_dispatch = jex_core.Primitive("tad_tpu_head_and_terms")
+_dispatch.multiple_results = True
+_dispatch.def_impl(lambda a_v, b_v, *, k: jax.tree.leaves(_by_xla(a_v, b_v, k)))
+_dispatch.def_abstract_eval(_abstract)
+mlir.register_lowering(_dispatch, _lower)
+
+
+def _by_kernel(a_v, b_v, k, interpret):
+    lead, vocab = b_v.shape[:-1], b_v.shape[-1]
+    a2, b2 = a_v.reshape(-1, vocab), b_v.reshape(-1, vocab)
+    rows = a2.shape[0]
+    pad = ((0, -rows % _ROWS), (0, -vocab % _LANES))
+    if any(p for _, p in pad):
+        a2, b2 = (jnp.pad(x, pad, constant_values=-jnp.inf) for x in (a2, b2))
+    vals, idx, out = _call(a2, b2, k, interpret)
+    vals = core._equal_zeros(vals[:rows, :k + 1])
+    idx, out = idx[:rows, :k + 1], out[:rows]
+    head = core.head_of(vals[:, :k], idx[:, :k])
+    shift = core.finite_shift
+    sums = core.Sums(*(out[:, i] for i in range(7)))
+    m_s, m_t, ms_tail, mt_tail = (shift(x) for x in (out[:, 7], vals[:, 0], out[:, 9],
+                                                     vals[:, k]))
+    terms = core.finish_terms(sums, m_s, m_t, ms_tail, mt_tail)
+    head = core.Head(head.idx_k.reshape(*lead, k), head.kth.reshape(lead),
+                     head.last.reshape(lead))
+    return head, core.TokenTerms(*(x.reshape(lead) for x in terms))
+
+
+def _call(a2, b2, k, interpret):
+    rows, vocab = a2.shape
+    row_block = pl.BlockSpec((_ROWS, vocab), lambda i: (i, 0))
+    out_block = pl.BlockSpec((_ROWS, _LANES), lambda i: (i, 0))
+    sds = jax.ShapeDtypeStruct
+    return pl.pallas_call(
+        functools.partial(_kernel, k=k, n_blocks=vocab // _LANES),
+        grid=(rows // _ROWS,),
+        in_specs=[row_block, row_block],
+        out_specs=[out_block, out_block, out_block],
+        out_shape=[sds((rows, _LANES), jnp.float32), sds((rows, _LANES), jnp.int32),
+                   sds((rows, _LANES), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
+                                             vmem_limit_bytes=_vmem_bytes(vocab)),
+        interpret=interpret,
+    )(a2, b2)
+
+
+def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks):
+    """One block of _ROWS whole rows: the top-(K+1) of b, max a, then m̃_s, then the sums."""
+    shape = (_ROWS, _LANES)
+    lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
+    ninf = jnp.full(shape, -jnp.inf, jnp.float32)
+
+    def block(ref, j):  # lanes [128 j, 128 (j + 1)) of every row
+        return ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)]
+
+    # (0) Lane maxima of a and b. The row's (K+1)-th largest lane maximum τ bounds its top-(K+1)
+    # from below (K+1 lanes hold an entry >= τ): blocks with no entry >= τ are skipped in (1).
+    ma, mb = jax.lax.fori_loop(0, n_blocks, lambda j, m: (
+        jnp.maximum(m[0], block(a_ref, j)), jnp.maximum(m[1], block(b_ref, j))), (ninf, ninf))
+    for _ in range(k + 1):
+        tau = jnp.max(mb, axis=1, keepdims=True)
+        first = jnp.min(jnp.where(mb == tau, lane, _LANES), axis=1, keepdims=True)
+        mb = jnp.where(lane == first, -jnp.inf, mb)
+
+    # (1) Per lane, the K+1 largest entries in (value desc, index asc) order.
+    def insert(j, carry):
+        vs, ids = carry
+        c, ci = block(b_ref, j), lane + j * _LANES
+        new_vs, new_ids = [], []
+        for v, i in zip(vs, ids, strict=True):
+            # An equal value arrives later (a higher index): it stays below. An empty slot
+            # takes anything, a real -inf entry too (it must beat the empty slots).
+            swap = (c > v) | (i == _SENTINEL)
+            new_vs.append(jnp.where(swap, c, v))
+            new_ids.append(jnp.where(swap, ci, i))
+            c, ci = jnp.where(swap, v, c), jnp.where(swap, i, ci)
+        return tuple(new_vs), tuple(new_ids)
+
+    def insert_if_above(j, carry):
+        above = jnp.max(jnp.where(block(b_ref, j) >= tau, 1.0, 0.0)) > 0
+        return jax.lax.cond(above, functools.partial(insert, j), lambda carry: carry, carry)
+
+    empty_ids = jnp.full(shape, _SENTINEL, jnp.int32)
+    vs, ids = jax.lax.fori_loop(0, n_blocks, insert_if_above,
+                                ((ninf,) * (k + 1), (empty_ids,) * (k + 1)))
+    # The row's top-(K+1): K+1 times the next entry after (pv, pi) in that order.
+    top_v, top_i = ninf, jnp.full(shape, -1, jnp.int32)
+    pv = jnp.full((_ROWS, 1), jnp.inf, jnp.float32)
+    pi = jnp.full((_ROWS, 1), -1, jnp.int32)
+    for r in range(k + 1):
+        after = [(v < pv) | ((v == pv) & (i > pi)) for v, i in zip(vs, ids, strict=True)]
+        best = functools.reduce(jnp.maximum, [jnp.where(e, v, -jnp.inf)
+                                              for e, v in zip(after, vs, strict=True)])
+        pv = jnp.max(best, axis=1, keepdims=True)
+        first = functools.reduce(jnp.minimum, [
+            jnp.where(e & (v == pv), i, _SENTINEL) for e, v, i in zip(after, vs, ids, strict=True)])
+        pi = jnp.min(first, axis=1, keepdims=True)
+        top_v, top_i = jnp.where(lane == r, pv, top_v), jnp.where(lane == r, pi, top_i)
+        if r == k - 1:  # lanes >= K repeat the K-th: `head_of` reads its K-th value last
+            kth_v = pv
+    vals_ref[...] = top_v
+    idx_ref[...] = top_i
+    head_v = jnp.where(lane < k, top_v, kth_v)
+    head_i = jnp.where(lane < k, top_i, -1)
+    head = core.head_of(head_v, head_i)
+    shift = core.finite_shift
+    row = lambda x: jnp.max(x, axis=1)  # noqa: E731
+    m_s, m_t = shift(row(ma)), shift(top_v[:, 0])
+    mt_tail = shift(row(jnp.where(lane == k, top_v, -jnp.inf)))
+
+    def tail_of(j):
+        return core.in_tail(block(b_ref, j), head, lane + j * _LANES)
+
+    # (2) m̃_s: max a over the tail.
+    ms_acc = jax.lax.fori_loop(0, n_blocks, lambda j, acc: jnp.maximum(
+        acc, jnp.where(tail_of(j), block(a_ref, j), -jnp.inf)), ninf)
+    ms_tail = shift(row(ms_acc))
+
+    # (3) The pass of sums, lane by lane, then across lanes.
+    def add(j, accs):
+        a, b, tail = block(a_ref, j), block(b_ref, j), tail_of(j)
+        terms = core.tail_summands(a, b, tail, m_s, m_t, mt_tail)
+        terms += (core.student_tail_summand(a, tail, ms_tail),)
+        return tuple(acc + x for acc, x in zip(accs, terms, strict=True))
+
+    zeros = jnp.zeros(shape, jnp.float32)
+    zt_tail, cross, zs, zt, h0, h1, zs_tail = (
+        row_sum for row_sum in (jnp.sum(x, axis=1) for x in jax.lax.fori_loop(
+            0, n_blocks, add, (zeros,) * 7)))
+    outs = (zs, zt, zs_tail, zt_tail, cross, h0, h1, row(ma), m_t, row(ms_acc), mt_tail)
+    assert len(outs) == _N_OUT
+    packed = zeros
+    for i, x in enumerate(outs):
+        packed = jnp.where(lane == i, x[:, None], packed)
+    out_ref[...] = packed
