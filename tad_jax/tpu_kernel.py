@@ -42,7 +42,9 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax._src import sharding_impls  # the lowering's axis context (jax pinned: 0.10)
+from jax._src.pallas.mosaic import tpu_info  # chips' VMEM by device kind (likewise)
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jex_core
@@ -54,10 +56,13 @@ _ROWS = 8  # rows per grid step: one f32 sublane tile
 _LANES = 128
 _SENTINEL = jnp.iinfo(jnp.int32).max  # index of an empty list slot: after every real entry
 _N_OUT = 11  # the 7 `core.Sums`, then m_s, m_t, m̃_s, m̃_t
-# VMEM for the double-buffered [ROWS, V] blocks of a and b (and headroom): at most this, below
-# v5p's 63.94 MiB per core (its compile error names the capacity; V = 512000 still compiled
-# at 64.5 MiB asked); larger vocabularies take XLA's path.
-_VMEM_CAP = 60 * 2**20
+# VMEM for the double-buffered [ROWS, V] blocks of a and b (`_vmem_bytes`): at most the
+# capacity per core of the chip compiled for (pltpu's table: v2-v4 16 MiB, v5p 64, v5e and v6e
+# 128) less this margin (v5p's compile error names 63.94 MiB usable; V = 512000 still compiled
+# at 64.5 MiB asked). Larger vocabularies take XLA's path, chosen when the program is lowered.
+_VMEM_MARGIN = 4 * 2**20
+_VMEM_LARGEST = 128 * 2**20  # no chip has more: larger vocabularies never take the kernel
+_VMEM_SMALLEST = 16 * 2**20  # the chip compiled for is unknown: fits every TPU
 
 
 def applies(a_v, b_v, k) -> bool:
@@ -65,7 +70,8 @@ def applies(a_v, b_v, k) -> bool:
     VMEM, no explicitly sharded axis (the kernel sees one device's rows)."""
     vocab = b_v.shape[-1]
     return (a_v.dtype == b_v.dtype == jnp.float32 and a_v.shape == b_v.shape and a_v.ndim >= 1
-            and 1 <= k < min(_LANES - 1, vocab) and _vmem_bytes(vocab) <= _VMEM_CAP
+            and 1 <= k < min(_LANES - 1, vocab)
+            and _vmem_bytes(vocab) <= _VMEM_LARGEST - _VMEM_MARGIN
             and not any(_sharded_axes(x) for x in (a_v, b_v)))
 
 
@@ -79,20 +85,23 @@ def _vmem_bytes(vocab):
     return 2 * 2 * _ROWS * padded * 4 + 2 * 2**20  # a, b double-buffered; outputs, headroom
 
 
-def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenTerms]:
+def head_and_terms(a_v, b_v, k, from_matmul=False,
+                   interpret=False) -> tuple[core.Head, core.TokenTerms]:
     """`tad_core.head_and_terms(a, b, k)` for K >= 1 by the kernel: the same head (indices,
     lowest-index ties) and the same terms up to the order of the sums' additions.
 
     Where the program is partitioned by XLA (jit over several devices, outside a shard_map that
     makes every mesh axis manual) a Mosaic kernel cannot be lowered ("cannot be automatically
-    partitioned"), and outside TPU it has no lowering: there the same results come from XLA's
-    path (`tad_core._sorted_terms` on `lax.top_k`), chosen when the program is lowered
+    partitioned"), and outside TPU it has no lowering: there, and where the rows do not fit
+    in the VMEM of the chip compiled for (`_fits`), the same results come from XLA's path
+    (`tad_core._sorted_terms` on `lax.top_k`), chosen when the program is lowered
     (`_dispatch`). No derivative: the callers differentiate by Eq. 6, not through this.
 
     Args:
       a_v, b_v: float32 [.., V], tempered student / teacher logits (`tad_core.tempered_pair`:
         b is -inf wherever a is).
       k: the top-K, 1 <= k < min(127, V) (`applies`).
+      from_matmul: for XLA's path, as `tad_core.head_and_terms`.
       interpret: run the kernel in Pallas' interpreter (tests on CPU).
 
     Rows are padded to a multiple of 8 and V to a multiple of 128 with -inf (a copy, only
@@ -101,12 +110,13 @@ def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenT
     """
     if interpret:
         return _by_kernel(a_v, b_v, k, True)
+    dispatch = functools.partial(_dispatch.bind, k=k, from_matmul=from_matmul)
     tree = _tree(a_v, b_v, k)
     mesh = jax.sharding.get_abstract_mesh()
     rows = math.prod(a_v.shape[:-1])
     auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
     if mesh.empty or mesh.size == 1 or not auto or rows % mesh.size:
-        return jax.tree.unflatten(tree, _dispatch.bind(a_v, b_v, k=k))
+        return jax.tree.unflatten(tree, dispatch(a_v, b_v))
     # A mesh of Auto axes in context (`jax.set_mesh`, as in training; the fused loss makes
     # Explicit axes Auto): the kernel per device, on its share of the rows (XLA reshards a and
     # b to that, V whole).
@@ -115,14 +125,14 @@ def head_and_terms(a_v, b_v, k, interpret=False) -> tuple[core.Head, core.TokenT
     row_v = jax.sharding.PartitionSpec(mesh.axis_names, None)
     out_specs = [row_v if x.ndim == 2 else rows_spec for x in jax.tree.leaves(jax.eval_shape(
         functools.partial(_by_xla, k=k), a_v.reshape(-1, vocab), b_v.reshape(-1, vocab)))]
-    out = jax.shard_map(lambda a, b: _dispatch.bind(a, b, k=k), mesh=mesh, in_specs=(row_v, row_v),
+    out = jax.shard_map(dispatch, mesh=mesh, in_specs=(row_v, row_v),
                         out_specs=out_specs, check_vma=False)(
         a_v.reshape(-1, vocab), b_v.reshape(-1, vocab))
     return jax.tree.unflatten(tree, [x.reshape(lead + x.shape[1:]) for x in out])
 
 
-def _by_xla(a_v, b_v, k):
-    return core._sorted_terms(a_v, b_v, *core._top_k_2d(b_v, k + 1))
+def _by_xla(a_v, b_v, k, from_matmul=False):
+    return core._sorted_terms(a_v, b_v, *core._top_k_2d(b_v, k + 1), from_matmul)
 
 
 def _tree(a_v, b_v, k):
@@ -141,21 +151,51 @@ def _partitioned(ctx) -> bool:
     return False
 
 
-def _lower(ctx, a_v, b_v, *, k):
-    kernel = ctx.module_context.platforms == ("tpu",) and not _partitioned(ctx)
-    path = functools.partial(_by_kernel, interpret=False) if kernel else _by_xla
+def _lower(ctx, a_v, b_v, *, k, from_matmul):
+    kernel = (ctx.module_context.platforms == ("tpu",) and not _partitioned(ctx)
+              and _vmem_bytes(ctx.avals_in[0].shape[-1]) <= _vmem_capacity(ctx) - _VMEM_MARGIN)
+    if kernel:
+        path = functools.partial(_by_kernel, interpret=False)
+    else:
+        path = functools.partial(_by_xla, from_matmul=from_matmul)
     return mlir.lower_fun(lambda a, b: jax.tree.leaves(path(a, b, k)),
                           multiple_results=True)(ctx, a_v, b_v)
 
 
-def _abstract(a_v, b_v, *, k):
+def _vmem_capacity(ctx) -> int:
+    """VMEM bytes per TensorCore of the TPU this lowers for (from the devices of the lowering's
+    axis context or of its backend, else those of the mesh in context or the default device);
+    the smallest of any TPU when that is not known."""
+    axes = ctx.module_context.axis_context
+    mesh = getattr(axes, "mesh", None)
+    devices = getattr(axes, "device_assignment", None) or getattr(mesh, "devices", None)
+    kinds = {d.device_kind for d in np.asarray(devices).flat} if devices is not None else set()
+    if not kinds and getattr(mesh, "abstract_device", None) is not None:
+        kinds = {mesh.abstract_device.device_kind}
+    backend = ctx.module_context.backend  # (a TPU client, or compile-only for a topology)
+    if not kinds and backend is not None and backend.platform == "tpu":
+        kinds = {d.device_kind for d in backend.devices()}
+    if not kinds:
+        try:
+            return pltpu.get_tpu_info().vmem_capacity_bytes
+        except ValueError:  # no TPU device, no mesh in context
+            return _VMEM_SMALLEST
+    chips = {tpu_info.chip_version_from_device_kind(kind) for kind in kinds}
+    if len(chips) != 1 or None in chips:
+        return _VMEM_SMALLEST
+    return tpu_info.get_tpu_info_for_chip(chips.pop(), 1).vmem_capacity_bytes
+
+
+def _abstract(a_v, b_v, *, k, from_matmul):
+    del from_matmul
     out = jax.eval_shape(functools.partial(_by_xla, k=k), a_v, b_v)
     return [jax.core.ShapedArray(x.shape, x.dtype) for x in jax.tree.leaves(out)]
 
 
 _dispatch = jex_core.Primitive("tad_tpu_head_and_terms")
 _dispatch.multiple_results = True
-_dispatch.def_impl(lambda a_v, b_v, *, k: jax.tree.leaves(_by_xla(a_v, b_v, k)))
+_dispatch.def_impl(lambda a_v, b_v, *, k, from_matmul: jax.tree.leaves(
+    _by_xla(a_v, b_v, k, from_matmul)))
 _dispatch.def_abstract_eval(_abstract)
 mlir.register_lowering(_dispatch, _lower)
 

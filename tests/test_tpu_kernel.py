@@ -234,3 +234,20 @@ def _bench_loss():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
+def test_vmem_of_the_chip_compiled_for_decides(monkeypatch):
+    # Rows of V = 160000 need 21.5 MiB of VMEM: a v5p core has 64 MiB, a v4 core 16 (pltpu's
+    # table), so v4 takes XLA's TopK instead of failing to compile; V = 4096 fits both.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    for topology, vocab, kernel in (("v5p:2x2x1", 160000, True), ("v4:2x2x1", 160000, False),
+                                    ("v4:2x2x1", 4096, True)):
+        device = targets.resolve_target(topology).devices[0]
+        rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
+                                         jax.sharding.PartitionSpec())
+        x = jax.ShapeDtypeStruct((8, vocab), jnp.float32, sharding=rep)
+        terms = jax.jit(lambda a, b: core.head_and_terms(a, b, 10)[1])
+        hlo = terms.lower(x, x).compile().as_text()
+        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel, (topology, vocab)
+        assert ("TopK" in hlo) != kernel, (topology, vocab)
