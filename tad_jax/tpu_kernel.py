@@ -93,7 +93,7 @@ def head_and_terms(a_v, b_v, k, from_matmul=False,
     Where the program is partitioned by XLA (jit over several devices, outside a shard_map that
     makes every mesh axis manual) a Mosaic kernel cannot be lowered ("cannot be automatically
     partitioned"), and outside TPU it has no lowering: there, and where the rows do not fit
-    in the VMEM of the chip compiled for (`_fits`), the same results come from XLA's path
+    in the VMEM of the chip compiled for (`_vmem_capacity`), the same results come from XLA's path
     (`tad_core._sorted_terms` on `lax.top_k`), chosen when the program is lowered
     (`_dispatch`). No derivative: the callers differentiate by Eq. 6, not through this.
 
