@@ -414,7 +414,7 @@ def head_and_terms(a_v, b_v, k, from_matmul=False, pallas=True) -> tuple[Head | 
     logits as often as KL, with KL's number of reductions. On TPU, and when V is short next to
     k, the top-(K+1) (`lax.top_k`) gives the teacher's maxima and `token_terms` reduces the
     student's, then the sums (`_sorted_terms`); on TPU, where `tpu_kernel.applies` (float32,
-    K < 127, V fits in the chip's VMEM), a Pallas kernel does all of it from one read of a and
+    K <= 32, V fits in the chip's VMEM), a Pallas kernel does all of it from one read of a and
     b (fused TAD / fused KL bytes with whole rows 1.113x -> 1.001x; `tpu_kernel`). (None,
     terms) for K = 0.
     """

@@ -48,7 +48,7 @@ from jax._src.pallas.mosaic import tpu_info  # chips' VMEM by device kind (likew
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.extend import core as jex_core
-from jax.interpreters import mlir
+from jax.interpreters import batching, mlir
 
 from tad_jax import tad_core as core
 
@@ -61,16 +61,21 @@ _N_OUT = 11  # the 7 `core.Sums`, then m_s, m_t, m̃_s, m̃_t
 # 128) less this margin (v5p's compile error names 63.94 MiB usable; V = 512000 still compiled
 # at 64.5 MiB asked). Larger vocabularies take XLA's path, chosen when the program is lowered.
 _VMEM_MARGIN = 4 * 2**20
+# The largest K taken: the K+1 rounds of the final selection hold (K+1)² [8, 128] temporaries
+# that the VMEM sizing leaves out (v5p compiles at V = 256000 failed from K = 60 on, at
+# V = 4096 from K = 96; tests/test_review5.py). The paper and every config use K = 10.
+_K_MAX = 32
 _VMEM_LARGEST = 128 * 2**20  # no chip has more: larger vocabularies never take the kernel
 _VMEM_SMALLEST = 16 * 2**20  # the chip compiled for is unknown: fits every TPU
 
 
 def applies(a_v, b_v, k) -> bool:
-    """Whether the kernel takes a, b [.., V] at top-K k: float32, 1 <= K < min(127, V), V fits in
-    VMEM, no explicitly sharded axis (the kernel sees one device's rows)."""
+    """Whether the kernel takes a, b [.., V] at top-K k: float32, 1 <= K <= min(32, V − 1), rows
+    that fit the largest VMEM of any TPU (the chip's own is checked when the program is lowered),
+    no explicitly sharded axis (the kernel sees one device's rows)."""
     vocab = b_v.shape[-1]
     return (a_v.dtype == b_v.dtype == jnp.float32 and a_v.shape == b_v.shape and a_v.ndim >= 1
-            and 1 <= k < min(_LANES - 1, vocab)
+            and 1 <= k <= min(_K_MAX, vocab - 1)
             and _vmem_bytes(vocab) <= _VMEM_LARGEST - _VMEM_MARGIN
             and not any(_sharded_axes(x) for x in (a_v, b_v)))
 
@@ -100,7 +105,7 @@ def head_and_terms(a_v, b_v, k, from_matmul=False,
     Args:
       a_v, b_v: float32 [.., V], tempered student / teacher logits (`tad_core.tempered_pair`:
         b is -inf wherever a is).
-      k: the top-K, 1 <= k < min(127, V) (`applies`).
+      k: the top-K, 1 <= k <= min(32, V − 1) (`applies`).
       from_matmul: for XLA's path, as `tad_core.head_and_terms`.
       interpret: run the kernel in Pallas' interpreter (tests on CPU).
 
@@ -187,9 +192,33 @@ def _vmem_capacity(ctx) -> int:
 
 
 def _abstract(a_v, b_v, *, k, from_matmul):
-    del from_matmul
-    out = jax.eval_shape(functools.partial(_by_xla, k=k), a_v, b_v)
-    return [jax.core.ShapedArray(x.shape, x.dtype) for x in jax.tree.leaves(out)]
+    """The types of XLA's path, traced on the inputs' types: shapes, dtypes, and the mesh axes
+    over which they vary inside a shard_map (so that `tad_core._on_tpu`'s branches agree)."""
+    def spec(x):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
+                                    manual_axis_type=x.manual_axis_type)
+
+    out = jax.eval_shape(functools.partial(_by_xla, k=k, from_matmul=from_matmul), spec(a_v),
+                         spec(b_v))
+    return [jax.core.ShapedArray(x.shape, x.dtype) if x.manual_axis_type is None else
+            jax.core.ShapedArray(x.shape, x.dtype, sharding=x.sharding,
+                                 manual_axis_type=x.manual_axis_type)
+            for x in jax.tree.leaves(out)]
+
+
+def _batch(args, dims, *, k, from_matmul):
+    """vmap: the batch axis becomes one more leading (position) axis, which the kernel and XLA's
+    path take as they are (every output leads with the positions)."""
+    size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
+
+    def front(x, d):
+        if d is None:  # (an unbatched operand)
+            return jnp.broadcast_to(x, (size,) + x.shape)
+        return jnp.moveaxis(x, d, 0)
+
+    out = _dispatch.bind(*(front(x, d) for x, d in zip(args, dims, strict=True)), k=k,
+                         from_matmul=from_matmul)
+    return out, [0] * len(out)
 
 
 _dispatch = jex_core.Primitive("tad_tpu_head_and_terms")
@@ -197,6 +226,7 @@ _dispatch.multiple_results = True
 _dispatch.def_impl(lambda a_v, b_v, *, k, from_matmul: jax.tree.leaves(
     _by_xla(a_v, b_v, k, from_matmul)))
 _dispatch.def_abstract_eval(_abstract)
+batching.primitive_batchers[_dispatch] = _batch
 mlir.register_lowering(_dispatch, _lower)
 
 

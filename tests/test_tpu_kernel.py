@@ -251,3 +251,18 @@ def test_vmem_of_the_chip_compiled_for_decides(monkeypatch):
         hlo = terms.lower(x, x).compile().as_text()
         assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel, (topology, vocab)
         assert ("TopK" in hlo) != kernel, (topology, vocab)
+
+
+@pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
+def test_largest_k_compiles_with_the_kernel(monkeypatch):
+    # K up to 32 takes the kernel and fits v5p's VMEM at V = 256000 (its final selection holds
+    # (K+1)² [8, 128] temporaries: K = 60 ran out); K = 33 takes XLA's TopK.
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    device = targets.resolve_target("v5p:2x2x1").devices[0]
+    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
+                                     jax.sharding.PartitionSpec())
+    x = jax.ShapeDtypeStruct((8, 256000), jnp.float32, sharding=rep)
+    for k, kernel in ((32, True), (33, False)):
+        terms = jax.jit(lambda a, b, k=k: core.head_and_terms(a, b, k)[1])
+        hlo = terms.lower(x, x).compile().as_text()
+        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel, k
