@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tad_jax import fused, losses, tpu_kernel
+from tad_jax import fused, losses, targets, tpu_kernel
 from tad_jax import tad_core as core
 
 NINF = -np.inf
@@ -479,3 +479,23 @@ def test_tad_divergence_inside_shard_map_on_cpu():
         lambda s, t: losses.tad_divergence(s, t, top_k=5)[None], mesh=mesh,
         in_specs=jax.P("d"), out_specs=jax.P("d")))
     np.testing.assert_allclose(per_row(s, t), _want_rows(s, t), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- TPU compiles (AOT)
+
+
+@pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
+@pytest.mark.xfail(strict=True, raises=jax.errors.JaxRuntimeError,
+                   reason="the kernel's VMEM (2 x 2 x [8, V] f32 + 2 MiB: 33.25 MiB at V = 256000) "
+                          "is sized for v5p (`_VMEM_CAP` = 60 MiB) whatever the chip: TPU v4 has "
+                          "16 MiB per core, so the compile fails (RESOURCE_EXHAUSTED) where XLA's "
+                          "TopK path compiled (aee8985); V = 151936 fails too, 128256 compiles")
+def test_v4_compile_of_fused_tad_at_v256000(monkeypatch):
+    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    device = targets.resolve_target("v4:2x2x1").devices[0]
+    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
+                                     jax.sharding.PartitionSpec())
+    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rep)  # noqa: E731
+    loss = lambda hs, ws, ht, wt: fused.fused_tad_loss(hs, ws, ht, wt, top_k=10, chunk_size=256)
+    jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
+        sds(1, 256, 64), sds(64, 256000), sds(1, 256, 64), sds(64, 256000)).compile()
