@@ -319,14 +319,32 @@ def test_large_vocabulary_accuracy():
     _check(s, t, 10)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_tie_heavy_rows(seed):
+    # Random K, V, rows; few levels, signed zeros, -inf on either side, sometimes 1e4 offsets
+    # (40 seeds passed while reviewing; 6 kept).
+    rng = np.random.default_rng(seed)
+    k = int(rng.integers(1, 24))
+    vocab, rows = int(rng.integers(k + 1, 900)), int(rng.integers(1, 20))
+    t = rng.integers(0, rng.choice([2, 3, 5, 50]), size=(rows, vocab)).astype(float)
+    t = np.where(rng.random((rows, vocab)) < 0.2, -0.0 * t, t)
+    t[rng.random((rows, vocab)) < rng.choice([0, 0.3, 0.97])] = NINF
+    s = rng.normal(size=(rows, vocab))
+    s[rng.random((rows, vocab)) < rng.choice([0, 0.1])] = NINF
+    if rng.random() < 0.3:
+        t = t * 1e-3 + 1e4
+    _check(s, t, k, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- shapes
 
 
 @pytest.mark.parametrize("vocab,k", [(50, 5), (127, 10), (129, 10), (300, 1), (6, 5), (7, 5),
-                                     pytest.param(128, 126, marks=pytest.mark.slow)])
+                                     pytest.param(64, 63, marks=pytest.mark.slow)])
 def test_vocab_and_k_boundaries(vocab, k):
-    # V < 128, V = 128 ± 1, V = K + 1 and K + 2 (the edges of `applies`), K = 1 and K = 126
-    # (the largest K: ~190 s interpreted, the (K+1)² unrolled selection; (300, 126) too).
+    # V < 128, V = 128 ± 1, V = K + 1 and K + 2 (the edges of `applies`), K = 1 and a large K
+    # (the (K+1)² unrolled selection: K = 126 at V = 128 and 300 passed too, ~190 s each
+    # interpreted, left out; on TPU it does not compile, `test_v5p_compile_of_fused_tad_at_k64`).
     assert tpu_kernel.applies(jax.ShapeDtypeStruct((1, vocab), jnp.float32),
                               jax.ShapeDtypeStruct((1, vocab), jnp.float32), k)
     rng = np.random.default_rng(vocab + k)
