@@ -430,9 +430,14 @@ def test_tad_divergence_reduction_none(kernel_on):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunk_size", [16, 5])
-def test_fused_tad_value_and_grad(kernel_on, chunk_size):
-    # Whole rows per chunk (16) and rows spanning chunks (5, rows not a multiple of 8).
+@pytest.mark.parametrize("chunk_size,extra", [
+    (16, {}), (5, {}),
+    (16, dict(temperature=2.0, final_logit_softcap=3.0, reduction="none", beta_scope="segment",
+              segment_ids=jnp.asarray([[0, 0, 0, 1, 1, 1, 1]] * 3))),
+    (7, dict(targets=jnp.arange(21, dtype=jnp.int32).reshape(3, 7)))])
+def test_fused_tad_value_and_grad(kernel_on, chunk_size, extra):
+    # Whole rows per chunk (16) and rows spanning chunks (5, rows not a multiple of 8); τ = 2
+    # with a soft-cap (the kernel takes the fused loss's tempered a, b at any τ); with CLM.
     rng = np.random.default_rng(31)
     hs = jnp.asarray(rng.normal(size=(3, 7, 8)), jnp.float32)
     ws = jnp.asarray(rng.normal(size=(8, 200)), jnp.float32)
@@ -441,10 +446,15 @@ def test_fused_tad_value_and_grad(kernel_on, chunk_size):
     bias = jnp.zeros(200).at[190:].set(-jnp.inf)  # a padded vocabulary
     mask = jnp.asarray(rng.random((3, 7)) > 0.2, jnp.float32)
 
+    kw = dict(extra)
+    targets_ = kw.pop("targets", None)
+
     def value_and_grad():
-        loss = lambda h, w: fused.fused_tad_loss(  # noqa: E731
-            h, w, ht, wt, mask, top_k=5, chunk_size=chunk_size, student_bias=bias,
-            teacher_bias=bias)
+        def loss(h, w):
+            out = fused.fused_distillation_loss(
+                h, w, ht, wt, targets_, mask, top_k=5, chunk_size=chunk_size, student_bias=bias,
+                teacher_bias=bias, **kw)
+            return jnp.sum(out[0])  # (total, parts): only the total has a gradient
         return jax.value_and_grad(loss, argnums=(0, 1))(hs, ws)
 
     want = value_and_grad()
