@@ -480,17 +480,14 @@ def _want_rows(s, t):
                      for i in range(s.shape[0])])
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="tpu_kernel._dispatch has no batching rule; it is traced on CPU too "
-                          "(platform_dependent traces the TPU branch): jit(vmap(loss)) fails")
+# Was a strict xfail (no batching rule for tpu_kernel._dispatch); fixed: `tpu_kernel._batch`.
 def test_jit_of_vmap_of_tad_divergence_on_cpu():
     s, t = _s_t()
     got = jax.jit(jax.vmap(lambda s, t: losses.tad_divergence(s, t, top_k=5)))(s, t)
     np.testing.assert_allclose(got, _want_rows(s, t), rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=NotImplementedError,
-                   reason="tpu_kernel._dispatch has no batching rule (fused loss under vmap)")
+# Was a strict xfail (no batching rule); fixed: `tpu_kernel._batch`.
 def test_jit_of_vmap_of_fused_tad_on_cpu():
     rng = np.random.default_rng(41)
     hs, ht = (jnp.asarray(rng.normal(size=(2, 1, 8, 4)), jnp.float32) for _ in range(2))
@@ -500,9 +497,8 @@ def test_jit_of_vmap_of_fused_tad_on_cpu():
     np.testing.assert_allclose(got, [loss(hs[i], ht[i]) for i in range(2)], rtol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError,
-                   reason="tpu_kernel._abstract drops the varying manual axes (vma): inside a "
-                          "shard_map (check_vma=True) platform_dependent's branches differ in type")
+# Was a strict xfail (the primitive's types dropped the varying manual axes); fixed:
+# `tpu_kernel._abstract` traces XLA's path on the inputs' types.
 def test_tad_divergence_inside_shard_map_on_cpu():
     s, t = _s_t()
     mesh = jax.make_mesh((2,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -516,11 +512,8 @@ def test_tad_divergence_inside_shard_map_on_cpu():
 
 
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
-@pytest.mark.xfail(strict=True, raises=jax.errors.JaxRuntimeError,
-                   reason="the kernel's VMEM (2 x 2 x [8, V] f32 + 2 MiB: 33.25 MiB at V = 256000) "
-                          "is sized for v5p (`_VMEM_CAP` = 60 MiB) whatever the chip: TPU v4 has "
-                          "16 MiB per core, so the compile fails (RESOURCE_EXHAUSTED) where XLA's "
-                          "TopK path compiled (aee8985); V = 151936 fails too, 128256 compiles")
+# Was a strict xfail (the kernel sized for v5p: RESOURCE_EXHAUSTED on v4); fixed: the kernel
+# only where the rows fit the VMEM of the chip compiled for (`tpu_kernel._vmem_capacity`).
 def test_v4_compile_of_fused_tad_at_v256000(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     device = targets.resolve_target("v4:2x2x1").devices[0]
@@ -533,11 +526,7 @@ def test_v4_compile_of_fused_tad_at_v256000(monkeypatch):
 
 
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
-@pytest.mark.xfail(strict=True, raises=jax.errors.JaxRuntimeError,
-                   reason="`applies` takes K up to 126 but `_vmem_bytes` ignores K (2 MiB "
-                          "headroom for the 2(K+1) [8, 128] lists and the selection): a v5p "
-                          "compile runs out of scoped VMEM (E1001) from K = 60 at V = 256000 "
-                          "(56 compiles) and K = 96 at V = 4096 (80 compiles)")
+# Was a strict xfail (E1001 scoped VMEM OOM from K = 60); fixed: the kernel for K <= 32 only.
 def test_v5p_compile_of_fused_tad_at_k64(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     device = targets.resolve_target("v5p:2x2x1").devices[0]
@@ -559,11 +548,11 @@ def kernel_as_if_on_tpu(monkeypatch):
 
     taken = []
 
-    def lower(ctx, a_v, b_v, *, k):
+    def lower(ctx, a_v, b_v, *, k, from_matmul):
         kernel = not tpu_kernel._partitioned(ctx)
         taken.append(kernel)
         path = functools.partial(tpu_kernel._by_kernel, interpret=True) if kernel else \
-            tpu_kernel._by_xla
+            functools.partial(tpu_kernel._by_xla, from_matmul=from_matmul)
         return mlir.lower_fun(lambda a, b: jax.tree.leaves(path(a, b, k)),
                               multiple_results=True)(ctx, a_v, b_v)
 
