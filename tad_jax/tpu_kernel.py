@@ -61,12 +61,12 @@ _N_OUT = 11  # the 7 `core.Sums`, then m_s, m_t, m̃_s, m̃_t
 # 128) less this margin (v5p's compile error names 63.94 MiB usable; V = 512000 still compiled
 # at 64.5 MiB asked). Larger vocabularies take XLA's path, chosen when the program is lowered.
 _VMEM_MARGIN = 4 * 2**20
+_VMEM_LARGEST = 128 * 2**20  # no chip has more: larger vocabularies never take the kernel
+_VMEM_SMALLEST = 16 * 2**20  # the chip compiled for is unknown: fits every TPU
 # The largest K taken: the K+1 rounds of the final selection hold (K+1)² [8, 128] temporaries
 # that the VMEM sizing leaves out (v5p compiles at V = 256000 failed from K = 60 on, at
 # V = 4096 from K = 96; tests/test_review5.py). The paper and every config use K = 10.
 _K_MAX = 32
-_VMEM_LARGEST = 128 * 2**20  # no chip has more: larger vocabularies never take the kernel
-_VMEM_SMALLEST = 16 * 2**20  # the chip compiled for is unknown: fits every TPU
 
 
 def applies(a_v, b_v, k) -> bool:
