@@ -344,7 +344,7 @@ def test_random_tie_heavy_rows(seed):
 def test_vocab_and_k_boundaries(vocab, k):
     # V < 128, V = 128 ± 1, V = K + 1 and K + 2 (the edges of `applies`), K = 1 and the largest
     # K taken (32: the (K+1)² unrolled selection ran out of VMEM on TPU from K = 60; K = 63 and
-    # 126 passed interpreted, ~33 s and ~190 s, left out; `test_v5p_compile_of_fused_tad_at_k64`).
+    # 126 passed interpreted, ~33 s and ~190 s, left out; `test_compile_of_fused_tad_at_v256000`).
     assert tpu_kernel.applies(jax.ShapeDtypeStruct((1, vocab), jnp.float32),
                               jax.ShapeDtypeStruct((1, vocab), jnp.float32), k)
     rng = np.random.default_rng(vocab + k)
@@ -512,29 +512,18 @@ def test_tad_divergence_inside_shard_map_on_cpu():
 # ----------------------------------------------------------------------------- TPU compiles (AOT)
 
 
+# Both were strict xfails, now fixed: v4 ran out of VMEM (the kernel was sized for v5p; now it
+# is taken only where the rows fit the chip's VMEM, `tpu_kernel._vmem_capacity`), and v5p at
+# K = 64 hit E1001, scoped VMEM out of memory from K = 60 (now the kernel takes K <= 32 only).
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
-# Was a strict xfail (the kernel sized for v5p: RESOURCE_EXHAUSTED on v4); fixed: the kernel
-# only where the rows fit the VMEM of the chip compiled for (`tpu_kernel._vmem_capacity`).
-def test_v4_compile_of_fused_tad_at_v256000(monkeypatch):
-    monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    device = targets.resolve_target("v4:2x2x1").devices[0]
-    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
-                                     jax.sharding.PartitionSpec())
-    sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rep)  # noqa: E731
-    loss = lambda hs, ws, ht, wt: fused.fused_tad_loss(hs, ws, ht, wt, top_k=10, chunk_size=256)
-    jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
-        sds(1, 256, 64), sds(64, 256000), sds(1, 256, 64), sds(64, 256000)).compile()
+@pytest.mark.parametrize("topology,k", [("v4:2x2x1", 10), ("v5p:2x2x1", 64)])
+def test_compile_of_fused_tad_at_v256000(monkeypatch, topology, k):
+    from test_tpu_kernel import one_device
 
-
-@pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
-# Was a strict xfail (E1001 scoped VMEM OOM from K = 60); fixed: the kernel for K <= 32 only.
-def test_v5p_compile_of_fused_tad_at_k64(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    device = targets.resolve_target("v5p:2x2x1").devices[0]
-    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
-                                     jax.sharding.PartitionSpec())
+    rep = one_device(topology)
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rep)  # noqa: E731
-    loss = lambda hs, ws, ht, wt: fused.fused_tad_loss(hs, ws, ht, wt, top_k=64, chunk_size=256)
+    loss = lambda hs, ws, ht, wt: fused.fused_tad_loss(hs, ws, ht, wt, top_k=k, chunk_size=256)
     jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
         sds(1, 256, 64), sds(64, 256000), sds(1, 256, 64), sds(64, 256000)).compile()
 

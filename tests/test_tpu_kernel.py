@@ -53,6 +53,13 @@ def _reference(a, b, k):
     return np.array(heads), np.array(out)
 
 
+def one_device(topology):
+    """A replicated sharding on one device of a TPU topology, for ahead-of-time compiles."""
+    device = targets.resolve_target(topology).devices[0]
+    return jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
+                                      jax.sharding.PartitionSpec())
+
+
 def _check(a, b, k):
     a, b = core.tempered_pair(jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32), 1.0)
     head, terms = tpu_kernel.head_and_terms(a, b, k, interpret=True)
@@ -179,9 +186,7 @@ def test_tad_divergence_with_the_kernel(monkeypatch, padding):
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
 def test_tpu_compile_of_fused_tad_uses_the_kernel(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # another process may hold libtpu
-    device = targets.resolve_target("v5p:2x2x1").devices[0]
-    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
-                                     jax.sharding.PartitionSpec())
+    rep = one_device("v5p:2x2x1")
     sds = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=rep)  # noqa: E731
     loss = lambda hs, ws, ht, wt: fused.fused_tad_loss(hs, ws, ht, wt, top_k=10, chunk_size=256)
     hlo = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(
@@ -198,9 +203,7 @@ def test_tpu_compile_of_tad_divergence_float32_only(monkeypatch):
     from tad_jax import losses
 
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    device = targets.resolve_target("v5p:2x2x1").devices[0]
-    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
-                                     jax.sharding.PartitionSpec())
+    rep = one_device("v5p:2x2x1")
     grad = jax.jit(jax.grad(lambda s, t: losses.tad_divergence(s, t, top_k=10)))
     for dtype, kernel in ((jnp.float32, True), (jnp.bfloat16, False)):
         x = jax.ShapeDtypeStruct((1, 64, 4096), dtype, sharding=rep)
@@ -243,9 +246,7 @@ def test_vmem_of_the_chip_compiled_for_decides(monkeypatch):
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     for topology, vocab, kernel in (("v5p:2x2x1", 160000, True), ("v4:2x2x1", 160000, False),
                                     ("v4:2x2x1", 4096, True)):
-        device = targets.resolve_target(topology).devices[0]
-        rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
-                                         jax.sharding.PartitionSpec())
+        rep = one_device(topology)
         x = jax.ShapeDtypeStruct((8, vocab), jnp.float32, sharding=rep)
         terms = jax.jit(lambda a, b: core.head_and_terms(a, b, 10)[1])
         hlo = terms.lower(x, x).compile().as_text()
@@ -258,9 +259,7 @@ def test_largest_k_compiles_with_the_kernel(monkeypatch):
     # K up to 32 takes the kernel and fits v5p's VMEM at V = 256000 (its final selection holds
     # (K+1)² [8, 128] temporaries: K = 60 ran out); K = 33 takes XLA's TopK.
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    device = targets.resolve_target("v5p:2x2x1").devices[0]
-    rep = jax.sharding.NamedSharding(jax.sharding.Mesh([device], ("x",)),
-                                     jax.sharding.PartitionSpec())
+    rep = one_device("v5p:2x2x1")
     x = jax.ShapeDtypeStruct((8, 256000), jnp.float32, sharding=rep)
     for k, kernel in ((32, True), (33, False)):
         terms = jax.jit(lambda a, b, k=k: core.head_and_terms(a, b, k)[1])
