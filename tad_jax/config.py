@@ -108,7 +108,10 @@ def _loss_defaults() -> ml_collections.ConfigDict:
     # fused output-head + loss in token chunks (tad_jax.fused), no [B,T,V] logits; only "tad" and
     # "kl" have a fused kernel: "rkl" / "jsd" run unfused whatever this says.
     lo.fused = False
-    lo.chunk_size = 1024  # tokens per chunk of the fused loss.
+    # Tokens per chunk of the fused loss (memory ~ chunk_size x V floats). With seq_len <=
+    # chunk_size each chunk holds whole rows and TAD's beta(X) needs no teacher pre-pass (1.00x
+    # fused KL's FLOPs instead of ~1.34x; docs/fused_loss.md).
+    lo.chunk_size = 1024
     return lo
 
 
