@@ -32,8 +32,9 @@ Where the bytes go on TPU: top_k (one pass over t, and over s too to merge the s
 into t: XLA TPU fuses that producer into its TopK), one pass of maxima and one of sums, and
 the gradient (3 passes, as KL's).
 On TPU with float32 logits at τ = 1, and in the fused loss, a Pallas kernel (`tpu_kernel`) makes
-the top-(K+1), the maxima and the sums from one read of the logits: TAD 9.0 -> 8.0 (8.0 -> 5.0
-with finite student logits; the gradient's three passes and the kernel's read of a and b).
+the top-(K+1), the maxima and the sums from one read of the logits, merging the student's
+padding into t in VMEM: TAD 9.0 -> 5.0-5.1 (0.72x KL), with finite student logits 8.0 -> 5.0
+(the gradient's three passes and the kernel's read of s and t).
 Off TPU (`_on_tpu`, the one device split) the head comes from a two-level search fused with the
 pass of maxima (`_blocked_terms`), and the head's sums from its K values: TAD then makes KL's
 passes and KL's number of reductions. H100 compile, temporaries (f32 [N, V] units, f32 / bf16):
@@ -372,11 +373,12 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     """
     s_v, t_v = _whole_last_axis(s_v), _whole_last_axis(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
-    # The Pallas kernel (`tpu_kernel`) only for float32 logits at τ = 1: else its operands are
-    # widened or tempered copies, written out (TPU v5p compile, jax.grad of TAD at [1, 1024,
-    # 256000]: bf16 TAD/KL bytes 1.29x -> 1.86x and temporaries 2.0 f32 [N, V]; τ = 2, float32:
-    # the same bytes, temporaries 0.001 -> 1.0). float32 at τ = 1: 1.29x -> 1.14x, and
-    # 1.14x -> 0.72x with finite student logits (`scripts/bench_loss.py`).
+    # The Pallas kernel (`tpu_kernel`) only for float32 logits at τ = 1, where a, b are s and t
+    # merged: it takes s and t and merges in VMEM. Else its operands are widened or tempered
+    # copies, written out (TPU v5p compile, jax.grad of TAD at [1, 1024, 256000]: bf16 TAD/KL
+    # bytes 1.29x -> 1.86x and temporaries 2.0 f32 [N, V]; τ = 2, float32: the same bytes,
+    # temporaries 0.001 -> 1.0). float32 at τ = 1 (`scripts/bench_loss.py`): 1.29x -> 1.14x
+    # with a merged copy of t written for the kernel, 0.72x merged in VMEM.
     from tad_jax import tpu_kernel  # (imports this module)
 
     pallas = s_v.dtype == t_v.dtype == jnp.float32 and temperature == 1.0
@@ -385,11 +387,11 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
         return head_and_terms(a_v, b_v, k, pallas=pallas)
     kernel = pallas and tpu_kernel.applies(a_v, b_v, k)
     if kernel and _KERNEL_INTERPRET:
-        return tpu_kernel.head_and_terms(a_v, b_v, k, interpret=True)
+        return tpu_kernel.head_and_terms(s_v, t_v, k, merge=merge, interpret=True)
 
     def tpu(s_v, t_v):
         if kernel:
-            return tpu_kernel.head_and_terms(a_v, b_v, k)
+            return tpu_kernel.head_and_terms(s_v, t_v, k, merge=merge)
         vals, idx = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k + 1)
         return _sorted_terms(a_v, b_v, widen(vals), idx)  # = b at idx: the same widening
 

@@ -90,10 +90,12 @@ def _vmem_bytes(vocab):
     return 2 * 2 * _ROWS * padded * 4 + 2 * 2**20  # a, b double-buffered; outputs, headroom
 
 
-def head_and_terms(a_v, b_v, k, from_matmul=False,
+def head_and_terms(a_v, b_v, k, from_matmul=False, merge=False,
                    interpret=False) -> tuple[core.Head, core.TokenTerms]:
     """`tad_core.head_and_terms(a, b, k)` for K >= 1 by the kernel: the same head (indices,
-    lowest-index ties) and the same terms up to the order of the sums' additions.
+    lowest-index ties) and the same terms up to the order of the sums' additions. `merge`: b is
+    taken as `tad_core.merge_padding(a, b)`, merged in VMEM, so that no merged copy of b is
+    written for the kernel (`tad_core.pair_terms`).
 
     Where the program is partitioned by XLA (jit over several devices, outside a shard_map that
     makes every mesh axis manual) a Mosaic kernel cannot be lowered ("cannot be automatically
@@ -104,9 +106,10 @@ def head_and_terms(a_v, b_v, k, from_matmul=False,
 
     Args:
       a_v, b_v: float32 [.., V], tempered student / teacher logits (`tad_core.tempered_pair`:
-        b is -inf wherever a is).
+        b is -inf wherever a is, or is made so by `merge`).
       k: the top-K, 1 <= k <= min(32, V − 1) (`applies`).
       from_matmul: for XLA's path, as `tad_core.head_and_terms`.
+      merge: b is -inf wherever a is (False: the caller guarantees it).
       interpret: run the kernel in Pallas' interpreter (tests on CPU).
 
     Rows are padded to a multiple of 8 and V to a multiple of 128 with -inf (a copy, only
@@ -114,8 +117,8 @@ def head_and_terms(a_v, b_v, k, from_matmul=False,
     top-(K+1) when K < V).
     """
     if interpret:
-        return _by_kernel(a_v, b_v, k, True)
-    dispatch = functools.partial(_dispatch.bind, k=k, from_matmul=from_matmul)
+        return _by_kernel(a_v, b_v, k, merge, True)
+    dispatch = functools.partial(_dispatch.bind, k=k, from_matmul=from_matmul, merge=merge)
     tree = _tree(a_v, b_v, k)
     mesh = jax.sharding.get_abstract_mesh()
     rows = math.prod(a_v.shape[:-1])
@@ -136,7 +139,9 @@ def head_and_terms(a_v, b_v, k, from_matmul=False,
     return jax.tree.unflatten(tree, [x.reshape(lead + x.shape[1:]) for x in out])
 
 
-def _by_xla(a_v, b_v, k, from_matmul=False):
+def _by_xla(a_v, b_v, k, from_matmul=False, merge=False):
+    if merge:
+        b_v = core.merge_padding(a_v, b_v)
     return core._sorted_terms(a_v, b_v, *core._top_k_2d(b_v, k + 1), from_matmul)
 
 
@@ -156,13 +161,13 @@ def _partitioned(ctx) -> bool:
     return False
 
 
-def _lower(ctx, a_v, b_v, *, k, from_matmul):
+def _lower(ctx, a_v, b_v, *, k, from_matmul, merge):
     kernel = (ctx.module_context.platforms == ("tpu",) and not _partitioned(ctx)
               and _vmem_bytes(ctx.avals_in[0].shape[-1]) <= _vmem_capacity(ctx) - _VMEM_MARGIN)
     if kernel:
-        path = functools.partial(_by_kernel, interpret=False)
+        path = functools.partial(_by_kernel, merge=merge, interpret=False)
     else:
-        path = functools.partial(_by_xla, from_matmul=from_matmul)
+        path = functools.partial(_by_xla, from_matmul=from_matmul, merge=merge)
     return mlir.lower_fun(lambda a, b: jax.tree.leaves(path(a, b, k)),
                           multiple_results=True)(ctx, a_v, b_v)
 
@@ -191,22 +196,22 @@ def _vmem_capacity(ctx) -> int:
     return tpu_info.get_tpu_info_for_chip(chips.pop(), 1).vmem_capacity_bytes
 
 
-def _abstract(a_v, b_v, *, k, from_matmul):
+def _abstract(a_v, b_v, *, k, from_matmul, merge):
     """The types of XLA's path, traced on the inputs' types: shapes, dtypes, and the mesh axes
     over which they vary inside a shard_map (so that `tad_core._on_tpu`'s branches agree)."""
     def spec(x):
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding,
                                     manual_axis_type=x.manual_axis_type)
 
-    out = jax.eval_shape(functools.partial(_by_xla, k=k, from_matmul=from_matmul), spec(a_v),
-                         spec(b_v))
+    out = jax.eval_shape(functools.partial(_by_xla, k=k, from_matmul=from_matmul, merge=merge),
+                         spec(a_v), spec(b_v))
     return [jax.core.ShapedArray(x.shape, x.dtype) if x.manual_axis_type is None else
             jax.core.ShapedArray(x.shape, x.dtype, sharding=x.sharding,
                                  manual_axis_type=x.manual_axis_type)
             for x in jax.tree.leaves(out)]
 
 
-def _batch(args, dims, *, k, from_matmul):
+def _batch(args, dims, *, k, from_matmul, merge):
     """vmap: the batch axis becomes one more leading (position) axis, which the kernel and XLA's
     path take as they are (every output leads with the positions)."""
     size = next(x.shape[d] for x, d in zip(args, dims, strict=True) if d is not None)
@@ -217,27 +222,27 @@ def _batch(args, dims, *, k, from_matmul):
         return jnp.moveaxis(x, d, 0)
 
     out = _dispatch.bind(*(front(x, d) for x, d in zip(args, dims, strict=True)), k=k,
-                         from_matmul=from_matmul)
+                         from_matmul=from_matmul, merge=merge)
     return out, [0] * len(out)
 
 
 _dispatch = jex_core.Primitive("tad_tpu_head_and_terms")
 _dispatch.multiple_results = True
-_dispatch.def_impl(lambda a_v, b_v, *, k, from_matmul: jax.tree.leaves(
-    _by_xla(a_v, b_v, k, from_matmul)))
+_dispatch.def_impl(lambda a_v, b_v, *, k, from_matmul, merge: jax.tree.leaves(
+    _by_xla(a_v, b_v, k, from_matmul, merge)))
 _dispatch.def_abstract_eval(_abstract)
 batching.primitive_batchers[_dispatch] = _batch
 mlir.register_lowering(_dispatch, _lower)
 
 
-def _by_kernel(a_v, b_v, k, interpret):
+def _by_kernel(a_v, b_v, k, merge, interpret):
     lead, vocab = b_v.shape[:-1], b_v.shape[-1]
     a2, b2 = a_v.reshape(-1, vocab), b_v.reshape(-1, vocab)
     rows = a2.shape[0]
     pad = ((0, -rows % _ROWS), (0, -vocab % _LANES))
     if any(p for _, p in pad):
         a2, b2 = (jnp.pad(x, pad, constant_values=-jnp.inf) for x in (a2, b2))
-    vals, idx, out = _call(a2, b2, k, interpret)
+    vals, idx, out = _call(a2, b2, k, merge, interpret)
     vals = core._equal_zeros(vals[:rows, :k + 1])
     idx, out = idx[:rows, :k + 1], out[:rows]
     head = core.head_of(vals[:, :k], idx[:, :k])
@@ -251,13 +256,13 @@ def _by_kernel(a_v, b_v, k, interpret):
     return head, core.TokenTerms(*(x.reshape(lead) for x in terms))
 
 
-def _call(a2, b2, k, interpret):
+def _call(a2, b2, k, merge, interpret):
     rows, vocab = a2.shape
     row_block = pl.BlockSpec((_ROWS, vocab), lambda i: (i, 0))
     out_block = pl.BlockSpec((_ROWS, _LANES), lambda i: (i, 0))
     sds = jax.ShapeDtypeStruct
     return pl.pallas_call(
-        functools.partial(_kernel, k=k, n_blocks=vocab // _LANES),
+        functools.partial(_kernel, k=k, n_blocks=vocab // _LANES, merge=merge),
         grid=(rows // _ROWS,),
         in_specs=[row_block, row_block],
         out_specs=[out_block, out_block, out_block],
@@ -269,14 +274,18 @@ def _call(a2, b2, k, interpret):
     )(a2, b2)
 
 
-def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks):
-    """One block of _ROWS whole rows: the top-(K+1) of b, max a, then m̃_s, then the sums."""
+def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks, merge):
+    """One block of _ROWS whole rows: the top-(K+1) of b, max a, then m̃_s, then the sums.
+    `merge`: every block of b is read as `tad_core.merge_padding` of a's and b's."""
     shape = (_ROWS, _LANES)
     lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     ninf = jnp.full(shape, -jnp.inf, jnp.float32)
 
     def block(ref, j):  # lanes [128 j, 128 (j + 1)) of every row
-        return ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)]
+        x = ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)]
+        if merge and ref is b_ref:
+            x = core.merge_padding(block(a_ref, j), x)
+        return x
 
     # (0) Lane maxima of a and b. The row's (K+1)-th largest lane maximum τ bounds its top-(K+1)
     # from below (K+1 lanes hold an entry >= τ): blocks with no entry >= τ are skipped in (1).

@@ -538,11 +538,11 @@ def kernel_as_if_on_tpu(monkeypatch):
 
     taken = []
 
-    def lower(ctx, a_v, b_v, *, k, from_matmul):
+    def lower(ctx, a_v, b_v, *, k, from_matmul, merge):
         kernel = not tpu_kernel._partitioned(ctx)
         taken.append(kernel)
-        path = functools.partial(tpu_kernel._by_kernel, interpret=True) if kernel else \
-            functools.partial(tpu_kernel._by_xla, from_matmul=from_matmul)
+        path = functools.partial(tpu_kernel._by_kernel, merge=merge, interpret=True) if kernel \
+            else functools.partial(tpu_kernel._by_xla, from_matmul=from_matmul, merge=merge)
         return mlir.lower_fun(lambda a, b: jax.tree.leaves(path(a, b, k)),
                               multiple_results=True)(ctx, a_v, b_v)
 
