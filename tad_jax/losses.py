@@ -143,10 +143,10 @@ def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
         dropped from both distributions. False: the caller guarantees finite student logits
         (e.g. a model's head without a -inf bias; the training step's), and nothing is merged:
         a -inf student entry where the teacher has mass then gives +inf (the true KL). It spares
-        the teacher's top-K a merged copy where XLA's TopK takes it (on TPU, bf16 logits or
-        τ != 1: TopK does not fuse its producer, so the merge costs a written and re-read copy;
-        jax.grad TAD/KL bytes on a TPU v5p compile 1.29x with, 1.14x without); float32 logits
-        at τ = 1 are merged inside the TPU kernel (0.72x either way; `scripts/bench_loss.py`).
+        the teacher's top-K a merged copy where XLA's TopK takes it (on TPU at τ != 1: TopK
+        does not fuse its producer, so the merge costs a written and re-read copy; jax.grad
+        TAD/KL bytes on a TPU v5p compile 1.29x with, 1.14x without); at τ = 1 the TPU kernel
+        merges in VMEM (0.72x either way; `scripts/bench_loss.py`).
 
     Returns:
       float32 loss: scalar, or `[..., T]` for reduction="none".

@@ -31,10 +31,10 @@ no [N, V] temporary. Before this kernel: 5.4x / 7.9x (f32 / bf16), 4.0x / 5.8x, 
 Where the bytes go on TPU: top_k (one pass over t, and over s too to merge the student's padding
 into t: XLA TPU fuses that producer into its TopK), one pass of maxima and one of sums, and
 the gradient (3 passes, as KL's).
-On TPU with float32 logits at τ = 1, and in the fused loss, a Pallas kernel (`tpu_kernel`) makes
-the top-(K+1), the maxima and the sums from one read of the logits, merging the student's
-padding into t in VMEM: TAD 9.0 -> 5.0-5.1 (0.72x KL), with finite student logits 8.0 -> 5.0
-(the gradient's three passes and the kernel's read of s and t).
+On TPU at τ = 1, and in the fused loss, a Pallas kernel (`tpu_kernel`) makes the top-(K+1), the
+maxima and the sums from one read of the logits, widening them and merging the student's
+padding into t in VMEM: TAD 9.0 -> 5.0-5.1 f32 [N, V] units in float32, 4.5 -> 2.5-2.6 in bf16
+(0.72-0.73x KL's 7.0 / 3.5; the gradient's three passes and the kernel's read of s and t).
 Off TPU (`_on_tpu`, the one device split) the head comes from a two-level search fused with the
 pass of maxima (`_blocked_terms`), and the head's sums from its K values: TAD then makes KL's
 passes and KL's number of reductions. H100 compile, temporaries (f32 [N, V] units, f32 / bf16):
@@ -373,19 +373,20 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     """
     s_v, t_v = _whole_last_axis(s_v), _whole_last_axis(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
-    # The Pallas kernel (`tpu_kernel`) only for float32 logits at τ = 1, where a, b are s and t
-    # merged: it takes s and t and merges in VMEM. Else its operands are widened or tempered
-    # copies, written out (TPU v5p compile, jax.grad of TAD at [1, 1024, 256000]: bf16 TAD/KL
-    # bytes 1.29x -> 1.86x and temporaries 2.0 f32 [N, V]; τ = 2, float32: the same bytes,
-    # temporaries 0.001 -> 1.0). float32 at τ = 1 (`scripts/bench_loss.py`): 1.29x -> 1.14x
-    # with a merged copy of t written for the kernel, 0.72x merged in VMEM.
+    # The Pallas kernel (`tpu_kernel`) at τ = 1 only, where a, b are s and t widened and merged:
+    # it takes s and t (float32 or bf16) and widens and merges in VMEM. TPU v5p compile, jax.grad
+    # of TAD/KL bytes (`scripts/bench_loss.py`, [1, 1024, 256000]): TopK 1.29x; the kernel on a
+    # merged (and for bf16 widened) copy written for it, float32 1.14x, bf16 1.86x with
+    # temporaries of 2.0 f32 [N, V]; in VMEM, 0.72x for both. τ = 2 keeps TopK: the kernel would
+    # take tempered copies (float32: the same bytes, temporaries 0.001 -> 1.0), and a division
+    # in VMEM need not round as XLA's, whose b the gradient's tail test (`in_tail`) reads.
     from tad_jax import tpu_kernel  # (imports this module)
 
-    pallas = s_v.dtype == t_v.dtype == jnp.float32 and temperature == 1.0
+    pallas = s_v.dtype == t_v.dtype == jnp.float32 and temperature == 1.0  # (a, b are s, t)
     block = _head_block(b_v.shape[-1], k) if k else None
     if block is None or temperature != 1.0:
         return head_and_terms(a_v, b_v, k, pallas=pallas)
-    kernel = pallas and tpu_kernel.applies(a_v, b_v, k)
+    kernel = tpu_kernel.applies(s_v, t_v, k)  # (τ = 1 here)
     if kernel and _KERNEL_INTERPRET:
         return tpu_kernel.head_and_terms(s_v, t_v, k, merge=merge, interpret=True)
 

@@ -8,7 +8,9 @@ once, and the kernel makes, in VMEM, (1) the top-(K+1) of b and max a, (2) the s
 maximum m̃_s, (3) the pass of sums of `tad_core.token_terms`, with the head decided by values
 (`tad_core.in_tail`) and the summands of `tad_core.tail_summands` / `student_tail_summand`; the
 [..] finish is `tad_core.finish_terms`, outside the kernel. So a chunk's logits cross HBM once
-for the forward terms, as in fused KL.
+for the forward terms, as in fused KL. For `tad_core.pair_terms` (`tad_divergence` at τ = 1) it
+takes the raw logits, float32 or bfloat16, widens them and merges the student's padding into
+the teacher's in VMEM (`merge`), so no widened or merged copy is written for it.
 
 The top-(K+1) without gathers (Mosaic has no per-row lane gathers): every lane l of the 128
 keeps a sorted list of the K+1 largest entries it has seen (entries l, 128 + l, ... arrive in
@@ -67,16 +69,18 @@ _VMEM_SMALLEST = 16 * 2**20  # the chip compiled for is unknown: fits every TPU
 # that the VMEM sizing leaves out (v5p compiles at V = 256000 failed from K = 60 on, at
 # V = 4096 from K = 96; tests/test_review5.py). The paper and every config use K = 10.
 _K_MAX = 32
+_DTYPES = (jnp.float32, jnp.bfloat16)  # logits the kernel takes (widened to float32 in VMEM)
 
 
 def applies(a_v, b_v, k) -> bool:
-    """Whether the kernel takes a, b [.., V] at top-K k: float32, 1 <= K <= min(32, V − 1), rows
+    """Whether the kernel takes a, b [.., V] at top-K k: both float32 or both bfloat16 (widened
+    in VMEM: exact, the same order and ties), 1 <= K <= min(32, V − 1), rows
     that fit the largest VMEM of any TPU (the chip's own is checked when the program is lowered),
     no explicitly sharded axis (the kernel sees one device's rows)."""
     vocab = b_v.shape[-1]
-    return (a_v.dtype == b_v.dtype == jnp.float32 and a_v.shape == b_v.shape and a_v.ndim >= 1
-            and 1 <= k <= min(_K_MAX, vocab - 1)
-            and _vmem_bytes(vocab) <= _VMEM_LARGEST - _VMEM_MARGIN
+    return (a_v.dtype == b_v.dtype and a_v.dtype in _DTYPES and a_v.shape == b_v.shape
+            and a_v.ndim >= 1 and 1 <= k <= min(_K_MAX, vocab - 1)
+            and _vmem_bytes(vocab, a_v.dtype) <= _VMEM_LARGEST - _VMEM_MARGIN
             and not any(_sharded_axes(x) for x in (a_v, b_v)))
 
 
@@ -85,9 +89,10 @@ def _sharded_axes(x):
     return spec is not None and any(axis is not None for axis in spec)
 
 
-def _vmem_bytes(vocab):
+def _vmem_bytes(vocab, dtype):
     padded = -(-vocab // _LANES) * _LANES
-    return 2 * 2 * _ROWS * padded * 4 + 2 * 2**20  # a, b double-buffered; outputs, headroom
+    # a, b double-buffered; outputs, headroom
+    return 2 * 2 * _ROWS * padded * jnp.dtype(dtype).itemsize + 2 * 2**20
 
 
 def head_and_terms(a_v, b_v, k, from_matmul=False, merge=False,
@@ -105,8 +110,9 @@ def head_and_terms(a_v, b_v, k, from_matmul=False, merge=False,
     (`_dispatch`). No derivative: the callers differentiate by Eq. 6, not through this.
 
     Args:
-      a_v, b_v: float32 [.., V], tempered student / teacher logits (`tad_core.tempered_pair`:
-        b is -inf wherever a is, or is made so by `merge`).
+      a_v, b_v: float32 or bfloat16 [.., V] (`applies`), tempered student / teacher logits
+        (`tad_core.tempered_pair`, but not widened: b is -inf wherever a is, or is made so by
+        `merge`). The results are float32, as `tad_core.head_and_terms` of the widened pair.
       k: the top-K, 1 <= k <= min(32, V − 1) (`applies`).
       from_matmul: for XLA's path, as `tad_core.head_and_terms`.
       merge: b is -inf wherever a is (False: the caller guarantees it).
@@ -142,7 +148,9 @@ def head_and_terms(a_v, b_v, k, from_matmul=False, merge=False,
 def _by_xla(a_v, b_v, k, from_matmul=False, merge=False):
     if merge:
         b_v = core.merge_padding(a_v, b_v)
-    return core._sorted_terms(a_v, b_v, *core._top_k_2d(b_v, k + 1), from_matmul)
+    vals, idx = core._top_k_2d(b_v, k + 1)  # in b's dtype: widening keeps order and ties
+    widen = core.widen
+    return core._sorted_terms(widen(a_v), widen(b_v), widen(vals), idx, from_matmul)
 
 
 def _tree(a_v, b_v, k):
@@ -163,7 +171,8 @@ def _partitioned(ctx) -> bool:
 
 def _lower(ctx, a_v, b_v, *, k, from_matmul, merge):
     kernel = (ctx.module_context.platforms == ("tpu",) and not _partitioned(ctx)
-              and _vmem_bytes(ctx.avals_in[0].shape[-1]) <= _vmem_capacity(ctx) - _VMEM_MARGIN)
+              and _vmem_bytes(ctx.avals_in[0].shape[-1], ctx.avals_in[0].dtype)
+              <= _vmem_capacity(ctx) - _VMEM_MARGIN)
     if kernel:
         path = functools.partial(_by_kernel, merge=merge, interpret=False)
     else:
@@ -269,7 +278,7 @@ def _call(a2, b2, k, merge, interpret):
         out_shape=[sds((rows, _LANES), jnp.float32), sds((rows, _LANES), jnp.int32),
                    sds((rows, _LANES), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",),
-                                             vmem_limit_bytes=_vmem_bytes(vocab)),
+                                             vmem_limit_bytes=_vmem_bytes(vocab, a2.dtype)),
         interpret=interpret,
     )(a2, b2)
 
@@ -282,7 +291,7 @@ def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks, merge):
     ninf = jnp.full(shape, -jnp.inf, jnp.float32)
 
     def block(ref, j):  # lanes [128 j, 128 (j + 1)) of every row
-        x = ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)]
+        x = ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)].astype(jnp.float32)
         if merge and ref is b_ref:
             x = core.merge_padding(block(a_ref, j), x)
         return x

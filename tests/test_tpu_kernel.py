@@ -5,6 +5,7 @@ on `tad_core.top_k`) exactly in its head and to rounding in its terms, and a flo
 reference from the definitions (TAD_SPEC.md). The TPU compile is checked ahead of time.
 """
 
+import functools
 import importlib.util
 import pathlib
 
@@ -147,6 +148,25 @@ def test_student_padding_merged_in_vmem():
         np.testing.assert_array_equal(got, want, err_msg=name)
 
 
+def test_bfloat16_logits_widened_in_vmem():
+    # bf16 logits are read as they are and widened in VMEM (exact): the same head and terms as
+    # the kernel on float32 copies, and as XLA's path on the bf16 logits.
+    rng = np.random.default_rng(6)
+    s = jnp.asarray(rng.normal(size=(10, 400)), jnp.bfloat16).at[0, 350:].set(-jnp.inf)
+    t = jnp.asarray(rng.integers(-3, 3, size=(10, 400)), jnp.bfloat16)  # ties everywhere
+    t = t.at[1].multiply(1e-3).at[1].add(300.0)  # bf16 rounding makes more ties
+    head, terms = tpu_kernel.head_and_terms(s, t, 7, merge=True, interpret=True)
+    want_head, want_terms = _check(*core.tempered_pair(s, t, 1.0), 7)
+    xla_head, xla_terms = tpu_kernel._by_xla(s, t, 7, merge=True)
+    for got, want, xla in zip(head, want_head, xla_head, strict=True):
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(got, xla)
+    for got, want, xla, name in zip(terms, want_terms, xla_terms, terms._fields, strict=True):
+        assert got.dtype == jnp.float32, name
+        np.testing.assert_array_equal(got, want, err_msg=name)
+        np.testing.assert_allclose(got, xla, rtol=2e-5, atol=2e-5, err_msg=name)
+
+
 def test_more_places_than_lane_blocks():
     # K + 1 = 12 entries from 2 blocks of 128 lanes (V = 200: the second one padded).
     rng = np.random.default_rng(2)
@@ -178,14 +198,15 @@ def test_fused_loss_with_the_kernel(monkeypatch):
         np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("padding", [True, False])
-def test_tad_divergence_with_the_kernel(monkeypatch, padding):
-    # `losses.tad_divergence` on float32 logits takes the kernel on TPU: = its XLA path.
+@pytest.mark.parametrize("padding,dtype", [(True, jnp.float32), (False, jnp.float32),
+                                           (True, jnp.bfloat16)])
+def test_tad_divergence_with_the_kernel(monkeypatch, padding, dtype):
+    # `losses.tad_divergence` on float32 or bf16 logits takes the kernel on TPU: = its XLA path.
     from tad_jax import losses
 
     rng = np.random.default_rng(5)
-    s = jnp.asarray(rng.normal(size=(2, 8, 700)), jnp.float32)
-    t = jnp.asarray(rng.integers(-3, 3, size=(2, 8, 700)), jnp.float32)
+    s = jnp.asarray(rng.normal(size=(2, 8, 700)), dtype)
+    t = jnp.asarray(rng.integers(-3, 3, size=(2, 8, 700)), dtype)
     if padding:
         s = s.at[..., 650:].set(-jnp.inf)
     loss = lambda s: losses.tad_divergence(s, t, top_k=5, student_padding=padding)  # noqa: E731
@@ -198,7 +219,8 @@ def test_tad_divergence_with_the_kernel(monkeypatch, padding):
     got = jax.value_and_grad(loss)(s)
     assert calls
     for g, w in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w, np.float32),
+                                   rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
@@ -217,18 +239,21 @@ def test_tpu_compile_of_fused_tad_uses_the_kernel(monkeypatch):
 
 
 @pytest.mark.skipif(not targets.has_module("libtpu"), reason="libtpu is needed for a TPU compile")
-def test_tpu_compile_of_tad_divergence_float32_only(monkeypatch):
+def test_tpu_compile_of_tad_divergence_at_temperature_one(monkeypatch):
     from tad_jax import losses
 
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     rep = one_device("v5p:2x2x1")
-    grad = jax.jit(jax.grad(lambda s, t: losses.tad_divergence(s, t, top_k=10)))
-    for dtype, kernel in ((jnp.float32, True), (jnp.bfloat16, False)):
+    for dtype, tau, kernel in ((jnp.float32, 1.0, True), (jnp.bfloat16, 1.0, True),
+                               (jnp.float32, 2.0, False)):
+        grad = jax.jit(jax.grad(functools.partial(losses.tad_divergence, top_k=10,
+                                                  temperature=tau)))
         x = jax.ShapeDtypeStruct((1, 64, 4096), dtype, sharding=rep)
         hlo = grad.lower(x, x).compile().as_text()
-        # bf16 keeps TopK: the kernel would need widened copies written out.
-        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel
-        assert ("TopK" in hlo) != kernel
+        # τ != 1 keeps TopK: the kernel would need tempered copies written out (and an in-VMEM
+        # division need not round as XLA's, which the gradient's tail test repeats).
+        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel, (dtype, tau)
+        assert ("TopK" in hlo) != kernel, (dtype, tau)
     # float32 with the student's padding merged (the default): in VMEM, so no merged copy of
     # the teacher is written for the kernel. Here TAD moves 5.5 f32 [N, V] tensors' worth, KL
     # 15.0 (16.5 with the copy; at the benchmark's shapes 5.1, KL 7.0, 8.1 with the copy).
