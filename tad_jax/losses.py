@@ -146,7 +146,7 @@ def tad_divergence(student_logits, teacher_logits, mask=None, *, top_k=10, beta=
         the teacher's top-K a merged copy where XLA's TopK takes it (on TPU at τ != 1: TopK
         does not fuse its producer, so the merge costs a written and re-read copy; jax.grad
         TAD/KL bytes on a TPU v5p compile 1.29x with, 1.14x without); at τ = 1 the TPU kernel
-        merges in VMEM (0.72x either way; `scripts/bench_loss.py`).
+        merges in VMEM (0.72-0.73x either way; `scripts/bench_loss.py`).
 
     Returns:
       float32 loss: scalar, or `[..., T]` for reduction="none".

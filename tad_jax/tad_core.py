@@ -367,9 +367,11 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     """`head_and_terms` of `tempered_pair(s, t, τ, merge)`, from the raw logits [.., V].
 
     No tempered or merged copy of the logits is written: the two-level search gathers its
-    candidates from s and t; on TPU, at τ = 1, `lax.top_k` reads t (merged with s's padding)
-    in its own dtype (widening keeps order and ties; dividing by τ ≠ 1 may not: values that
-    flush to 0 or overflow become ties). XLA TPU's TopK does not fuse its producer.
+    candidates from s and t; on TPU at τ = 1 the Pallas kernel (`tpu_kernel`, where it
+    applies) reads s and t, widens them and merges the padding in VMEM; elsewhere on TPU
+    `lax.top_k` reads t (merged with s's padding) in its own dtype (widening keeps order and
+    ties; dividing by τ ≠ 1 may not: values that flush to 0 or overflow become ties). XLA TPU's
+    TopK does not fuse its producer.
     """
     s_v, t_v = _whole_last_axis(s_v), _whole_last_axis(t_v)
     a_v, b_v = tempered_pair(s_v, t_v, temperature, merge)
@@ -382,13 +384,12 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     # in VMEM need not round as XLA's, whose b the gradient's tail test (`in_tail`) reads.
     from tad_jax import tpu_kernel  # (imports this module)
 
-    pallas = s_v.dtype == t_v.dtype == jnp.float32 and temperature == 1.0  # (a, b are s, t)
-    block = _head_block(b_v.shape[-1], k) if k else None
-    if block is None or temperature != 1.0:
-        return head_and_terms(a_v, b_v, k, pallas=pallas)
-    kernel = tpu_kernel.applies(s_v, t_v, k)  # (τ = 1 here)
+    kernel = temperature == 1.0 and tpu_kernel.applies(s_v, t_v, k)
     if kernel and _KERNEL_INTERPRET:
         return tpu_kernel.head_and_terms(s_v, t_v, k, merge=merge, interpret=True)
+    block = _head_block(b_v.shape[-1], k) if k else None
+    if not kernel and (block is None or temperature != 1.0):
+        return head_and_terms(a_v, b_v, k, pallas=False)
 
     def tpu(s_v, t_v):
         if kernel:
@@ -396,13 +397,16 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
         vals, idx = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k + 1)
         return _sorted_terms(a_v, b_v, widen(vals), idx)  # = b at idx: the same widening
 
-    def blocked(s_v, t_v):
+    def other(s_v, t_v):
+        if block is None:  # V short next to K: `lax.top_k`
+            return head_and_terms(a_v, b_v, k, pallas=False)
+
         def gather(cols):
             return tempered_pair(_take(s_v, cols), _take(t_v, cols), temperature, merge)
 
         return _blocked_terms(a_v, b_v, k, block, gather)
 
-    return _on_tpu(tpu, blocked, s_v, t_v)
+    return _on_tpu(tpu, other, s_v, t_v)
 
 
 def head_and_terms(a_v, b_v, k, from_matmul=False, pallas=True) -> tuple[Head | None, TokenTerms]:
@@ -416,8 +420,8 @@ def head_and_terms(a_v, b_v, k, from_matmul=False, pallas=True) -> tuple[Head | 
     pass of `token_terms` one pass, and the head's K values give its sums: TAD then reads the
     logits as often as KL, with KL's number of reductions. On TPU, and when V is short next to
     k, the top-(K+1) (`lax.top_k`) gives the teacher's maxima and `token_terms` reduces the
-    student's, then the sums (`_sorted_terms`); on TPU, where `tpu_kernel.applies` (float32,
-    K <= 32, V fits in the chip's VMEM), a Pallas kernel does all of it from one read of a and
+    student's, then the sums (`_sorted_terms`); on TPU, where `tpu_kernel.applies` (float32 or
+    bf16, K <= 32, V fits in the chip's VMEM), a Pallas kernel does all of it from one read of a and
     b (fused TAD / fused KL bytes with whole rows 1.113x -> 1.001x; `tpu_kernel`). (None,
     terms) for K = 0.
     """

@@ -244,16 +244,19 @@ def test_tpu_compile_of_tad_divergence_at_temperature_one(monkeypatch):
 
     monkeypatch.setenv("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     rep = one_device("v5p:2x2x1")
-    for dtype, tau, kernel in ((jnp.float32, 1.0, True), (jnp.bfloat16, 1.0, True),
-                               (jnp.float32, 2.0, False)):
+    # (V = 300: short next to K, where off TPU `lax.top_k` takes the head.)
+    for dtype, tau, vocab, kernel in ((jnp.float32, 1.0, 4096, True),
+                                      (jnp.bfloat16, 1.0, 4096, True),
+                                      (jnp.bfloat16, 1.0, 300, True),
+                                      (jnp.float32, 2.0, 4096, False)):
         grad = jax.jit(jax.grad(functools.partial(losses.tad_divergence, top_k=10,
                                                   temperature=tau)))
-        x = jax.ShapeDtypeStruct((1, 64, 4096), dtype, sharding=rep)
+        x = jax.ShapeDtypeStruct((1, 64, vocab), dtype, sharding=rep)
         hlo = grad.lower(x, x).compile().as_text()
         # τ != 1 keeps TopK: the kernel would need tempered copies written out (and an in-VMEM
         # division need not round as XLA's, which the gradient's tail test repeats).
-        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel, (dtype, tau)
-        assert ("TopK" in hlo) != kernel, (dtype, tau)
+        assert ('custom_call_target="tpu_custom_call"' in hlo) == kernel, (dtype, tau, vocab)
+        assert ("TopK" in hlo) != kernel, (dtype, tau, vocab)
     # float32 with the student's padding merged (the default): in VMEM, so no merged copy of
     # the teacher is written for the kernel. Here TAD moves 5.5 f32 [N, V] tensors' worth, KL
     # 15.0 (16.5 with the copy; at the benchmark's shapes 5.1, KL 7.0, 8.1 with the copy).
