@@ -290,25 +290,29 @@ def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks, merge):
     lane = jax.lax.broadcasted_iota(jnp.int32, shape, 1)
     ninf = jnp.full(shape, -jnp.inf, jnp.float32)
 
-    def block(ref, j):  # lanes [128 j, 128 (j + 1)) of every row
-        x = ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)].astype(jnp.float32)
-        if merge and ref is b_ref:
-            x = core.merge_padding(block(a_ref, j), x)
-        return x
+    def block(ref, j):  # lanes [128 j, 128 (j + 1)) of every row, widened to float32
+        return ref[:, pl.ds(pl.multiple_of(j * _LANES, _LANES), _LANES)].astype(jnp.float32)
+
+    def blocks(j):  # (a, b) of block j, b merged with a's padding when `merge`: one read each
+        a, b = block(a_ref, j), block(b_ref, j)
+        return a, core.merge_padding(a, b) if merge else b
+
+    def b_block(j):  # b alone (a is read only to merge)
+        return blocks(j)[1] if merge else block(b_ref, j)
 
     # (0) Lane maxima of a and b. The row's (K+1)-th largest lane maximum τ bounds its top-(K+1)
     # from below (K+1 lanes hold an entry >= τ): blocks with no entry >= τ are skipped in (1).
-    ma, mb = jax.lax.fori_loop(0, n_blocks, lambda j, m: (
-        jnp.maximum(m[0], block(a_ref, j)), jnp.maximum(m[1], block(b_ref, j))), (ninf, ninf))
+    ma, mb = jax.lax.fori_loop(0, n_blocks, lambda j, m: tuple(map(jnp.maximum, m, blocks(j))),
+                               (ninf, ninf))
     for _ in range(k + 1):
         tau = jnp.max(mb, axis=1, keepdims=True)
         first = jnp.min(jnp.where(mb == tau, lane, _LANES), axis=1, keepdims=True)
         mb = jnp.where(lane == first, -jnp.inf, mb)
 
     # (1) Per lane, the K+1 largest entries in (value desc, index asc) order.
-    def insert(j, carry):
+    def insert(c, j, carry):
         vs, ids = carry
-        c, ci = block(b_ref, j), lane + j * _LANES
+        ci = lane + j * _LANES
         new_vs, new_ids = [], []
         for v, i in zip(vs, ids, strict=True):
             # An equal value arrives later (a higher index): it stays below. An empty slot
@@ -320,8 +324,9 @@ def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks, merge):
         return tuple(new_vs), tuple(new_ids)
 
     def insert_if_above(j, carry):
-        above = jnp.max(jnp.where(block(b_ref, j) >= tau, 1.0, 0.0)) > 0
-        return jax.lax.cond(above, functools.partial(insert, j), lambda carry: carry, carry)
+        c = b_block(j)
+        above = jnp.max(jnp.where(c >= tau, 1.0, 0.0)) > 0
+        return jax.lax.cond(above, functools.partial(insert, c, j), lambda carry: carry, carry)
 
     empty_ids = jnp.full(shape, _SENTINEL, jnp.int32)
     vs, ids = jax.lax.fori_loop(0, n_blocks, insert_if_above,
@@ -351,17 +356,21 @@ def _kernel(a_ref, b_ref, vals_ref, idx_ref, out_ref, *, k, n_blocks, merge):
     m_s, m_t = shift(row(ma)), shift(top_v[:, 0])
     mt_tail = shift(row(jnp.where(lane == k, top_v, -jnp.inf)))
 
-    def tail_of(j):
-        return core.in_tail(block(b_ref, j), head, lane + j * _LANES)
+    def tail_of(b, j):
+        return core.in_tail(b, head, lane + j * _LANES)
 
     # (2) m̃_s: max a over the tail.
-    ms_acc = jax.lax.fori_loop(0, n_blocks, lambda j, acc: jnp.maximum(
-        acc, jnp.where(tail_of(j), block(a_ref, j), -jnp.inf)), ninf)
+    def tail_max(j, acc):
+        a, b = blocks(j)
+        return jnp.maximum(acc, jnp.where(tail_of(b, j), a, -jnp.inf))
+
+    ms_acc = jax.lax.fori_loop(0, n_blocks, tail_max, ninf)
     ms_tail = shift(row(ms_acc))
 
     # (3) The pass of sums, lane by lane, then across lanes.
     def add(j, accs):
-        a, b, tail = block(a_ref, j), block(b_ref, j), tail_of(j)
+        a, b = blocks(j)
+        tail = tail_of(b, j)
         terms = core.tail_summands(a, b, tail, m_s, m_t, mt_tail)
         terms += (core.student_tail_summand(a, tail, ms_tail),)
         return tuple(acc + x for acc, x in zip(accs, terms, strict=True))
