@@ -394,8 +394,7 @@ def pair_terms(s_v, t_v, k, temperature, merge=True) -> tuple[Head | None, Token
     def tpu(s_v, t_v):
         if kernel:
             return tpu_kernel.head_and_terms(s_v, t_v, k, merge=merge)
-        vals, idx = _top_k_2d(merge_padding(s_v, t_v) if merge else t_v, k + 1)
-        return _sorted_terms(a_v, b_v, widen(vals), idx)  # = b at idx: the same widening
+        return top_k_terms(s_v, t_v, k, merge=merge)
 
     def other(s_v, t_v):
         if block is None:  # V short next to K: `lax.top_k`
@@ -450,6 +449,18 @@ def head_and_terms(a_v, b_v, k, from_matmul=False, pallas=True) -> tuple[Head | 
 
 # Tests: run `tpu_kernel` (Pallas' interpreter) wherever it applies, on any platform.
 _KERNEL_INTERPRET = False
+
+
+def top_k_terms(a_v, b_v, k, from_matmul=False, merge=False) -> tuple[Head, TokenTerms]:
+    """`head_and_terms` by `lax.top_k` (`_sorted_terms`) from a, b in their own dtype (at τ = 1:
+    tempered = raw): b merged with a's padding when `merge`, its top-(K+1) taken in b's dtype
+    (widening keeps order and ties; XLA TPU's TopK reads it once), then both widened. XLA's
+    path beside the TPU kernel: `pair_terms` and `tpu_kernel` (where the kernel does not run).
+    """
+    if merge:
+        b_v = merge_padding(a_v, b_v)
+    vals, idx = _top_k_2d(b_v, k + 1)
+    return _sorted_terms(widen(a_v), widen(b_v), widen(vals), idx, from_matmul)
 
 
 def _sorted_terms(a_v, b_v, vals, idx, from_matmul=False) -> tuple[Head, TokenTerms]:
