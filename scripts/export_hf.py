@@ -3,7 +3,9 @@
 
 The folder (config.json, model.safetensors, tokenizer files) loads with
 `transformers.AutoModelForCausalLM.from_pretrained(out)`. The run's config is read from the
-checkpoint. A non-empty --out is refused unless --overwrite is given.
+checkpoint. A non-empty --out is refused unless it is an earlier export (an HF folder, with a
+config.json) and --overwrite is given; an --out that is or holds the workdir or the current
+directory is always refused.
 Thin on purpose: everything lives in tad_jax.evaluate.
 """
 
@@ -13,7 +15,8 @@ from absl import app, flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "The run folder (checkpoints).")
 _OUT = flags.DEFINE_string("out", None, "The HF folder to write.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists and is not empty.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Replace --out if it is an earlier export (an HF folder).")
 _CHECKPOINT = flags.DEFINE_integer("checkpoint", None, "Checkpoint step (default: newest).")
 flags.mark_flags_as_required(["workdir", "out"])
 

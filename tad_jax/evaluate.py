@@ -93,12 +93,14 @@ def heldout_metrics(config, student, teacher, *, max_batches: int | None = None,
       progress: print one line per batch.
     """
     from tad_jax.data import make_eval_iterator
+    from tad_jax.run_setup import eval_chunk_size
     from tad_jax.step import make_eval_step
     from tad_jax.train import shared_vocab_size
 
     vocab = shared_vocab_size(config, teacher[0].config, student[0].config)
+    # The same chunks as the training run's eval step: a fused-loss run never holds [B, T, V].
     step = jax.jit(make_eval_step(student[0], teacher[0], vocab, tail_ks=tail_ks,
-                                  ece_bins=ece_bins))
+                                  ece_bins=ece_bins, chunk_size=eval_chunk_size(config)))
     if max_batches is None:
         max_batches = config.eval.max_batches
     it = make_eval_iterator(config.data, batch_size=config.eval.batch_size,
@@ -168,7 +170,7 @@ def _initialize_distributed(config=None) -> None:
 def _heldout_metrics_sharded(config, workdir, step, max_batches, progress) -> dict[str, Any]:
     """`heldout_metrics` across processes: the models sharded over the config's mesh, each process
     feeding its shards of the split (`tad_jax.train.heldout_sums`)."""
-    from tad_jax.run_setup import mesh_context
+    from tad_jax.run_setup import eval_chunk_size, mesh_context
     from tad_jax.step import make_eval_step
     from tad_jax.train import build_teacher, heldout_sums, restore_student, shared_vocab_size
 
@@ -180,7 +182,8 @@ def _heldout_metrics_sharded(config, workdir, step, max_batches, progress) -> di
         vocab = shared_vocab_size(config, teacher_model.config, student_model.config)
         shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
         batch_sh = sharding.batch_sharding(mesh)
-        eval_fn = jax.jit(make_eval_step(student_model, teacher_model, vocab),
+        eval_fn = jax.jit(make_eval_step(student_model, teacher_model, vocab,
+                                         chunk_size=eval_chunk_size(config)),
                           in_shardings=(shardings(student_params), shardings(teacher_params),
                                         batch_sh),
                           out_shardings=sharding.replicated(mesh))
@@ -226,7 +229,11 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
       `out`.
 
     Raises:
-      FileExistsError: `out` exists, is not empty, and `overwrite` is False.
+      FileExistsError: `out` exists and is not empty, and `overwrite` is False; or `out` is a
+        file, or a non-empty folder that is not an HF folder (no config.json), which even
+        `overwrite` does not replace.
+      ValueError: `out` is `workdir`, or holds it or the current directory (replacing it would
+        delete them).
       FileNotFoundError: no checkpoint in `workdir`.
     """
     from transformers import AutoTokenizer
@@ -236,10 +243,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     from tad_jax.train import restore_student
 
     _initialize_distributed(config)
-    out = pathlib.Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise FileExistsError(f"{out} exists and is not empty: choose another --out, or pass "
-                              "--overwrite to replace it.")
+    out = _export_target(workdir, out, overwrite)
     step = require_checkpoint(workdir, step)
     config = resolved_config(config if config is not None else load_run_config(workdir, step))
     logger.info("Exporting the student of step %d to %s", step, out)
@@ -260,9 +264,48 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     try:
         save_pretrained(model, jax.device_get(params), staging)
         AutoTokenizer.from_pretrained(config.data.tokenizer).save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.rename(staging, out)
+        _replace(out, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def _replace(out: pathlib.Path, new: pathlib.Path) -> None:
+    """Renames `new` to `out`; an existing `out` is set aside first and deleted only once `new`
+    is in place (put back if that rename fails)."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(out, old)
+    try:
+        os.rename(new, out)
+    except OSError:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _export_target(workdir, out, overwrite: bool) -> pathlib.Path:
+    """`out` made absolute (".", "..", symlinks resolved), checked before anything is read.
+
+    `overwrite` replaces an HF folder (one with a config.json) and nothing else: a mistyped
+    --out must not delete a run, its parent, or the folder the user stands in.
+    """
+    out = pathlib.Path(out).resolve()
+    for name, keep in (("the run folder --workdir", pathlib.Path(workdir).resolve()),
+                       ("the current directory", pathlib.Path.cwd().resolve())):
+        if keep == out or out in keep.parents:
+            raise ValueError(f"--out {out} is or holds {name} ({keep}): export to a new folder, "
+                             "e.g. --out WORKDIR/hf.")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return out
+    if not out.is_dir() or not (out / "config.json").is_file():
+        raise FileExistsError(f"{out} exists and is not an HF folder (no config.json), so even "
+                              "--overwrite leaves it alone: choose another --out, or remove it "
+                              "yourself.")
+    if not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty: choose another --out, or pass "
+                              "--overwrite to replace it.")
     return out
