@@ -348,6 +348,9 @@ def causal_lm_loss(logits, targets, mask=None, reduction="mean"):
         )
     checks.ids("targets", targets, "token ids")
     mask_bt = _mask_bt(mask, jnp.shape(targets))
+    # Masked positions are zeroed first, as in `_autodiff_log_probs`: an all -inf (padded) row's
+    # logsumexp has a NaN partial that autodiff would multiply by the zero cotangent.
+    logits = jnp.where(mask_bt[..., None] > 0, logits, jnp.zeros((), jnp.result_type(logits)))
     lp_btv = core.log_softmax(logits)
     tgt_lp_bt = core.at_targets(lp_btv, targets)
     loss_bt = _masked(-tgt_lp_bt, mask_bt)

@@ -266,6 +266,34 @@ def test_all_inf_logits_at_masked_positions(fn):
     assert np.all(np.asarray(g)[~np.asarray(m)] == 0.0)
 
 
+@pytest.mark.parametrize("fill", [-jnp.inf, jnp.nan])
+def test_causal_lm_loss_ignores_anything_at_masked_positions(x64, fill):
+    # As for the divergences: the value and the gradient are those of the valid positions (0 at
+    # masked ones, not NaN from an all -inf row's logsumexp; found by a reviewer).
+    s, _, m = _data(dtype=jnp.float64)
+    y = jax.random.randint(jax.random.PRNGKey(4), m.shape, 0, s.shape[-1])
+    padded = jnp.where(m[..., None], s, fill)
+    loss, g = jax.value_and_grad(causal_lm_loss)(padded, y, m)
+    want_bt = -jnp.log(jnp.take_along_axis(jax.nn.softmax(s), y[..., None], -1)[..., 0])
+    np.testing.assert_allclose(loss, ref_mean(want_bt, m), **EXACT)
+    g_want = jax.grad(lambda s: ref_mean(-jnp.log(jnp.take_along_axis(
+        jax.nn.softmax(s), y[..., None], -1)[..., 0]), m))(s)
+    np.testing.assert_allclose(g, g_want, **EXACT)
+    assert np.all(np.asarray(g)[~np.asarray(m)] == 0.0)
+
+
+@pytest.mark.parametrize("divergence", ["tad", "kl", "rkl", "jsd"])
+def test_distillation_loss_gradient_with_all_inf_masked_positions(divergence):
+    s, t, m = _data()
+    y = jax.random.randint(jax.random.PRNGKey(4), m.shape, 0, s.shape[-1])
+    s = jnp.where(m[..., None], s, -jnp.inf)
+    t = jnp.where(m[..., None], t, -jnp.inf)
+    loss, g = jax.value_and_grad(lambda s: distillation_loss(s, t, y, m, divergence=divergence,
+                                                             top_k=3)[0])(s)
+    _finite(loss, g)
+    assert np.all(np.asarray(g)[~np.asarray(m)] == 0.0)
+
+
 @pytest.mark.parametrize("side", ["student", "teacher", "both"])
 @pytest.mark.parametrize("name", ["tad", "kl", "rkl", "jsd"])
 def test_empty_valid_position_gives_zero(x64, name, side):
