@@ -102,6 +102,48 @@ def test_exact_parts_equal_the_online_loss(x64, top_k, tau):
                                **EXACT)
 
 
+def test_segment_scope_equals_the_online_loss(x64):
+    """beta_scope="segment" (β(X) per document of a packed row; a reviewer found the cache
+    ignoring it): with the whole tail as targets, value and gradient are tad_divergence's."""
+    s, t, mask = _data(dtype=jnp.float64)
+    seg = jnp.array([[1, 1, 2, 2], [3, 3, 3, 4]], jnp.int32)
+    targets = _exact_targets(t, 3)
+    kw = dict(beta_scope="segment", segment_ids=seg)
+
+    def cached(s):
+        bx = cl.beta_x(targets.log_alpha, jnp.asarray(mask, jnp.float64), 2.0, 1e-6, **kw)
+        return jnp.sum(cl._cached_per_position(s, targets, bx, jnp.asarray(mask, jnp.float64),
+                                               1.0))
+
+    online = lambda s: tad_divergence(s, t, mask, top_k=3, reduction="sum", **kw)
+    np.testing.assert_allclose(cached(s), online(s), **EXACT)
+    np.testing.assert_allclose(jax.grad(cached)(s), jax.grad(online)(s), **EXACT)
+    row = tad_divergence(s, t, mask, top_k=3, reduction="sum")
+    assert abs(float(online(s)) - float(row)) > 1e-3  # the test tells the scopes apart
+    stats = teacher_stats(t, jax.random.PRNGKey(0), k_max=5, num_samples=3)
+    with pytest.raises(ValueError, match="segment_ids"):
+        tad_divergence_cached(s, stats, mask, top_k=3, beta_scope="segment")
+
+
+def test_cached_distillation_loss_reads_beta_scope(x64):
+    from types import SimpleNamespace
+
+    s, t, mask = _data(dtype=jnp.float64)
+    seg = jnp.array([[1, 1, 2, 2], [3, 3, 3, 4]], jnp.int32)
+    stats = teacher_stats(t, jax.random.PRNGKey(0), k_max=5, num_samples=3)
+    batch = {**dict(zip(rd.CACHE_KEYS, stats, strict=True)), "loss_mask": mask,
+             "targets": jnp.zeros(mask.shape, jnp.int32), "segment_ids": seg}
+    loss_cfg = tiny_config().loss
+    loss_cfg.top_k, loss_cfg.fused = 3, False
+    for scope in ("row", "segment"):
+        loss_cfg.beta_scope = scope
+        _, parts = cl.cached_distillation_loss(SimpleNamespace(logits=s), batch, loss_cfg, None,
+                                               None, s.shape[-1])
+        want = tad_divergence_cached(s, stats, mask, top_k=3, beta=loss_cfg.beta,
+                                     reduction="sum", beta_scope=scope, segment_ids=seg)
+        np.testing.assert_allclose(parts["div"], want, **EXACT)
+
+
 def test_stats_are_the_teachers(x64):
     """teacher_stats: top-K ids and log-probs, log α_T and H̃ against float64 numpy."""
     _, t, _ = _data(dtype=jnp.float64)
@@ -528,9 +570,10 @@ def test_a_cache_of_the_first_rows_serves_only_those(written, tmp_path):
     assert got == want
 
 
-@pytest.mark.parametrize("divergence, chunk, cap", [("tad", 3, None), ("kl", 8, 5.0),
-                                                    ("tad", 64, 5.0)])
-def test_fused_cached_loss_equals_the_unfused(x64, divergence, chunk, cap):
+@pytest.mark.parametrize("divergence, chunk, cap, scope", [
+    ("tad", 3, None, "row"), ("kl", 8, 5.0, "row"), ("tad", 64, 5.0, "row"),
+    ("tad", 3, None, "segment")])
+def test_fused_cached_loss_equals_the_unfused(x64, divergence, chunk, cap, scope):
     """Chunks of hidden states × head = the unfused cached loss and CE on full logits, value and
     gradients (hidden, W, bias); chunk sizes that do not divide N = 8 included."""
     from tad_jax import causal_lm_loss
@@ -543,19 +586,20 @@ def test_fused_cached_loss_equals_the_unfused(x64, divergence, chunk, cap):
     y = jax.random.randint(ks[3], (2, 4), 0, 24)
     _, t, mask = _data(dtype=jnp.float64)
     stats = teacher_stats(t, ks[4], k_max=5, num_samples=3)
+    kw = dict(beta_scope=scope, segment_ids=jnp.array([[1, 1, 2, 2], [3, 3, 3, 4]]))
 
     def unfused(h, w, b):
         z = h @ w + b
         z = z if cap is None else cap * jnp.tanh(z / cap)
         if divergence == "tad":
-            div = tad_divergence_cached(z, stats, mask, top_k=3, reduction="sum")
+            div = tad_divergence_cached(z, stats, mask, top_k=3, reduction="sum", **kw)
         else:
             div = kl_divergence_cached(z, stats, mask, reduction="sum")
         return causal_lm_loss(z, y, mask, reduction="sum") + 2.0 * div
 
     def fused(h, w, b):
         clm, div = fused_cached_loss(h, w, stats, y, mask, divergence=divergence, top_k=3,
-                                     bias_v=b, final_logit_softcap=cap, chunk_size=chunk)
+                                     bias_v=b, final_logit_softcap=cap, chunk_size=chunk, **kw)
         return clm + 2.0 * div
 
     np.testing.assert_allclose(fused(h, w, b), unfused(h, w, b), **EXACT)

@@ -26,7 +26,8 @@ def _chunked(x, n_chunks, chunk):
 
 def fused_cached_loss(hidden_btd, w_dv, cache_batch: TeacherStats, targets_bt, mask_bt, *,
                       divergence="tad", top_k=10, beta=2.0, temperature=1.0, eps_alpha=1e-6,
-                      bias_v=None, final_logit_softcap=None, chunk_size=1024):
+                      beta_scope="row", segment_ids=None, bias_v=None, final_logit_softcap=None,
+                      chunk_size=1024):
     """(clm_sum, div_sum): Σ over valid positions of the CE and of the cached divergence.
 
     Equals `causal_lm_loss(..., reduction="sum")` and `tad_divergence_cached` /
@@ -37,7 +38,8 @@ def fused_cached_loss(hidden_btd, w_dv, cache_batch: TeacherStats, targets_bt, m
       hidden_btd: float `[B, T, d]` final hidden states (after the last norm).
       w_dv: float `[d, V]` output head; `bias_v`: `[V]` or None.
       cache_batch: `TeacherStats` `[B, T, ...]`; targets_bt: int `[B, T]`; mask_bt: `[B, T]`.
-      divergence: "tad" or "kl"; top_k, beta, temperature, eps_alpha: as the unfused losses.
+      divergence: "tad" or "kl"; top_k, beta, temperature, eps_alpha, beta_scope,
+        segment_ids: as the unfused losses.
       final_logit_softcap: c of logits = c·tanh(logits / c) (Gemma2), or None.
       chunk_size: positions per scan step.
 
@@ -54,7 +56,7 @@ def fused_cached_loss(hidden_btd, w_dv, cache_batch: TeacherStats, targets_bt, m
     targets = cl.read_top_k(cache_batch, top_k)
     if divergence == "tad":
         bx_bt = cl.beta_x(targets.log_alpha, mask_bt, cl._positive("beta", beta),
-                         cl._positive("eps_alpha", eps_alpha))
+                          cl._positive("eps_alpha", eps_alpha), beta_scope, segment_ids)
     else:
         bx_bt = jnp.ones(mask_bt.shape, jnp.float32)
     temperature = cl._positive("temperature", temperature)

@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from tad_jax import tad_core
+from tad_jax import checks, tad_core
 from tad_jax.teacher_cache.stats import TeacherStats, _lse, head_mask
 
 _REDUCTIONS = ("none", "sum", "mean")
@@ -136,11 +136,20 @@ def tail_constant(t: TailTargets):
     return jnp.where(has, t.tail_plogp - jnp.exp(lat) * lat, 0.0)
 
 
-def beta_x(log_alpha_t_bt, mask_bt, beta: float, eps_alpha: float):
+def beta_x(log_alpha_t_bt, mask_bt, beta: float, eps_alpha: float, beta_scope: str = "row",
+           segment_ids=None):
     """β(X) = β / max(ᾱ(X), eps_alpha) at every position `[..., T]`, ᾱ(X) the mean α_T over the
-    row's valid positions: the one kernel's `tad_core.beta_x` (Eq. 3)."""
-    cfg = tad_core.TADConfig(top_k=0, beta=beta, eps_alpha=eps_alpha)
-    return tad_core.beta_x(log_alpha_t_bt, mask_bt, cfg)
+    valid positions of X: the row ("row"), or its document ("segment", by `segment_ids`
+    `[..., T]`). The one kernel's `tad_core.beta_x` (Eq. 3).
+
+    Raises:
+      ValueError: an unknown beta_scope, or "segment" without segment_ids of shape `[..., T]`.
+    """
+    cfg = tad_core.TADConfig(top_k=0, beta=beta, eps_alpha=eps_alpha, beta_scope=beta_scope)
+    if beta_scope == "segment":
+        checks.segments(segment_ids, jnp.shape(mask_bt))
+        segment_ids = jnp.asarray(segment_ids).astype(jnp.int32)
+    return tad_core.beta_x(log_alpha_t_bt, mask_bt, cfg, segment_ids)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -241,7 +250,8 @@ def _reduce(loss_bt, mask_bt, reduction):
 
 
 def tad_divergence_cached(student_logits, cache_batch: TeacherStats, mask=None, *, top_k=10,
-                          beta=2.0, temperature=1.0, eps_alpha=1e-6, reduction="mean"):
+                          beta=2.0, temperature=1.0, eps_alpha=1e-6, reduction="mean",
+                          beta_scope="row", segment_ids=None):
     """TAD's L_DIV = D_KL1 + β(X)·α_T·D_KL2 against a cached teacher (module docstring).
 
     D_KL1, β(X) and the tail entropy are exact; the tail cross-entropy is estimated without bias
@@ -257,18 +267,21 @@ def tad_divergence_cached(student_logits, cache_batch: TeacherStats, mask=None, 
       beta, eps_alpha: β > 0 and the floor on ᾱ(X), as `tad_divergence`.
       temperature: τ > 0, the cache's; the loss is multiplied by τ².
       reduction: "none" (`[..., T]`, 0 where masked), "sum", or "mean" (over valid positions).
+      beta_scope, segment_ids: the sequence X of Eq. 3, as `tad_divergence`: "row", or
+        "segment" (a document of a packed row) with int segment_ids `[..., T]`.
 
     Returns:
       float32 scalar, or `[..., T]` for reduction="none".
 
     Raises:
-      ValueError: mismatched shapes, K out of range, β/τ/eps_alpha <= 0, unknown reduction.
+      ValueError: mismatched shapes, K out of range, β/τ/eps_alpha <= 0, unknown reduction or
+        beta_scope, "segment" without segment_ids.
     """
     mask_bt = _check(student_logits, cache_batch, mask, reduction)
     beta, temperature = _positive("beta", beta), _positive("temperature", temperature)
     eps_alpha = _positive("eps_alpha", eps_alpha)
     targets = read_top_k(cache_batch, top_k)
-    beta_x_bt = beta_x(targets.log_alpha, mask_bt, beta, eps_alpha)
+    beta_x_bt = beta_x(targets.log_alpha, mask_bt, beta, eps_alpha, beta_scope, segment_ids)
     loss_bt = _cached_per_position(student_logits, targets, beta_x_bt, mask_bt, temperature)
     return _reduce(loss_bt, mask_bt, reduction)
 
@@ -335,6 +348,7 @@ def cached_distillation_loss(student_out, batch: dict, loss_cfg, student_cfg, pa
             student_out.hidden_states, w_dv[:, :vocab_size], stats, batch["targets"], mask,
             divergence=loss_cfg.divergence, top_k=int(loss_cfg.top_k), beta=loss_cfg.beta,
             temperature=loss_cfg.temperature, eps_alpha=loss_cfg.eps_alpha,
+            beta_scope=loss_cfg.get("beta_scope", "row"), segment_ids=batch.get("segment_ids"),
             bias_v=None if b_v is None else b_v[:vocab_size],
             final_logit_softcap=student_cfg.final_logit_softcap,
             chunk_size=int(loss_cfg.chunk_size))
@@ -344,7 +358,9 @@ def cached_distillation_loss(student_out, batch: dict, loss_cfg, student_cfg, pa
     if loss_cfg.divergence == "tad":
         div = tad_divergence_cached(student_logits, stats, mask, top_k=int(loss_cfg.top_k),
                                     beta=loss_cfg.beta, temperature=loss_cfg.temperature,
-                                    eps_alpha=loss_cfg.eps_alpha, reduction=reduction)
+                                    eps_alpha=loss_cfg.eps_alpha, reduction=reduction,
+                                    beta_scope=loss_cfg.get("beta_scope", "row"),
+                                    segment_ids=batch.get("segment_ids"))
     else:
         div = kl_divergence_cached(student_logits, stats, mask,
                                    temperature=loss_cfg.temperature, reduction=reduction)
