@@ -396,6 +396,25 @@ def test_val_files_are_the_validation_split(tmp_path, tok_dir, jsonl_docs):
         tok, ["held out paragraph one", "held out paragraph two"])
 
 
+def test_val_files_inside_the_train_glob_are_held_out(tmp_path, tok_dir):
+    # train_files="d/*.jsonl" with val_files="d/val.jsonl" trained on the held-out documents too
+    # (a reviewer's finding): the validation files are now taken out of the training split.
+    path, tok = tok_dir
+    texts = {"a": ["train doc one", "train doc two"], "val": ["held out doc"]}
+    for name, docs in texts.items():
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps({"text": t}) + "\n"
+                                                        for t in docs))
+    cfg = _cfg(str(tmp_path / "*.jsonl"), path, val_files=str(tmp_path / "val.jsonl"))
+    train = _reconstruct(_all(make_train_iterator(cfg, seed=0, process_index=0,
+                                                  process_count=1)), tok.eos_token_id)[0]
+    val = _reconstruct(_all(make_eval_iterator(cfg, batch_size=2)), tok.eos_token_id)[0]
+    assert collections.Counter(train) == _expected_docs(tok, texts["a"])
+    assert collections.Counter(val) == _expected_docs(tok, texts["val"])
+    cfg = _cfg(str(tmp_path / "val.jsonl"), path, val_files=str(tmp_path / "*.jsonl"))
+    with pytest.raises(ValueError, match="nothing is left to train on"):
+        make_train_iterator(cfg, seed=0, process_index=0, process_count=1)
+
+
 def test_edited_file_is_read_again(tmp_path, tok_dir):
     path, tok = tok_dir
     data = tmp_path / "d.jsonl"

@@ -254,27 +254,44 @@ def load_split(cfg, split: str) -> list[Document]:
 def iter_split(cfg, split: str) -> Iterator[Document]:
     """Streams the documents of ``split`` ("train" or "validation") as the config defines it.
 
-    With ``cfg.val_files`` the validation split is those files and training is all of
-    ``cfg.train_files``; otherwise both come from ``cfg.train_files``, split by
-    ``is_validation`` with ``cfg.val_fraction``.
+    With ``cfg.val_files`` the validation split is those files and training is the files of
+    ``cfg.train_files`` that are not among them (``train_files="data/*.jsonl"`` with
+    ``val_files="data/val.jsonl"`` holds val.jsonl out); otherwise both come from
+    ``cfg.train_files``, split by ``is_validation`` with ``cfg.val_fraction``.
 
     Raises:
         FileNotFoundError: a glob matches nothing.
-        ValueError: the fraction is out of range, or bad records (see ``iter_documents``).
+        ValueError: the fraction is out of range, every training file is a validation file, or
+          bad records (see ``iter_documents``).
     """
     if split not in ("train", "validation"):
         raise ValueError(f"split={split!r}; use 'train' or 'validation'.")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise ValueError(f"data.val_fraction={cfg.val_fraction}; use a fraction in [0, 1).")
     if cfg.val_files:
-        what = "data.val_files" if split == "validation" else "data.train_files"
-        yield from iter_documents(expand_files(
-            cfg.val_files if split == "validation" else cfg.train_files, what=what), cfg)
+        val = expand_files(cfg.val_files, what="data.val_files")
+        yield from iter_documents(val if split == "validation" else _train_files(cfg, val), cfg)
         return
     want_val = split == "validation"
     for doc in iter_documents(expand_files(cfg.train_files), cfg):
         if is_validation(doc, cfg.val_fraction) == want_val:
             yield doc
+
+
+def _train_files(cfg, val_files: list[str]) -> list[str]:
+    """``cfg.train_files`` less the validation files (by real path), so that no held-out file
+    is also trained on."""
+    held_out = {os.path.realpath(p) for p in val_files}
+    train = expand_files(cfg.train_files)
+    kept = [p for p in train if os.path.realpath(p) not in held_out]
+    if not kept:
+        raise ValueError(f"every file of data.train_files={cfg.train_files!r} is also in "
+                         f"data.val_files={cfg.val_files!r}: nothing is left to train on; give "
+                         "training files apart from the validation files.")
+    if len(kept) < len(train):
+        logger.info("data.train_files: %d of %d files are data.val_files, held out of training",
+                    len(train) - len(kept), len(train))
+    return kept
 
 
 def empty_split_error(cfg, split: str) -> ValueError:
