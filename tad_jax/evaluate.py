@@ -136,19 +136,20 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
       FileNotFoundError: no checkpoint (or not `step`) in `workdir`.
     """
     from tad_jax.run_setup import resolved_config
-    from tad_jax.train import build_teacher, restore_student
+    from tad_jax.train import build_teacher
 
     _initialize_distributed(config)
     step = require_checkpoint(workdir, step)
     config = resolved_config(config)
+    diffs = _differences_from_run(config, workdir, step)
     start = time.perf_counter()
     logger.info("Loading the teacher (%s) and the student of step %d", config.teacher.path, step)
     if jax.process_count() > 1:
         with sharding.peer_failures("evaluation"):
-            result = _heldout_metrics_sharded(config, workdir, step, max_batches, progress)
+            result = _heldout_metrics_sharded(config, workdir, step, max_batches, progress, diffs)
     else:
         teacher = build_teacher(config)
-        student_model, student_params, step = restore_student(config, str(workdir), step)
+        student_model, student_params, step = _restore_student(config, workdir, step, diffs)
         result = heldout_metrics(config, (student_model, student_params), teacher,
                                  max_batches=max_batches, progress=progress)
     result = {"step": int(step), **result, "eval_seconds": time.perf_counter() - start}
@@ -159,6 +160,44 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
     return result
 
 
+# Fields that choose what is evaluated and how, not the student: no note when they differ.
+_EVAL_FIELDS = ("eval", "data.val_fraction", "data.val_files", "loss.fused", "loss.chunk_size")
+
+
+def _differences_from_run(config, workdir, step) -> list[str]:
+    """The fields of `config` that differ from the config saved with the checkpoint, noted as a
+    warning: the held-out figures are then those of another setup than the one trained."""
+    from tad_jax.config import config_differences, config_to_dict
+
+    saved = load_run_config(workdir, step).to_dict()
+    diffs = [d for d in config_differences(saved, config_to_dict(config))
+             if not any(d == f or d.startswith(f + ".") for f in _EVAL_FIELDS)]
+    if diffs:
+        logger.warning("Evaluating with a config that differs from the run's (saved with its "
+                       "checkpoint) in: %s", _shown(diffs))
+    return diffs
+
+
+def _shown(fields: list[str]) -> str:
+    return ", ".join(fields[:10]) + (" ..." if len(fields) > 10 else "")
+
+
+def _restore_student(config, workdir, step, diffs, mesh=None):
+    """`train.restore_student`; a checkpoint that does not fit the config's student is an error
+    that names the config fields that differ from the run's, not orbax's tree dump."""
+    from tad_jax.train import restore_student
+
+    try:
+        return restore_student(config, str(workdir), step, mesh)
+    except ValueError as e:
+        if not diffs:
+            raise
+        raise ValueError(f"The checkpoint of {workdir} does not fit the student of this config, "
+                         f"which differs from the run's in: {_shown(diffs)}. Evaluate with the "
+                         "run's own config (the --config and overrides it was trained with)."
+                         ) from e
+
+
 def _initialize_distributed(config=None) -> None:
     """`jax.distributed.initialize` when the run spans several processes (before any jax work)."""
     mesh_cfg = config.mesh if config is not None else {}
@@ -167,18 +206,19 @@ def _initialize_distributed(config=None) -> None:
         heartbeat_timeout_s=mesh_cfg.get("heartbeat_timeout_s", 100))
 
 
-def _heldout_metrics_sharded(config, workdir, step, max_batches, progress) -> dict[str, Any]:
+def _heldout_metrics_sharded(config, workdir, step, max_batches, progress, diffs
+                             ) -> dict[str, Any]:
     """`heldout_metrics` across processes: the models sharded over the config's mesh, each process
     feeding its shards of the split (`tad_jax.train.heldout_sums`)."""
     from tad_jax.run_setup import eval_chunk_size, mesh_context
     from tad_jax.step import make_eval_step
-    from tad_jax.train import build_teacher, heldout_sums, restore_student, shared_vocab_size
+    from tad_jax.train import build_teacher, heldout_sums, shared_vocab_size
 
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_divisible(config.eval.batch_size, mesh, "eval.batch_size")
     with mesh_context(mesh):
         teacher_model, teacher_params = build_teacher(config, mesh)
-        student_model, student_params, _ = restore_student(config, str(workdir), step, mesh)
+        student_model, student_params, _ = _restore_student(config, workdir, step, diffs, mesh)
         vocab = shared_vocab_size(config, teacher_model.config, student_model.config)
         shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
         batch_sh = sharding.batch_sharding(mesh)

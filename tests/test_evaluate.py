@@ -258,3 +258,23 @@ def test_evaluate_a_fused_run_in_chunks(tiny_run, monkeypatch):
     for key in ("tokens", "kl", "student_ce", "teacher_ce", "full_ece", "mismatch_rate",
                 "top1_agreement"):
         np.testing.assert_allclose(chunked[key], whole[key], rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.slow
+def test_evaluate_names_the_fields_that_differ_from_the_run(tiny_run, caplog):
+    """--config overrides that change the student fail with the fields named (it was orbax's
+    4 KB tree dump); ones that keep its shapes evaluate with a warning naming them."""
+    config, workdir = tiny_run
+    two_layers = config.copy_and_resolve_references()
+    two_layers.student.overrides = dict(num_layers=2)
+    with pytest.raises(ValueError, match=r"differs from the run's in: student\.overrides"):
+        evaluate.evaluate(two_layers, workdir, write=False)
+    other_beta = config.copy_and_resolve_references()
+    other_beta.loss.beta = 5.0
+    with caplog.at_level("WARNING", logger="tad_jax.evaluate"):
+        evaluate.evaluate(other_beta, workdir, write=False, max_batches=1)
+    assert "differs from the run's (saved with its checkpoint) in: loss.beta" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="tad_jax.evaluate"):
+        evaluate.evaluate(config, workdir, write=False, max_batches=1)
+    assert "differs" not in caplog.text
