@@ -23,7 +23,6 @@ import signal
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -41,6 +40,7 @@ from tad_jax.builders import (
 from tad_jax.checkpoint import Checkpointer, prune_data_states, save_data_state
 from tad_jax.config import config_to_dict, num_steps
 from tad_jax.dry_run import dry_run
+from tad_jax.metrics import add_sums
 from tad_jax.metrics_log import MetricsWriter, read_metrics
 from tad_jax.run_setup import Run, setup_run
 from tad_jax.run_setup import mesh_context as _mesh_context
@@ -221,7 +221,7 @@ def _save(run: Run, step: int) -> None:
 
 
 def _evaluate(run: Run) -> dict[str, float]:
-    """Held-out metrics of the current student (sums on device, one fetch at the end)."""
+    """Held-out metrics of the current student (each batch's sums added on the host)."""
     cfg = run.config
     total = heldout_sums(run.eval_fn, run.state["params"], run.models[1], cfg.data,
                          batch_size=cfg.eval.batch_size, max_batches=cfg.eval.max_batches,
@@ -237,7 +237,7 @@ def heldout_sums(eval_fn, student_params, teacher_params, data_cfg, *, batch_siz
     may hold different numbers of batches, so before each batch the processes agree whether any
     has one left (`sharding.any_process`); a process whose shards have ended feeds fully masked
     rows, which add nothing to the sums. The figures equal a single process's over the same
-    `data.num_shards`, up to float32 summation order.
+    `data.num_shards`, up to float32 summation order within a batch.
 
     Args:
       eval_fn: `(student_params, teacher_params, global_batch) -> sums` (jitted, sharded).
@@ -249,7 +249,7 @@ def heldout_sums(eval_fn, student_params, teacher_params, data_cfg, *, batch_siz
       progress: print one line per batch (process 0).
 
     Returns:
-      The summed metrics on the host (see `tad_jax.metrics`).
+      The summed metrics on the host, float64 (see `tad_jax.metrics.add_sums`).
 
     Raises:
       ValueError: the held-out split is empty.
@@ -272,13 +272,15 @@ def heldout_sums(eval_fn, student_params, teacher_params, data_cfg, *, batch_siz
             local = template
         template = masked_like(local)
         sums = eval_fn(student_params, teacher_params, to_global_batch(local, batch_sharding))
-        total = sums if total is None else jax.tree.map(jnp.add, total, sums)
+        # Added on the host in float64, as `evaluate.heldout_metrics` does: float32 on device
+        # stops counting tokens exactly past 2^24.
+        total = add_sums(total, jax.device_get(sums))
         if progress and jax.process_index() == 0:
             print(f"eval batch: {time.perf_counter() - start:.1f} s", flush=True)
     if total is None:
         raise ValueError(
             "The held-out split is empty: set data.val_files or raise data.val_fraction.")
-    return jax.device_get(total)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------

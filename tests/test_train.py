@@ -298,3 +298,17 @@ def test_finite_data_saves_the_last_step_after_an_eval_only_step(tmp_path):
     steps = [r["step"] for r in train.read_metrics(workdir)]
     assert 1 < len(steps) < 30
     assert train.Checkpointer(workdir).latest_step() == steps[-1]
+
+
+def test_heldout_sums_are_added_in_float64_on_the_host():
+    """The in-training and multi-process held-out sums add up like evaluate()'s: in float64 on
+    the host, so token counts past 2^24 stay exact (float32 on device gave 2^24 + 1 = 2^24)."""
+    from tad_jax import run_setup, sharding
+
+    cfg = run_setup.resolved_config(tiny_config())
+    counts = iter([2.0**24, 1.0, 1.0])
+    eval_fn = lambda s, t, batch: {"count": jnp.float32(next(counts))}
+    batch_sh = sharding.batch_sharding(sharding.make_mesh(cfg.mesh))
+    total = train.heldout_sums(eval_fn, None, None, cfg.data, batch_size=cfg.eval.batch_size,
+                               max_batches=3, batch_sharding=batch_sh)
+    assert total["count"].dtype == np.float64 and total["count"] == 2**24 + 2
