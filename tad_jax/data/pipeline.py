@@ -41,7 +41,9 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.mode = "pretrain"  # "pretrain" (packed documents) or "sft" (prompt/response masked)
     c.train_files = ""  # glob or list of globs of training files
-    c.val_files = ""  # glob(s) of held-out files; empty = split train_files by val_fraction
+    # glob(s) of held-out files (left out of train_files if its glob matches them too); empty =
+    # split train_files by val_fraction.
+    c.val_files = ""
     c.val_fraction = 0.01  # fraction of documents held out (by content hash) without val_files
     c.format = "auto"  # "auto" (by extension) | "text" | "jsonl" | "parquet"; .gz/.zst read too
     c.text_field = "text"  # JSONL/Parquet field with the text (pretrain)
