@@ -116,13 +116,14 @@ def heldout_metrics(config, student, teacher, *, max_batches: int | None = None,
     return metrics.finalize(total)
 
 
-def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
+def evaluate(config: ml_collections.ConfigDict | None, workdir: str | os.PathLike, *,
              step: int | None = None, max_batches: int | None = None, write: bool = True,
              progress: bool = False) -> dict[str, Any]:
     """Evaluates the student checkpoint of `workdir` on the held-out split.
 
     Args:
-      config: the run config the student was trained with.
+      config: the run config the student was trained with; None: the one saved with the
+        checkpoint. Fields that differ from the saved config are named in a warning.
       workdir: the run folder (checkpoints/, metrics.jsonl).
       step: checkpoint step (None = the newest).
       max_batches: evaluation batches (None = `eval.max_batches`; 0 = the whole split).
@@ -134,13 +135,14 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str | os.PathLike, *,
 
     Raises:
       FileNotFoundError: no checkpoint (or not `step`) in `workdir`.
+      ValueError: the checkpoint does not fit the config's student (the differing fields named).
     """
     from tad_jax.run_setup import resolved_config
     from tad_jax.train import build_teacher
 
-    _initialize_distributed(config)
+    _initialize_distributed(config)  # before any jax work, orbax's included
     step = require_checkpoint(workdir, step)
-    config = resolved_config(config)
+    config = resolved_config(config if config is not None else load_run_config(workdir, step))
     diffs = _differences_from_run(config, workdir, step)
     start = time.perf_counter()
     logger.info("Loading the teacher (%s) and the student of step %d", config.teacher.path, step)

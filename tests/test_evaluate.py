@@ -278,3 +278,27 @@ def test_evaluate_names_the_fields_that_differ_from_the_run(tiny_run, caplog):
     with caplog.at_level("WARNING", logger="tad_jax.evaluate"):
         evaluate.evaluate(config, workdir, write=False, max_batches=1)
     assert "differs" not in caplog.text
+
+
+@pytest.mark.slow
+def test_evaluate_script_defaults_to_the_runs_saved_config(tiny_run, tmp_path):
+    """`scripts/evaluate.py --workdir DIR` without --config evaluates with the config saved
+    with the checkpoint: the same figures as evaluate() with the run's own config."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tiny_setup import ENV, ROOT
+
+    config, workdir = tiny_run
+    want = evaluate.evaluate(config, workdir, write=False, max_batches=1)
+    run = tmp_path / "run"  # a copy: eval.json and the plots are written into the run folder
+    shutil.copytree(workdir, run)
+    proc = subprocess.run([sys.executable, "scripts/evaluate.py", "--workdir", str(run),
+                           "--max_batches=1"], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads((run / evaluate.EVAL_FILE).read_text())
+    assert got["step"] == want["step"] and got["tokens"] == want["tokens"]
+    assert got["kl"] == pytest.approx(want["kl"], rel=1e-6)
+    assert "differs" not in proc.stderr
