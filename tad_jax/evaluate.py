@@ -162,8 +162,10 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | os.PathLik
     return result
 
 
-# Fields that choose what is evaluated and how, not the student: no note when they differ.
-_EVAL_FIELDS = ("eval", "data.val_fraction", "data.val_files", "loss.fused", "loss.chunk_size")
+# Fields that choose what is evaluated and how, or how long training ran (the checkpoint's step
+# says that), not the student: no note when they differ.
+_EVAL_FIELDS = ("eval", "data.val_fraction", "data.val_files", "loss.fused", "loss.chunk_size",
+                "steps", "train_tokens", "ckpt")
 
 
 def _differences_from_run(config, workdir, step) -> list[str]:
