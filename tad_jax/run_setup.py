@@ -116,6 +116,7 @@ def setup_run(config, workdir: str) -> Run:
         data_iter = make_cached_train_iterator(config, seed=config.seed)
     else:
         data_iter = make_train_iterator(config.data, seed=config.seed)  # fails early on bad paths
+    check_heldout(config)
     with mesh_context(mesh):
         logger.info("Loading the teacher (%s) and building the student",
                     config.teacher.path or "random init")
@@ -144,6 +145,23 @@ def setup_run(config, workdir: str) -> Run:
     return Run(config=config, workdir=workdir, mesh=mesh, models=models, state=state,
                step_fn=step_fn, eval_fn=eval_fn, batch_sh=batch_sh, ckpt=ckpt,
                data_iter=data_iter, start_step=latest or 0, total_steps=total)
+
+
+def check_heldout(config) -> None:
+    """Raises unless this process's held-out split gives a batch: the run evaluates at least at
+    its last step, and an empty split found then would cost every step since the last checkpoint.
+
+    Raises:
+      ValueError: the split (or this process's shards of it) is empty.
+    """
+    from tad_jax.data import make_eval_iterator
+
+    n = jax.process_count()
+    it = make_eval_iterator(config.data, batch_size=config.eval.batch_size // n, max_batches=1,
+                            process_index=jax.process_index(), process_count=n)
+    if next(it, None) is None:
+        raise ValueError(f"Process {jax.process_index()} has no held-out batch: set "
+                         "data.val_files or raise data.val_fraction (or use fewer processes).")
 
 
 def _auto_accum(config, models, mesh) -> int:

@@ -154,7 +154,12 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         do_eval = step % cfg.eval.every_steps == 0 or step == run.total_steps
         do_save = step % cfg.ckpt.every_steps == 0 or boundary
         if do_eval or do_save:
-            extra = _evaluate(run) if do_eval else {}
+            try:
+                extra = _evaluate(run) if do_eval else {}
+            except Exception:
+                if step > saved:  # keep the steps trained since the last checkpoint
+                    _save_before_error(run, writer, clock, bar, step, metrics)
+                raise
             if extra:
                 logger.info("step %d: held-out KL %.4f, student CE %.4f, top-1 agreement %.3f, "
                             "Full-ECE %.4f", step, extra["eval_kl"], extra["eval_ce"],
@@ -170,6 +175,19 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
             break
     bar.close()
     return last
+
+
+def _save_before_error(run, writer, clock, bar, step, metrics) -> None:
+    """The step's record and checkpoint, written when its evaluation fails (out of memory, a bad
+    held-out file), so that rerunning resumes there; a failure here is logged, and the
+    evaluation's error goes on."""
+    try:
+        _finish_step(run, writer, clock, bar, step, metrics, force=True)
+        _save(run, step)
+        bar.write(f"The evaluation at step {step} failed; saved a checkpoint of step {step} "
+                  "first (fix the cause, then rerun the command to resume).")
+    except Exception:  # the evaluation's error is the one to report
+        logger.exception("Could not save step %d after its evaluation failed", step)
 
 
 def _finish_step(run, writer, clock, bar, step, metrics, extra=None, force=False):

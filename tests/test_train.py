@@ -165,10 +165,32 @@ def test_sigkill_then_rerun_resumes_exactly(run30, tmp_path):
     ({"data.train_files": "/no/such/corpus/*.txt"}, FileNotFoundError, "/no/such/corpus"),
     ({"teacher.random_init": False}, FileNotFoundError, "teacher.path is empty"),
     ({"teacher.path": "/no/such/teacher"}, FileNotFoundError, "no config.json"),
+    # Found before the first step, not at the first evaluation (a reviewer's finding).
+    ({"data.val_fraction": 0.0}, ValueError, "validation split"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, changes, error, match):
     with pytest.raises(error, match=match):
         train.train_and_evaluate(tiny_config(**changes), str(tmp_path))
+
+
+def test_a_failed_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch):
+    """An evaluation that fails (out of memory, a bad held-out file) first saves the steps
+    trained since the last checkpoint; rerunning resumes there and ends as an unbroken run."""
+    cfg = dict(steps=6, **{"eval.every_steps": 4, "ckpt.every_steps": 10})
+    workdir = str(tmp_path)
+
+    def failing(run):
+        raise RuntimeError("RESOURCE_EXHAUSTED: out of memory in the eval step")
+
+    monkeypatch.setattr(train, "_evaluate", failing)
+    with pytest.raises(RuntimeError, match="RESOURCE_EXHAUSTED"):
+        train.train_and_evaluate(tiny_config(**cfg), workdir)
+    assert train.Checkpointer(workdir).latest_step() == 4
+    assert [r["step"] for r in train.read_metrics(workdir)] == [1, 2, 3, 4]
+    monkeypatch.undo()
+    train.train_and_evaluate(tiny_config(**cfg), workdir)
+    assert [r["step"] for r in train.read_metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+    assert train.Checkpointer(workdir).latest_step() == 6
 
 
 @pytest.mark.slow
