@@ -53,11 +53,16 @@ def _check_overrides(argv):
     paths = [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     paths += [b for a, b in zip(argv, argv[1:], strict=False) if a == "--config"]
     if paths:
+        import ml_collections
         from ml_collections.config_flags import config_flags as cf
 
         from tad_jax.config import check_overrides
 
-        check_overrides(cf.ConfigFileFlagParser("config").parse(paths[-1]), argv)
+        config = cf.ConfigFileFlagParser("config").parse(paths[-1])
+        # A file that cannot be loaded parses to an error placeholder, not a config: absl then
+        # reports the real cause (e.g. no such file), not "unknown field".
+        if isinstance(config, ml_collections.ConfigDict):
+            check_overrides(config, argv)
 
 
 if __name__ == "__main__":

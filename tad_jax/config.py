@@ -119,7 +119,9 @@ def _opt_defaults() -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
     o.lr = 1e-4  # peak learning rate (paper: 1e-4 from scratch, 3e-5 continued, 1e-5 supervised).
     o.warmup_steps = 100  # linear warmup from 0 to lr.
-    o.min_lr_ratio = 0.1  # the cosine decay ends at lr * min_lr_ratio at the last step.
+    # the cosine decay reaches lr * min_lr_ratio at step `steps` (the last update takes the
+    # schedule's value one step earlier, as optax counts updates from 0).
+    o.min_lr_ratio = 0.1
     o.weight_decay = 0.1  # decoupled AdamW weight decay (matrices only; not norms or biases).
     o.b1 = 0.9  # Adam beta1.
     o.b2 = 0.95  # Adam beta2 (the paper is silent; 0.95 is the common LM choice).
@@ -225,10 +227,38 @@ def validate_config(config: ml_collections.ConfigDict, *, check_paths: bool = Tr
     _check_opt(config.opt)
     if config.steps < 1 and config.train_tokens < 1:
         raise ValueError("steps and train_tokens are both < 1: set --config.steps=N.")
-    for field in ("ckpt.every_steps", "eval.every_steps", "log.every_steps", "ckpt.keep"):
-        group, name = field.split(".")
-        if config[group][name] < 1:
-            raise ValueError(f"{field}={config[group][name]} must be >= 1.")
+    for field, ok, what in _RANGES:
+        value = config
+        for name in field.split("."):
+            value = value[name]
+        if not ok(value):
+            raise ValueError(f"{field}={value!r} must be {what}: set --config.{field}.")
+
+
+# Numeric fields checked up front (a bad value otherwise trains silently, e.g. a negative warmup,
+# or fails later without naming the field): (dotted field, test, what it must be).
+_RANGES = (
+    ("opt.lr", lambda v: math.isfinite(v) and v > 0, "a finite number > 0"),
+    ("opt.warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("opt.min_lr_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("opt.weight_decay", lambda v: v >= 0, ">= 0"),
+    ("opt.b1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("opt.b2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("opt.eps", lambda v: v > 0, "> 0"),
+    ("opt.clip_norm", lambda v: v >= 0, ">= 0 (0 = off)"),
+    ("loss.cosine_weight", lambda v: v >= 0, ">= 0"),
+    ("loss.jsd_weight", lambda v: 0 < v < 1, "in (0, 1)"),
+    ("loss.vocab_size", lambda v: v >= 0, ">= 0 (0 = the smaller model's vocabulary)"),
+    ("loss.chunk_size", lambda v: v >= 1, ">= 1"),
+    ("max_steps_per_run", lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    ("data.global_batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.batch_size", lambda v: v >= 1, ">= 1"),
+    ("eval.max_batches", lambda v: v >= 0, ">= 0 (0 = the whole held-out split)"),
+    ("ckpt.every_steps", lambda v: v >= 1, ">= 1"),
+    ("ckpt.keep", lambda v: v >= 1, ">= 1"),
+    ("eval.every_steps", lambda v: v >= 1, ">= 1"),
+    ("log.every_steps", lambda v: v >= 1, ">= 1"),
+)
 
 
 def _check_teacher(t: ml_collections.ConfigDict, check_paths: bool) -> None:
@@ -256,8 +286,6 @@ def _check_loss(lo: ml_collections.ConfigDict) -> None:
         tad_config(lo)
     except ValueError as e:
         raise ValueError(f"loss.{e} (set --config.loss.*)") from e
-    if lo.cosine_weight < 0:
-        raise ValueError(f"loss.cosine_weight={lo.cosine_weight} must be >= 0.")
 
 
 def tad_config(lo: ml_collections.ConfigDict):
@@ -269,13 +297,9 @@ def tad_config(lo: ml_collections.ConfigDict):
 
 
 def _check_opt(o: ml_collections.ConfigDict) -> None:
-    if o.lr <= 0:
-        raise ValueError(f"opt.lr={o.lr} must be > 0.")
     if o.grad_accum_steps < 0:
         raise ValueError(f"opt.grad_accum_steps={o.grad_accum_steps} must be >= 1, or 0 (the "
                          "fewest micro-batches that fit the device's memory).")
-    if not 0 <= o.min_lr_ratio <= 1:
-        raise ValueError(f"opt.min_lr_ratio={o.min_lr_ratio} must lie in [0, 1].")
 
 
 def num_steps(config: ml_collections.ConfigDict) -> int:
@@ -295,12 +319,13 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return json.loads(config.to_json_best_effort(sort_keys=True))
 
 
-def config_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Dotted names of the fields that differ, ignoring `RESUMABLE_FIELDS`."""
+def config_differences(saved: dict[str, Any], current: dict[str, Any],
+                       ignore: tuple[str, ...] = RESUMABLE_FIELDS) -> list[str]:
+    """Dotted names of the fields that differ, ignoring `ignore` (fields or whole groups)."""
     old, new = _flatten(saved), _flatten(current)
     diffs = []
     for key in sorted(set(old) | set(new)):
-        if any(key == f or key.startswith(f + ".") for f in RESUMABLE_FIELDS):
+        if any(key == f or key.startswith(f + ".") for f in ignore):
             continue
         if old.get(key, "<absent>") != new.get(key, "<absent>"):
             diffs.append(key)

@@ -162,10 +162,16 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | os.PathLik
     return result
 
 
-# Fields that choose what is evaluated and how, or how long training ran (the checkpoint's step
-# says that), not the student: no note when they differ.
-_EVAL_FIELDS = ("eval", "data.val_fraction", "data.val_files", "loss.fused", "loss.chunk_size",
-                "steps", "train_tokens", "ckpt")
+def _quiet_fields() -> tuple[str, ...]:
+    """Fields whose difference from the run's config changes no figure: those a run may resume
+    with, less the teacher, student and data paths (another teacher or held-out file changes
+    the figures); the evaluation's own settings and chunking; how long training ran."""
+    from tad_jax.config import RESUMABLE_FIELDS
+
+    paths = ("teacher.path", "student.path", "data.train_files", "data.val_files",
+             "data.tokenizer")
+    return tuple(f for f in RESUMABLE_FIELDS if f not in paths) + (
+        "eval", "loss.fused", "loss.chunk_size", "steps", "train_tokens", "ckpt")
 
 
 def _differences_from_run(config, workdir, step) -> list[str]:
@@ -174,8 +180,7 @@ def _differences_from_run(config, workdir, step) -> list[str]:
     from tad_jax.config import config_differences, config_to_dict
 
     saved = load_run_config(workdir, step).to_dict()
-    diffs = [d for d in config_differences(saved, config_to_dict(config))
-             if not any(d == f or d.startswith(f + ".") for f in _EVAL_FIELDS)]
+    diffs = config_differences(saved, config_to_dict(config), ignore=_quiet_fields())
     if diffs:
         logger.warning("Evaluating with a config that differs from the run's (saved with its "
                        "checkpoint) in: %s", _shown(diffs))

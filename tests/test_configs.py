@@ -109,6 +109,24 @@ def test_unknown_override_key_is_an_error():
     (dict(opt=dict(grad_accum_steps=-1)), ValueError, "grad_accum_steps"),
     (dict(steps=0), ValueError, "steps"),
     (dict(student=dict(dtype="fp8")), ValueError, "student.dtype"),
+    # Values that trained silently or failed late without naming the field (a reviewer's list).
+    (dict(opt=dict(lr=float("nan"))), ValueError, "opt.lr=nan must be a finite"),
+    (dict(opt=dict(warmup_steps=-2)), ValueError, "opt.warmup_steps"),
+    (dict(opt=dict(b1=1.5)), ValueError, r"opt.b1=1.5 must be in \[0, 1\)"),
+    (dict(opt=dict(b2=1.0)), ValueError, "opt.b2"),
+    (dict(opt=dict(eps=0.0)), ValueError, "opt.eps"),
+    (dict(opt=dict(weight_decay=-0.1)), ValueError, "opt.weight_decay"),
+    (dict(opt=dict(clip_norm=-1.0)), ValueError, "opt.clip_norm"),
+    (dict(opt=dict(min_lr_ratio=2.0)), ValueError, "opt.min_lr_ratio"),
+    (dict(max_steps_per_run=-1), ValueError, "max_steps_per_run"),
+    (dict(data=dict(global_batch_size=0)), ValueError, "data.global_batch_size"),
+    (dict(eval=dict(batch_size=0)), ValueError, "eval.batch_size"),
+    (dict(eval=dict(max_batches=-1)), ValueError, "eval.max_batches"),
+    (dict(loss=dict(chunk_size=0)), ValueError, "--config.loss.chunk_size"),
+    (dict(loss=dict(jsd_weight=1.5)), ValueError, "loss.jsd_weight"),
+    (dict(loss=dict(vocab_size=-1)), ValueError, "loss.vocab_size"),
+    (dict(loss=dict(cosine_weight=-1.0)), ValueError, "loss.cosine_weight"),
+    (dict(ckpt=dict(keep=0)), ValueError, "ckpt.keep"),
 ])
 def test_bad_config_values_are_clear_errors(change, error, match):
     cfg = _load(_path("tiny"))
@@ -133,6 +151,20 @@ def test_config_differences_ignore_what_does_not_change_the_math():
     # The step count shapes the learning-rate schedule: changing it is a different run.
     d = tc.config_to_dict(_load(_path("tiny"), "--config.steps=99"))
     assert tc.config_differences(a, d) == ["steps"]
+
+
+def test_a_missing_config_file_is_reported_as_such(tmp_path):
+    # With an override, the file's own error was hidden behind "Unknown config field 'loss'"
+    # (a reviewer's finding).
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "scripts/train.py", "--config", "configs/no_such.py",
+                           "--workdir", str(tmp_path), "--config.loss.beta=3"], cwd=ROOT,
+                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "No such file" in proc.stderr and "Unknown config field" not in proc.stderr
 
 
 def test_check_overrides_names_the_field_and_the_valid_ones():

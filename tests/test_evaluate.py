@@ -278,6 +278,9 @@ def test_evaluate_names_the_fields_that_differ_from_the_run(tiny_run, caplog):
     with caplog.at_level("WARNING", logger="tad_jax.evaluate"):
         evaluate.evaluate(config, workdir, write=False, max_batches=1)
     assert "differs" not in caplog.text
+    other_teacher = config.copy_and_resolve_references()  # a path a resumed run may change
+    other_teacher.teacher.path = "/elsewhere/teacher"
+    assert evaluate._differences_from_run(other_teacher, workdir, None) == ["teacher.path"]
 
 
 @pytest.mark.slow
