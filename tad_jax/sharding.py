@@ -277,7 +277,8 @@ def batch_shards(mesh: Mesh) -> int:
 
 def check_batch_divisible(batch_size: int, mesh: Mesh,
                           what: str = "data.global_batch_size") -> None:
-    """Raises ValueError when `batch_size` rows cannot be split evenly over data x fsdp."""
+    """Raises ValueError when `batch_size` rows cannot be split evenly over data x fsdp, or when
+    the batch shards do not split over the processes (see `check_batch_processes`)."""
     n = batch_shards(mesh)
     if batch_size % n:
         raise ValueError(
@@ -285,3 +286,29 @@ def check_batch_divisible(batch_size: int, mesh: Mesh,
             f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {n} "
             "or change --config.mesh.*."
         )
+    check_batch_processes(mesh, {d: d.process_index for d in mesh.devices.flat})
+
+
+def check_batch_processes(mesh: Mesh, process_of: dict) -> None:
+    """Raises ValueError when one batch shard lies on devices of two processes.
+
+    Each process feeds its own rows (`data.to_global_batch`), so a shard of rows may live on
+    one process only: the data x fsdp axes must split over the processes, other axes (tensor)
+    stay inside a process. Otherwise each process would train on its rows as if they were the
+    whole batch (half the batch, wrong metrics), with no error from jax.
+
+    Args:
+      mesh: the mesh.
+      process_of: the process index of each device of the mesh.
+    """
+    rows = batch_shards(mesh)
+    owners: dict[int, set[int]] = {}
+    for device, index in batch_sharding(mesh).devices_indices_map((rows, 1)).items():
+        owners.setdefault(index[0].start or 0, set()).add(process_of[device])
+    if any(len(p) > 1 for p in owners.values()):
+        raise ValueError(
+            f"the mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}) do "
+            f"not split over the {len(set(process_of.values()))} processes: a shard of rows "
+            "would lie on devices of several processes, which each feed their own rows. Make "
+            "mesh.data x mesh.fsdp a multiple of the process count, with mesh.tensor inside a "
+            "process.")

@@ -220,3 +220,17 @@ def test_readme_recipe_is_the_one_these_tests_run():
     for script in ("scripts/train.py", "scripts/evaluate.py", "scripts/export_hf.py"):
         assert re.search(r"python -m tad_jax\.launch --num_processes 2 --devices_per_process 2 "
                          rf"-- \\\n\s+{script}", readme), script
+
+
+def test_tensor_parallelism_across_processes_is_refused(tmp_path):
+    """A mesh whose shards of rows span both processes (tensor over all 2 x 1 devices) fails at
+    setup with the fix named; it used to train each process on its rows as the whole batch."""
+    cmd = [sys.executable, "-m", "tad_jax.launch", "--num_processes=2",
+           "--devices_per_process=1", "--timeout_s=200", "--", "scripts/train.py", "--config",
+           "configs/tiny.py", "--workdir", str(tmp_path), "--config.mesh.data=1",
+           "--config.mesh.fsdp=1", "--config.mesh.tensor=-1", "--config.steps=2",
+           "--config.log.progress=False"]
+    out = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=260)
+    assert out.returncode != 0
+    assert "do not split over the 2 processes" in out.stdout + out.stderr
+    assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())

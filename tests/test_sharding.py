@@ -90,6 +90,26 @@ def test_batch_sharding_splits_rows_over_data_and_fsdp():
         sharding.check_batch_divisible(6, mesh)
 
 
+@pytest.mark.parametrize("cfg, interleaved, ok", [
+    (dict(data=2, fsdp=2, tensor=2), False, True),  # tensor pairs inside a process
+    (dict(data=1, fsdp=2, tensor=4), False, True),
+    (dict(data=-1, fsdp=1, tensor=1), True, True),
+    (dict(data=1, fsdp=1, tensor=-1), False, False),  # one shard of rows on both processes
+    (dict(data=4, fsdp=1, tensor=2), True, False),  # each tensor pair spans the processes
+])
+def test_a_batch_shard_on_two_processes_is_refused(cfg, interleaved, ok):
+    # Two processes of 4 devices each: the mesh's first 4 devices, or every other one. A
+    # reviewer's finding: with tensor parallelism across processes each process trained on its
+    # rows as if they were the whole batch.
+    mesh = sharding.make_mesh(cfg, jax.devices())
+    process_of = {d: i % 2 if interleaved else i // 4 for i, d in enumerate(mesh.devices.flat)}
+    if ok:
+        sharding.check_batch_processes(mesh, process_of)
+    else:
+        with pytest.raises(ValueError, match="do not split over the 2 processes"):
+            sharding.check_batch_processes(mesh, process_of)
+
+
 def test_distributed_init_only_when_the_environment_says_so(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_NUM_PROCESSES",

@@ -311,8 +311,11 @@ def to_global_batch(local_batch: dict[str, np.ndarray], sharding) -> dict[str, A
     """
     import jax
 
+    # global_shape: without it jax takes one process's rows for the whole array when a shard of
+    # rows spans processes, instead of refusing (`sharding.check_batch_processes` says why).
     return {k: jax.make_array_from_process_local_data(
-        sharding[k] if isinstance(sharding, dict) else sharding, v)
+        sharding[k] if isinstance(sharding, dict) else sharding, v,
+        (v.shape[0] * jax.process_count(),) + v.shape[1:])
         for k, v in local_batch.items()}
 
 
