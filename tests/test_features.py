@@ -74,6 +74,11 @@ MULTI = [{"role": "user", "content": "Hello, how are you today?"},
          {"role": "user", "content": "Name a colour of the sky."},
          {"role": "assistant", "content": "Blue, on a clear day."}]
 SYSTEM = [{"role": "system", "content": "Be brief and kind."}, *MULTI]
+# A conversation that opens with the assistant: what the template writes before that turn (a
+# header, a default system prompt) is no response (a reviewer found it marked).
+OPENING = [{"role": "assistant", "content": "Hello, how are you today?"},
+           {"role": "user", "content": "I am fine, thank you."},
+           {"role": "assistant", "content": "Paris is the capital of France."}]
 # Non-ASCII text exercises the byte fallback.
 UNSEEN = [{"role": "user", "content": "Où est la tour Eiffel ?"},
           {"role": "assistant", "content": "À Paris — près de la Seine."}]
@@ -144,10 +149,11 @@ def _reference(marked_tok, messages):
     return np.asarray(out["input_ids"]), np.asarray(out["assistant_masks"], bool)
 
 
-@pytest.mark.parametrize("conversation", ["qa", "multi", "system", "unseen"])
+@pytest.mark.parametrize("conversation", ["qa", "multi", "system", "unseen", "opening"])
 @pytest.mark.parametrize("style", list(STYLES))
 def test_ids_and_mask_equal_the_tokenizers_own(tokenizers, style, conversation):
-    messages = {"qa": QA, "multi": MULTI, "system": SYSTEM, "unseen": UNSEEN}[conversation]
+    messages = {"qa": QA, "multi": MULTI, "system": SYSTEM, "unseen": UNSEEN,
+                "opening": OPENING}[conversation]
     if conversation == "system" and style == "llama2":
         pytest.skip("the issue's [INST] template has no system turn (llama2_system has)")
     plain, marked = tokenizers[style]

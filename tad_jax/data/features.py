@@ -120,9 +120,25 @@ def _assistant_spans(tok, messages: list[dict], text: str) -> list[tuple[int, in
         ValueError: the template does not render a conversation as a prefix of its continuation.
     """
     def render(msgs, gen):
-        if not msgs:
-            return ""
         return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    def opening(after):
+        """What the template writes before an opening assistant turn (a BOS, a default system
+        prompt, the turn's header): what two one-turn conversations that differ only in their
+        content share (transformers renders no empty conversation), up to the end of the
+        generation prompt, as for later turns (a template whose prompt is empty writes the
+        space before the content as part of the turn: Llama-2's " {{ content }}")."""
+        user = [{"role": "user", "content": "x"}]
+        try:
+            one, two = (render([{"role": "assistant", "content": c}], False) for c in "xy")
+            asked, said = render(user, True), render(user, False)
+        except Exception:  # noqa: BLE001 (a template that refuses such turns: jinja's errors)
+            return ""
+        head = os.path.commonprefix([one, two])
+        prompt = asked[len(os.path.commonprefix([asked, said])):]  # (Phi-3 ends `said` by EOS)
+        if not (prompt and head.endswith(prompt)):
+            head = head.rstrip()
+        return head if after.startswith(head) else ""
 
     def encode(s):
         return tok(s, add_special_tokens=False, return_offsets_mapping=True)
@@ -131,7 +147,8 @@ def _assistant_spans(tok, messages: list[dict], text: str) -> list[tuple[int, in
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        before, after = render(messages[:k], True), render(messages[: k + 1], False)
+        after = render(messages[: k + 1], False)
+        before = render(messages[:k], True) if k else opening(after)
         this = encode(after)
         try:
             nxt = encode(render([*messages[: k + 1], _NEXT_TURN], False))["input_ids"]
