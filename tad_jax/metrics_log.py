@@ -6,10 +6,13 @@ Public API: `MetricsWriter(workdir, resume_step=..., tensorboard=True)`, `read_m
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import jax
+
+logger = logging.getLogger(__name__)
 
 
 class MetricsWriter:
@@ -60,6 +63,20 @@ def _step_of(line: str) -> float:
 
 
 def read_metrics(workdir: str) -> list[dict[str, Any]]:
-    """The records of `WORKDIR/metrics.jsonl`, in order."""
+    """The records of `WORKDIR/metrics.jsonl`, in order; a torn line (a process killed
+    mid-write; a resumed run drops it) is skipped with a warning.
+
+    Raises:
+      FileNotFoundError: no metrics.jsonl in `workdir`.
+    """
+    records = []
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                logger.warning("%s/metrics.jsonl line %d is torn (a killed run); skipped",
+                               workdir, number)
+    return records

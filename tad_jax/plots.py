@@ -11,7 +11,6 @@ field and a ``step``; the x axis is the row's ``tokens`` field when present, els
 
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 from collections.abc import Mapping
@@ -20,6 +19,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # Files only: the demo and CI have no display.
 import matplotlib.pyplot as plt  # noqa: E402
+
+from tad_jax.metrics_log import read_metrics  # noqa: E402
 
 
 def read_kl_curve(workdir: str | os.PathLike, tokens_per_step: int | None = None
@@ -42,9 +43,7 @@ def read_kl_curve(workdir: str | os.PathLike, tokens_per_step: int | None = None
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: train a run into {workdir} first "
                                 "(scripts/train.py --workdir ...).")
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    rows = [r for r in rows if r.get("eval_kl") is not None]
+    rows = [r for r in read_metrics(str(workdir)) if r.get("eval_kl") is not None]
     if not rows:
         raise ValueError(f"{path} has no row with eval_kl: the run never evaluated; lower "
                          "eval.every_steps or let the run finish (it evaluates at the end).")
