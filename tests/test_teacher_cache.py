@@ -509,6 +509,15 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
     bad.data.prepared_dir = prep
     with pytest.raises(ValueError, match="other tokenised data"):
         rd.open_cache(bad)
+    # The same document lengths over other tokens (a reviewer found them accepted).
+    shutil.rmtree(prep)
+    shutil.copytree(cfg.data.prepared_dir, prep)
+    ids = np.memmap(os.path.join(prep, "train.ids.bin"), dtype=np.int32, mode="r+")
+    ids[100] = (ids[100] + 1) % 512
+    ids.flush()
+    del ids
+    with pytest.raises(ValueError, match="other tokenised data"):
+        rd.open_cache(bad)
     bad = cfg.copy_and_resolve_references()
     bad.data.mode = "sft"
     with pytest.raises(ValueError, match="pretrain"):

@@ -34,7 +34,8 @@ import numpy as np
 
 from tad_jax.teacher_cache.stats import TeacherStats
 
-FORMAT_VERSION = 1
+# 2: data_sha256 covers the prepared split's tokens, not only its document lengths.
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # Tokenizer files that define the id ↔ text map (hashed to refuse a cache of another tokenizer).
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt",
@@ -185,10 +186,14 @@ def tokenizer_hash(folder: str) -> str:
 
 
 def data_hash(rows) -> str:
-    """sha256 of a prepared split's document offsets and token count (`rows.PackedRows`): equal
-    for the same tokenised corpus, different when documents or tokens changed."""
+    """sha256 of a prepared split (`rows.PackedRows`): its document offsets, token count and
+    token ids. Equal for the same tokenised corpus; different when a document or a token
+    changed (the ids are read in 64 MiB blocks: ~1 s per GB)."""
     h = hashlib.sha256(np.ascontiguousarray(rows.offsets).tobytes())
     h.update(str(rows.num_pairs).encode())
+    with open(rows.ids_path, "rb") as f:
+        for block in iter(lambda: f.read(64 << 20), b""):
+            h.update(block)
     return h.hexdigest()
 
 

@@ -38,10 +38,14 @@ class PackedRows:
     def __len__(self) -> int:
         return -(-self.num_pairs // self.seq_len)
 
+    @property
+    def ids_path(self) -> str:
+        """The split's token ids, int32 (the prepared folder's `<split>.ids.bin`)."""
+        return os.path.join(self.prepared_dir, f"{self.split}.ids.bin")
+
     def _tokens(self) -> np.memmap:
         if self._ids is None:
-            path = os.path.join(self.prepared_dir, f"{self.split}.ids.bin")
-            self._ids = np.memmap(path, dtype=np.int32, mode="r")
+            self._ids = np.memmap(self.ids_path, dtype=np.int32, mode="r")
         return self._ids
 
     def __getitem__(self, index: int) -> dict:
