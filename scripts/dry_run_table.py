@@ -25,6 +25,10 @@ def main(argv):
         name, path = arg.split("=", 1)
         with open(path) as fh:
             f = json.load(fh)
+        if "bytes_per_device" not in f:  # a host dry run: no chip, so no roofline
+            raise app.UsageError(f"{path} is a dry run for this host ({f.get('target')!r}), "
+                                 "which has no roofline: compile for a topology "
+                                 "(--config.dry_run.topology=h100:2, v5p:2x2x1, ...).")
         devices = f"{f['devices']} device{'s' if f['devices'] > 1 else ''}"
         cells = [name, f"{f['target']} ({devices}), {f['grad_accum_steps']} micro-batches",
                  f"{f['peak_gib']:.1f}"]

@@ -258,3 +258,15 @@ def test_auto_micro_batching_search_with_a_guess_compiles_twice():
     assert (guided.accum, set(guided.tried)) == (4, {16, 4, 2})
     wrong = aot.choose_grad_accum(cfg, None, mesh, 35.0, measure=fake, guess=1)
     assert (wrong.accum, set(wrong.tried)) == (4, {1, 2, 4})
+
+
+def test_dry_run_table_names_a_host_dry_run(tmp_path):
+    """A host dry run's JSON (no chip: no roofline fields) is a usage error that says what to
+    compile for; it was a KeyError (a reviewer's finding)."""
+    host = tmp_path / "host.json"
+    host.write_text(json.dumps({"target": "host", "devices": 1, "grad_accum_steps": 1,
+                                "peak_gib": 0.1}))
+    out = subprocess.run([sys.executable, "scripts/dry_run_table.py", f"tiny={host}"], cwd=ROOT,
+                         env=ENV, capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "compile for a topology" in out.stderr
+    assert "KeyError" not in out.stderr
