@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,12 +124,16 @@ def launch(command: Sequence[str], num_processes: int, devices_per_process: int,
       (a process killed by signal S gives 128 + S), or 124 on timeout.
 
     Raises:
-      ValueError: a count below 1 or an empty command.
+      ValueError: a count below 1, an empty command, or a program that does not exist.
     """
     if num_processes < 1 or devices_per_process < 1:
         raise ValueError("--num_processes and --devices_per_process must be at least 1.")
     if not command:
         raise ValueError("No command: put it after `--`, e.g. `-- scripts/train.py --config ...`.")
+    program = command[0]
+    if not (os.path.isfile(program) if program.endswith(".py") else shutil.which(program)):
+        raise ValueError(f"No such {'script' if program.endswith('.py') else 'program'}: "
+                         f"{program!r} (a path from this folder, {os.getcwd()}).")
     port = port or free_port()
     lock, procs, threads = threading.Lock(), [], []
     for i in range(num_processes):

@@ -61,6 +61,16 @@ def test_a_failing_process_stops_the_others_and_the_launcher_fails_fast(tmp_path
     assert seconds < 30  # the sleeping process 0 was stopped, not waited for
 
 
+@pytest.mark.parametrize("program", ["scripts/no_such.py", "no-such-program"])
+def test_a_missing_program_is_a_usage_error(program):
+    # It was a raw FileNotFoundError traceback from Popen (a reviewer's note).
+    out = subprocess.run([sys.executable, "-m", "tad_jax.launch", "--num_processes", "2", "--",
+                          program], cwd=ROOT, env=ENV, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "No such" in out.stderr and program in out.stderr
+    assert "Traceback" not in out.stderr
+
+
 def test_process_env_sets_the_coordinator_devices_and_collectives():
     env = launch.process_env(1, 2, 4321, 3, base={"XLA_FLAGS": "--foo "
                                                   "--xla_force_host_platform_device_count=8"})
