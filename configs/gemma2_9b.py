@@ -38,7 +38,7 @@ def get_config():
     # counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).
     c.loss.fused = True
     c.loss.chunk_size = 512  # tokens per chunk of the fused loss.
-    c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (DistilBERT-style, Sec. 3.2.2).
+    c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2; weight ours).
     c.opt.lr = 1e-4  # Adam learning rate (App. B).
     c.opt.weight_decay = 0.1  # weight decay (App. B).
     c.opt.grad_accum_steps = 16  # 128 sequences as 16 micro-batches of 8 (memory).

@@ -1,4 +1,4 @@
-"""Phi-3-mini -> TinyLlama-1.1B, continued pretraining on OpenWebMath (paper Sec. 3.3, stage 1).
+"""Phi-3-mini -> TinyLlama-1.1B, continued pretraining on OpenWebMath (paper Sec. 3.4, stage 1).
 
 The student is the pretrained TinyLlama (2.5T-token checkpoint), every parameter trained.
 Phi-3's embedding is padded to 32064 entries; both share the Llama tokenizer's first 32000, so the
@@ -17,12 +17,13 @@ def get_config():
     c.teacher.preset = "phi-3-mini"  # architecture for --dry_run without a path.
     c.teacher.dtype = "bfloat16"  # teacher weights in bf16 (inference only).
     c.teacher.scan_layers = True  # one scanned layer: faster compiles, less memory (gemma2_9b).
-    # HF folder of TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T (or the 2.5T one).
+    # HF folder of the 2.5T-token TinyLlama checkpoint the paper starts from (Sec. 3.3),
+    # TinyLlama/TinyLlama-1.1B-intermediate-step-1195k-token-2.5T.
     c.student.path = ""
     c.student.preset = "tinyllama-1.1b"  # student architecture for --dry_run without a path.
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
     c.loss.top_k = 10  # K.
-    c.loss.beta = 2.0  # beta (Sec. 3.3: 2.0).
+    c.loss.beta = 2.0  # beta (Sec. 3.4, stage 1: 2.0).
     c.loss.vocab_size = 32000  # the shared Llama tokenizer (Phi-3 pads to 32064).
     # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
     # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).

@@ -1,8 +1,11 @@
 """Qwen1.5-1.8B -> a 1.2B student (~1B non-embedding parameters), paper Sec. 3.2.1, Table 1.
 
 TAD K=10 beta=2, Adam lr 1e-4, weight decay 0.1, batch 128 x 2048, tau=1, 2B tokens of Regmix.
-The student keeps the teacher's widths with fewer layers (and, for 0.5B, a smaller MLP); its
-attention is copied from evenly spaced teacher layers, its MLP random (models.init_student).
+The paper reuses MiniPLM's students (App. B), whose exact configs we did not have: this student
+is our choice (models/presets.py), the teacher's widths with fewer layers (and, for 0.5B, a smaller
+MLP), sized to the paper's non-embedding count; with the untied 151,936-entry head its total is
+larger than the name (1.63B and 1.10B). Its attention is copied from evenly spaced teacher layers,
+its MLP random (models.init_student).
 Vanilla KD: --config.loss.divergence=kl.
 """
 

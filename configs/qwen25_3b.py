@@ -22,7 +22,7 @@ def get_config():
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD, "rkl" for reverse KL.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.
-    c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2).
+    c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2; weight ours).
     c.loss.vocab_size = 151665  # the Qwen2.5 tokenizer's size (the embedding is padded to 151936).
     # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
     # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).

@@ -118,6 +118,8 @@ def _loss_defaults() -> ml_collections.ConfigDict:
 def _opt_defaults() -> ml_collections.ConfigDict:
     o = ml_collections.ConfigDict()
     o.lr = 1e-4  # peak learning rate (paper: 1e-4 from scratch, 3e-5 continued, 1e-5 supervised).
+    # The paper gives Adam, the learning rate and weight decay 0.1 (App. B); the rest of this
+    # group (warmup, cosine decay, AdamW's decoupled decay on matrices, beta2, clipping) is ours.
     o.warmup_steps = 100  # linear warmup from 0 to lr.
     # the cosine decay reaches lr * min_lr_ratio at step `steps` (the last update takes the
     # schedule's value one step earlier, as optax counts updates from 0).

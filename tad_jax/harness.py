@@ -7,8 +7,11 @@ access, so it runs offline with local tasks. Two local tasks ship in ``harness_t
   tad_mc        40 multiple-choice cloze items of our own (accuracy, length-normalised accuracy)
   tad_text_ppl  perplexity on eight paragraphs of our own (word / byte perplexity, bits per byte)
 
-The paper's few-shot suite (MiniPLM's; the harness's task names) needs the datasets in the HF
-datasets cache (`HF_DATASETS_OFFLINE=1` then reads them from there): ``PAPER_TASKS``.
+The paper's suite for the pretraining setups (MiniPLM's tasks; the harness's names) needs the
+datasets in the HF datasets cache (`HF_DATASETS_OFFLINE=1` then reads them from there):
+``PAPER_TASKS``. The paper says few-shot but gives no shot count: pass one (`num_fewshot`), or
+each task runs with its own default (zero-shot for most). The math setups (Sec. 3.3-3.4) were
+scored with the separate math-evaluation-harness (ZubinGou), which is not wrapped here.
 
 Needs the ``lm_eval`` extra: ``pip install -e '.[lm_eval]'``.
 """

@@ -2,9 +2,12 @@
 
 The student keeps the teacher's family and (by default) its dimensions, with fewer layers and
 optionally smaller hidden / intermediate / head sizes. Each student layer is seeded by one
-teacher layer (default: evenly spaced, first and last included): its attention weights (and
-norms) are the teacher's, truncated per head to the student's sizes; its MLP is random. The
-embeddings (and the head, tied or not) are copied and, by default, frozen.
+teacher layer (default: evenly spaced, first and last included; the paper does not say which):
+its attention weights are the teacher's, truncated per head to the student's sizes, and (our
+choice, `copy_norms`) its norms; its MLP is random. The embeddings (and the head, tied or not)
+are copied and, by default, frozen: the paper freezes them in Sec. 3.2.2 and is silent
+elsewhere, so freezing every derived student's (and an untied head) is our choice
+(`freeze_embeddings`, `freeze_lm_head`).
 
 Truncation keeps RoPE's channel pairs: rotate_half pairs channel i with i + rot/2, so a head of
 e_s channels keeps the first rot_s/2 channels of each rotated half (then the first pass-through
