@@ -31,8 +31,8 @@ def get_config():
     # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
     c.student.overrides = dict(STUDENT_OVERRIDES["gemma2-9b-student"][1])
     c.loss.divergence = "tad"  # TAD (Eq. 4); "kl" for the vanilla-KD baseline.
-    c.loss.top_k = 10  # K.
-    c.loss.beta = 2.0  # beta.
+    c.loss.top_k = 10  # K (Sec. 3.2.2 states none: Table 1's value).
+    c.loss.beta = 2.0  # beta (Sec. 3.2.2 states none: Table 1's value).
     # 256K vocabulary: the fused output heads + loss (tad_jax.fused) never materialise float32
     # [tokens, V] logits (most of the unfused step's temporaries); 512-token chunks. The dry run
     # counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).

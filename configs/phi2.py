@@ -20,8 +20,8 @@ def get_config():
     # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
     c.student.overrides = dict(STUDENT_OVERRIDES["phi-2-student"][1])
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD, "rkl" for reverse KL.
-    c.loss.top_k = 10  # K.
-    c.loss.beta = 2.0  # beta.
+    c.loss.top_k = 10  # K (Sec. 3.2.2 states none: Table 1's value).
+    c.loss.beta = 2.0  # beta (Sec. 3.2.2 states none: Table 1's value).
     c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2; weight ours).
     c.loss.vocab_size = 50295  # Phi-2's tokenizer size (its embedding is padded to 51200).
     # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;

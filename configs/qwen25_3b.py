@@ -20,8 +20,8 @@ def get_config():
     # The paper's derived student (tad_jax.models.STUDENT_OVERRIDES, sized there).
     c.student.overrides = dict(STUDENT_OVERRIDES["qwen2.5-3b-student"][1])
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD, "rkl" for reverse KL.
-    c.loss.top_k = 10  # K.
-    c.loss.beta = 2.0  # beta.
+    c.loss.top_k = 10  # K (Sec. 3.2.2 states none: Table 1's value).
+    c.loss.beta = 2.0  # beta (Sec. 3.2.2 states none: Table 1's value).
     c.loss.cosine_weight = 1.0  # cosine loss on final hidden states (Sec. 3.2.2; weight ours).
     c.loss.vocab_size = 151665  # the Qwen2.5 tokenizer's size (the embedding is padded to 151936).
     # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
