@@ -478,7 +478,7 @@ def test_writer_resumes_after_a_kill(written, tmp_path):
         wr.write_cache(cfg, out, **{**kw, "num_samples": SAMPLES + 1})
 
 
-def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
+def test_a_cache_that_does_not_fit_is_refused(written, tmp_path, monkeypatch):
     cfg, _, _ = written
     for field, value, words in [("loss.temperature", 2.0, "temperature"),
                                 ("loss.top_k", K_MAX + 1, "K_max=12"),
@@ -509,6 +509,14 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path):
     bad.data.prepared_dir = prep
     with pytest.raises(ValueError, match="other tokenised data"):
         rd.open_cache(bad)
+    # A prepared folder's ids hash comes from its meta.json, without reading the ids file.
+    from tad_jax.teacher_cache.rows import PackedRows
+
+    read = []
+    monkeypatch.setattr(fmt, "_file_sha256", lambda *a: read.append(a) or "")
+    fmt.data_hash(PackedRows(cfg.data.prepared_dir, "train", cfg.data.seq_len))
+    assert read == []
+    monkeypatch.undo()
     # The same document lengths over other tokens (a reviewer found them accepted).
     shutil.rmtree(prep)
     shutil.copytree(cfg.data.prepared_dir, prep)

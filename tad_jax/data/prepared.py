@@ -15,6 +15,7 @@ a run reading the prepared folder yields the same batches as one tokenising on t
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 
@@ -47,6 +48,7 @@ def _encode(tok, docs: list, cfg) -> list[tuple[np.ndarray, np.ndarray | None]]:
 
 def _write_split(cfg, split: str, out_dir: str, tok) -> dict:
     offsets, batch = [0], []
+    ids_sha = hashlib.sha256()  # of the ids file as written: a teacher cache checks it
     with contextlib.ExitStack() as files:
         ids_f = files.enter_context(open(os.path.join(out_dir, f"{split}.ids.bin"), "wb"))
         flags_path = os.path.join(out_dir, f"{split}.flags.bin")
@@ -57,6 +59,7 @@ def _write_split(cfg, split: str, out_dir: str, tok) -> dict:
         def flush():
             for ids_n, flags_n in _encode(tok, batch, cfg):
                 ids_n.tofile(ids_f)
+                ids_sha.update(ids_n.tobytes())
                 if flags_f is not None:
                     flags_n.astype(np.uint8).tofile(flags_f)
                 offsets.append(offsets[-1] + len(ids_n))
@@ -68,7 +71,8 @@ def _write_split(cfg, split: str, out_dir: str, tok) -> dict:
                 flush()
         flush()
     np.save(os.path.join(out_dir, f"{split}.offsets.npy"), np.asarray(offsets, np.int64))
-    return {"documents": len(offsets) - 1, "tokens": offsets[-1]}
+    return {"documents": len(offsets) - 1, "tokens": offsets[-1],
+            "ids_sha256": ids_sha.hexdigest()}
 
 
 def prepare(cfg, out_dir: str, *, splits=SPLITS) -> dict:

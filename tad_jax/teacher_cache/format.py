@@ -24,6 +24,7 @@ so bytes per token = K_max·(B + 2) + 8 + S·B (`bytes_per_token`).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -188,10 +189,32 @@ def tokenizer_hash(folder: str) -> str:
 def data_hash(rows) -> str:
     """sha256 of a prepared split (`rows.PackedRows`): its document offsets, token count and
     token ids. Equal for the same tokenised corpus; different when a document or a token
-    changed (the ids are read in 64 MiB blocks: ~1 s per GB)."""
+    changed."""
     h = hashlib.sha256(np.ascontiguousarray(rows.offsets).tobytes())
     h.update(str(rows.num_pairs).encode())
-    with open(rows.ids_path, "rb") as f:
+    h.update(_ids_sha256(rows.prepared_dir, rows.split).encode())
+    return h.hexdigest()
+
+
+def _ids_sha256(prepared_dir: str, split: str) -> str:
+    """sha256 of `<split>.ids.bin`: the one `data.prepare` wrote into meta.json with the file, or
+    the file read once per process (~1 s per GB) for a folder prepared before it did, or whose
+    ids file changed after meta.json was written (meta.json is written last)."""
+    meta_path = os.path.join(prepared_dir, "meta.json")
+    with open(meta_path) as f:
+        known = json.load(f)["splits"].get(split, {}).get("ids_sha256")
+    path = os.path.join(prepared_dir, f"{split}.ids.bin")
+    st = os.stat(path)
+    if known and st.st_mtime_ns <= os.stat(meta_path).st_mtime_ns:
+        return known
+    return _file_sha256(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, cached by its size and mtime (a rewritten file is read again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(64 << 20), b""):
             h.update(block)
     return h.hexdigest()
