@@ -286,29 +286,37 @@ def check_batch_divisible(batch_size: int, mesh: Mesh,
             f"(data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}); use a multiple of {n} "
             "or change --config.mesh.*."
         )
-    check_batch_processes(mesh, {d: d.process_index for d in mesh.devices.flat})
+    n = jax.process_count()
+    check_batch_processes(mesh, {d: d.process_index for d in mesh.devices.flat},
+                          n if n > 1 else None)
 
 
-def check_batch_processes(mesh: Mesh, process_of: dict) -> None:
-    """Raises ValueError when one batch shard lies on devices of two processes.
+def check_batch_processes(mesh: Mesh, process_of: dict, num_processes: int | None = None
+                          ) -> None:
+    """Raises ValueError unless every process holds its own, equal share of the batch's rows.
 
-    Each process feeds its own rows (`data.to_global_batch`), so a shard of rows may live on
-    one process only: the data x fsdp axes must split over the processes, other axes (tensor)
-    stay inside a process. Otherwise each process would train on its rows as if they were the
-    whole batch (half the batch, wrong metrics), with no error from jax.
+    Each process feeds `rows / num_processes` rows of its own (`data.to_global_batch`), so a
+    shard of rows may live on one process only, and each process must hold the same number of
+    shards. Otherwise each process would train on its rows as if they were the whole batch
+    (half the batch, wrong metrics), or jax fails at the first step.
 
     Args:
       mesh: the mesh.
       process_of: the process index of each device of the mesh.
+      num_processes: the run's processes (all must hold rows), or None: those of `process_of`.
     """
     rows = batch_shards(mesh)
     owners: dict[int, set[int]] = {}
     for device, index in batch_sharding(mesh).devices_indices_map((rows, 1)).items():
         owners.setdefault(index[0].start or 0, set()).add(process_of[device])
-    if any(len(p) > 1 for p in owners.values()):
+    shared = any(len(p) > 1 for p in owners.values())
+    count = num_processes or len(set(process_of.values()))
+    held = [sum(p == {i} for p in owners.values()) for i in set(process_of.values())]
+    if shared or len(held) != count or len(set(held)) > 1:
         raise ValueError(
             f"the mesh's batch axes (data={mesh.shape['data']} x fsdp={mesh.shape['fsdp']}) do "
-            f"not split over the {len(set(process_of.values()))} processes: a shard of rows "
-            "would lie on devices of several processes, which each feed their own rows. Make "
-            "mesh.data x mesh.fsdp a multiple of the process count, with mesh.tensor inside a "
-            "process.")
+            f"not split over the {count} processes, which each feed an equal share of the rows: "
+            "a shard of rows would lie on devices of several processes (in this topology's "
+            "device order, e.g. a mesh.tensor group spanning two hosts), or the mesh leaves "
+            "some processes fewer devices (mesh.num_devices). Use mesh.fsdp or mesh.data "
+            "rather than mesh.tensor across hosts, a smaller mesh.tensor, and every device.")

@@ -110,6 +110,18 @@ def test_a_batch_shard_on_two_processes_is_refused(cfg, interleaved, ok):
             sharding.check_batch_processes(mesh, process_of)
 
 
+@pytest.mark.parametrize("num_devices", [4, 6])
+def test_a_mesh_over_part_of_the_processes_devices_is_refused(num_devices):
+    # 2 processes of 4 devices; a mesh over 4 (all of process 0) or 6 (4 + 2) devices gives the
+    # processes unequal shares of the rows, while each feeds half the batch.
+    mesh = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1, num_devices=num_devices))
+    process_of = {d: i // 4 for i, d in enumerate(jax.devices())}
+    with pytest.raises(ValueError, match="do not split over the 2 processes"):
+        sharding.check_batch_processes(mesh, process_of, num_processes=2)
+    full = sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1))
+    sharding.check_batch_processes(full, process_of, num_processes=2)
+
+
 def test_distributed_init_only_when_the_environment_says_so(monkeypatch):
     for var in ("JAX_COORDINATOR_ADDRESS", "COORDINATOR_ADDRESS", "SLURM_NTASKS",
                 "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "JAX_NUM_PROCESSES",

@@ -165,12 +165,18 @@ def test_sigkill_then_rerun_resumes_exactly(run30, tmp_path):
     ({"data.train_files": "/no/such/corpus/*.txt"}, FileNotFoundError, "/no/such/corpus"),
     ({"teacher.random_init": False}, FileNotFoundError, "teacher.path is empty"),
     ({"teacher.path": "/no/such/teacher"}, FileNotFoundError, "no config.json"),
-    # Found before the first step, not at the first evaluation (a reviewer's finding).
-    ({"data.val_fraction": 0.0}, ValueError, "validation split"),
 ])
 def test_bad_input_is_a_clear_error(tmp_path, changes, error, match):
     with pytest.raises(error, match=match):
         train.train_and_evaluate(tiny_config(**changes), str(tmp_path))
+
+
+def test_an_empty_heldout_split_fails_before_the_first_step(tmp_path):
+    # It failed at the first evaluation, after eval.every_steps steps (a reviewer's finding):
+    # now no step runs, so no metrics record is written.
+    with pytest.raises(ValueError, match="validation split"):
+        train.train_and_evaluate(tiny_config(**{"data.val_fraction": 0.0}), str(tmp_path))
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 def test_a_failed_evaluation_keeps_the_steps_trained(tmp_path, monkeypatch):
