@@ -15,8 +15,9 @@ from tad_jax.config import base_config
 def get_config():
     """The run config of this setup."""
     c = base_config()
-    # Three epochs of ORCAMEL's ~250K examples at 32 per step: 3 * len(train) / 32 (the run also
-    # stops when data.num_epochs = 3 epochs end).
+    # Three epochs of ORCAMEL's ~250K examples at 32 per step: 3 * len(train) / 32. The run stops,
+    # evaluated and saved, where data.num_epochs = 3 epochs end: a little earlier, as
+    # data.val_fraction holds 1% out (or set data.val_files).
     c.steps = 23_438
     c.teacher.path = ""  # HF folder of microsoft/Phi-3-mini-4k-instruct.
     c.teacher.preset = "phi-3-mini"  # architecture for --dry_run without a path.
@@ -27,7 +28,8 @@ def get_config():
     c.loss.divergence = "tad"  # TAD; "kl" for vanilla KD.
     c.loss.top_k = 10  # K.
     c.loss.beta = 2.0  # beta.
-    c.loss.beta_scope = "segment"  # X of Eq. 3 = one packed example, not the whole packed row.
+    # X of Eq. 3 = one example: its row here (data.pack=False), its segment if packed.
+    c.loss.beta_scope = "segment"
     c.loss.vocab_size = 32000  # the shared Llama tokenizer (Phi-3 pads to 32064).
     # Fused output heads + loss in token chunks (tad_jax.fused): no float32 [tokens, V] logits;
     # the dry run counts FLOPs through its chunk loop. rkl / jsd run unfused (no fused kernel).

@@ -139,8 +139,9 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         if cfg.data.num_epochs is not None:  # the hosts' shards may end at different steps
             ended = sharding.any_process(ended)
         if ended:  # a finite pipeline (data.num_epochs) ran out before `steps`
-            if pending is not None:
-                last = _finish_step(run, writer, clock, bar, *pending, force=True) or last
+            if pending is not None:  # the run's last step: evaluated, as a last step always is
+                extra = _evaluate_keeping_steps(run, writer, clock, bar, *pending, saved)
+                last = _finish_step(run, writer, clock, bar, *pending, extra, force=True) or last
             if step - 1 > saved:  # the last step may have been evaluated but not saved
                 _save(run, step - 1)
             bar.write(f"The training data ran out after step {step - 1}; stopping there.")
@@ -154,12 +155,8 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         do_eval = step % cfg.eval.every_steps == 0 or step == run.total_steps
         do_save = step % cfg.ckpt.every_steps == 0 or boundary
         if do_eval or do_save:
-            try:
-                extra = _evaluate(run) if do_eval else {}
-            except Exception:
-                if step > saved:  # keep the steps trained since the last checkpoint
-                    _save_before_error(run, writer, clock, bar, step, metrics)
-                raise
+            extra = (_evaluate_keeping_steps(run, writer, clock, bar, step, metrics, saved)
+                     if do_eval else {})
             if extra:
                 logger.info("step %d: held-out KL %.4f, student CE %.4f, top-1 agreement %.3f, "
                             "Full-ECE %.4f", step, extra["eval_kl"], extra["eval_ce"],
@@ -177,13 +174,26 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
     return last
 
 
+def _evaluate_keeping_steps(run, writer, clock, bar, step, metrics, saved) -> dict[str, float]:
+    """`_evaluate`; when it fails (out of memory, a bad held-out file) in a single-process run,
+    the steps trained since the last checkpoint are saved before the error goes on. (Across
+    processes a failure may be one process's alone, while the others wait in a collective: a
+    save would wait for them too.)"""
+    try:
+        return _evaluate(run)
+    except Exception:
+        if step > saved and jax.process_count() == 1:
+            _save_before_error(run, writer, clock, bar, step, metrics)
+        raise
+
+
 def _save_before_error(run, writer, clock, bar, step, metrics) -> None:
-    """The step's record and checkpoint, written when its evaluation fails (out of memory, a bad
-    held-out file), so that rerunning resumes there; a failure here is logged, and the
-    evaluation's error goes on."""
+    """The step's record and checkpoint, written when its evaluation fails, so that rerunning
+    resumes there; a failure here is logged, and the evaluation's error goes on."""
     try:
         _finish_step(run, writer, clock, bar, step, metrics, force=True)
         _save(run, step)
+        run.ckpt.wait()  # an asynchronous save's error surfaces here, not in place of the eval's
         bar.write(f"The evaluation at step {step} failed; saved a checkpoint of step {step} "
                   "first (fix the cause, then rerun the command to resume).")
     except Exception:  # the evaluation's error is the one to report

@@ -273,6 +273,8 @@ def test_finite_data_ends_the_run_with_a_checkpoint(tmp_path):
     steps = [r["step"] for r in train.read_metrics(workdir)]
     assert 1 < len(steps) < 30 and steps == list(range(1, len(steps) + 1))
     assert train.Checkpointer(workdir).latest_step() == steps[-1]
+    # The last step is evaluated, as a run's last step always is (a reviewer found it skipped).
+    assert "eval_kl" in train.read_metrics(workdir)[-1]
 
 
 @pytest.mark.slow
