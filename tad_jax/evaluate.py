@@ -199,10 +199,12 @@ def _restore_student(config, workdir, step, diffs, mesh=None):
     try:
         return restore_student(config, str(workdir), step, mesh)
     except ValueError as e:
-        if not diffs:
+        # Only the fields that shape the restored state (the models, the optimizer's state).
+        shaping = [d for d in diffs if d.startswith(("student.", "teacher.", "opt."))]
+        if not shaping:
             raise
         raise ValueError(f"The checkpoint of {workdir} does not fit the student of this config, "
-                         f"which differs from the run's in: {_shown(diffs)}. Evaluate with the "
+                         f"which differs from the run's in: {_shown(shaping)}. Evaluate with the "
                          "run's own config (the --config and overrides it was trained with)."
                          ) from e
 
@@ -295,6 +297,7 @@ def export_hf(workdir: str | os.PathLike, out: str | os.PathLike, *, step: int |
     out = _export_target(workdir, out, overwrite)
     step = require_checkpoint(workdir, step)
     config = resolved_config(config if config is not None else load_run_config(workdir, step))
+    _refuse_run_inputs(out, config)
     logger.info("Exporting the student of step %d to %s", step, out)
     if jax.process_count() == 1:
         model, params, step = restore_student(config, str(workdir), step)
@@ -334,6 +337,17 @@ def _replace(out: pathlib.Path, new: pathlib.Path) -> None:
         os.rename(old, out)
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_run_inputs(out: pathlib.Path, config) -> None:
+    """Raises ValueError when `out` is a folder the run reads (its teacher, its pretrained
+    student, its tokenizer): HF folders that --overwrite would otherwise replace."""
+    for field in ("teacher.path", "student.path", "data.tokenizer"):
+        group, name = field.split(".")
+        path = config[group].get(name)
+        if path and pathlib.Path(path).resolve() == out:
+            raise ValueError(f"--out {out} is the run's {field}: export to a new folder, e.g. "
+                             "--out WORKDIR/hf.")
 
 
 def _export_target(workdir, out, overwrite: bool) -> pathlib.Path:

@@ -105,6 +105,21 @@ def test_export_overwrite_replaces_only_an_hf_folder(tmp_path):
     assert file.read_text() == "also precious"
 
 
+def test_export_refuses_the_runs_own_input_folders(tmp_path):
+    # An HF folder the run reads (its teacher, here) has a config.json, so --overwrite would
+    # have replaced it (a reviewer's finding).
+    import ml_collections
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text("{}")
+    config = ml_collections.ConfigDict({"teacher": {"path": str(teacher)},
+                                        "student": {"path": ""}, "data": {"tokenizer": ""}})
+    with pytest.raises(ValueError, match="is the run's teacher.path"):
+        evaluate._refuse_run_inputs(teacher.resolve(), config)
+    evaluate._refuse_run_inputs((tmp_path / "hf").resolve(), config)
+
+
 def test_replace_sets_the_old_folder_aside_until_the_new_one_is_in_place(tmp_path, monkeypatch):
     out, new = tmp_path / "hf", tmp_path / ".hf.tmp"
     for folder, text in ((out, "old"), (new, "new")):
