@@ -6,6 +6,7 @@ real-corpus tests read a slice of Debian's Python manual and skip when it is not
 
 import collections
 import gzip
+import hashlib
 import json
 import logging
 import os
@@ -547,6 +548,18 @@ def test_prepared_folder_gives_the_same_batches_as_tokenising_on_the_fly(
                                      process_count=2)))
     _assert_same_batches(_all(make_eval_iterator(cfg, batch_size=2)),
                          _all(make_eval_iterator(prepared, batch_size=2)))
+
+
+def test_prepare_writes_an_empty_split(tmp_path, tok_dir, jsonl_docs):
+    # A split of 0 (or a multiple of 256) documents ended by tokenising an empty list, which
+    # the tokenizer refuses: prepare crashed after all the work, with no meta.json (a reviewer's
+    # finding).
+    from tad_jax.data.prepared import prepare
+
+    meta = prepare(_cfg(jsonl_docs[0], tok_dir[0], val_fraction=0.0), str(tmp_path / "prep"))
+    assert meta["splits"]["validation"] == {"documents": 0, "tokens": 0, "ids_sha256":
+                                            hashlib.sha256(b"").hexdigest()}
+    assert meta["splits"]["train"]["documents"] == 30
 
 
 def test_prepared_sft_chat_and_bad_folders(tmp_path, chat_tok_dir):

@@ -517,15 +517,26 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path, monkeypatch):
     fmt.data_hash(PackedRows(cfg.data.prepared_dir, "train", cfg.data.seq_len))
     assert read == []
     monkeypatch.undo()
-    # The same document lengths over other tokens (a reviewer found them accepted).
-    shutil.rmtree(prep)
-    shutil.copytree(cfg.data.prepared_dir, prep)
-    ids = np.memmap(os.path.join(prep, "train.ids.bin"), dtype=np.int32, mode="r+")
-    ids[100] = (ids[100] + 1) % 512
-    ids.flush()
-    del ids
-    with pytest.raises(ValueError, match="other tokenised data"):
-        rd.open_cache(bad)
+    # The same document lengths over other tokens (a reviewer found them accepted): prepared
+    # again (meta.json gets the new ids' sha256), or an older folder (no sha256 in meta.json:
+    # the ids file is read).
+    import hashlib
+
+    for prepared_again in (True, False):
+        shutil.rmtree(prep)
+        shutil.copytree(cfg.data.prepared_dir, prep)
+        ids_path = os.path.join(prep, "train.ids.bin")
+        ids = np.fromfile(ids_path, np.int32)
+        ids[100] = (ids[100] + 1) % 512
+        ids.tofile(ids_path)
+        meta = json.loads((tmp_path / "prep" / "meta.json").read_text())
+        if prepared_again:
+            meta["splits"]["train"]["ids_sha256"] = hashlib.sha256(ids.tobytes()).hexdigest()
+        else:
+            del meta["splits"]["train"]["ids_sha256"]
+        (tmp_path / "prep" / "meta.json").write_text(json.dumps(meta))
+        with pytest.raises(ValueError, match="other tokenised data"):
+            rd.open_cache(bad)
     bad = cfg.copy_and_resolve_references()
     bad.data.mode = "sft"
     with pytest.raises(ValueError, match="pretrain"):

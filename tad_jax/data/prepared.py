@@ -57,6 +57,8 @@ def _write_split(cfg, split: str, out_dir: str, tok) -> dict:
         flags_f = None if cfg.mode == "pretrain" else files.enter_context(open(flags_path, "wb"))
 
         def flush():
+            if not batch:  # the tokenizer refuses an empty list (a split of 256 k documents)
+                return
             for ids_n, flags_n in _encode(tok, batch, cfg):
                 ids_n.tofile(ids_f)
                 ids_sha.update(ids_n.tobytes())

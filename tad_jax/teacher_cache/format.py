@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import logging
 import math
 import os
 import tempfile
@@ -35,7 +36,9 @@ import numpy as np
 
 from tad_jax.teacher_cache.stats import TeacherStats
 
-# 2: data_sha256 covers the prepared split's tokens, not only its document lengths.
+logger = logging.getLogger(__name__)
+# 2: data_sha256 covers the sha256 of the prepared split's token ids, not only its document
+# lengths.
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 # Tokenizer files that define the id ↔ text map (hashed to refuse a cache of another tokenizer).
@@ -197,16 +200,17 @@ def data_hash(rows) -> str:
 
 
 def _ids_sha256(prepared_dir: str, split: str) -> str:
-    """sha256 of `<split>.ids.bin`: the one `data.prepare` wrote into meta.json with the file, or
-    the file read once per process (~1 s per GB) for a folder prepared before it did, or whose
-    ids file changed after meta.json was written (meta.json is written last)."""
-    meta_path = os.path.join(prepared_dir, "meta.json")
-    with open(meta_path) as f:
-        known = json.load(f)["splits"].get(split, {}).get("ids_sha256")
+    """sha256 of `<split>.ids.bin`: the one `data.prepare` wrote into meta.json with the file (a
+    re-preparation writes a new one), where the file has the size meta.json gives; else (a
+    folder prepared before prepare kept it) the file read once per process, ~1 s per GB."""
+    with open(os.path.join(prepared_dir, "meta.json")) as f:
+        info = json.load(f)["splits"].get(split, {})
     path = os.path.join(prepared_dir, f"{split}.ids.bin")
     st = os.stat(path)
-    if known and st.st_mtime_ns <= os.stat(meta_path).st_mtime_ns:
-        return known
+    if info.get("ids_sha256") and st.st_size == 4 * info.get("tokens", -1):
+        return info["ids_sha256"]
+    logger.info("Hashing %s (%.1f GB): its meta.json gives no matching sha256", path,
+                st.st_size / 1e9)
     return _file_sha256(path, st.st_size, st.st_mtime_ns)
 
 
