@@ -129,7 +129,7 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
     bar = tqdm(total=run.total_steps, initial=run.start_step, disable=not cfg.log.progress,
                desc="distilling", unit="step", dynamic_ncols=True)
     clock = _Throughput(cfg.data.global_batch_size * cfg.data.seq_len)
-    pending, last, saved = None, {}, run.start_step
+    pending, last, saved, evaluated = None, {}, run.start_step, run.start_step
     stop_at = run.total_steps
     if cfg.max_steps_per_run > 0:
         stop_at = min(stop_at, run.start_step + cfg.max_steps_per_run)
@@ -142,6 +142,10 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
             if pending is not None:  # the run's last step: evaluated, as a last step always is
                 extra = _evaluate_keeping_steps(run, writer, clock, bar, *pending, saved)
                 last = _finish_step(run, writer, clock, bar, *pending, extra, force=True) or last
+            elif step - 1 > evaluated:  # it was saved (and logged) but not evaluated
+                extra = _evaluate(run)
+                writer.write(step - 1, extra)
+                last = {**last, **extra}
             if step - 1 > saved:  # the last step may have been evaluated but not saved
                 _save(run, step - 1)
             bar.write(f"The training data ran out after step {step - 1}; stopping there.")
@@ -157,6 +161,7 @@ def _loop(run: Run, writer: MetricsWriter, stop: _Stop) -> dict[str, float]:
         if do_eval or do_save:
             extra = (_evaluate_keeping_steps(run, writer, clock, bar, step, metrics, saved)
                      if do_eval else {})
+            evaluated = step if do_eval else evaluated
             if extra:
                 logger.info("step %d: held-out KL %.4f, student CE %.4f, top-1 agreement %.3f, "
                             "Full-ECE %.4f", step, extra["eval_kl"], extra["eval_ce"],
