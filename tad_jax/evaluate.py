@@ -142,8 +142,9 @@ def evaluate(config: ml_collections.ConfigDict | None, workdir: str | os.PathLik
 
     _initialize_distributed(config)  # before any jax work, orbax's included
     step = require_checkpoint(workdir, step)
-    config = resolved_config(config if config is not None else load_run_config(workdir, step))
-    diffs = _differences_from_run(config, workdir, step)
+    saved = load_run_config(workdir, step)
+    config = resolved_config(config if config is not None else saved)
+    diffs = _differences_from_run(config, saved)
     start = time.perf_counter()
     logger.info("Loading the teacher (%s) and the student of step %d", config.teacher.path, step)
     if jax.process_count() > 1:
@@ -174,13 +175,13 @@ def _quiet_fields() -> tuple[str, ...]:
         "eval", "loss.fused", "loss.chunk_size", "steps", "train_tokens", "ckpt")
 
 
-def _differences_from_run(config, workdir, step) -> list[str]:
-    """The fields of `config` that differ from the config saved with the checkpoint, noted as a
-    warning: the held-out figures are then those of another setup than the one trained."""
+def _differences_from_run(config, saved) -> list[str]:
+    """The fields of `config` that differ from `saved`, the config saved with the checkpoint,
+    noted as a warning: the held-out figures are then those of another setup than the one
+    trained."""
     from tad_jax.config import config_differences, config_to_dict
 
-    saved = load_run_config(workdir, step).to_dict()
-    diffs = config_differences(saved, config_to_dict(config), ignore=_quiet_fields())
+    diffs = config_differences(saved.to_dict(), config_to_dict(config), ignore=_quiet_fields())
     if diffs:
         logger.warning("Evaluating with a config that differs from the run's (saved with its "
                        "checkpoint) in: %s", _shown(diffs))

@@ -295,7 +295,8 @@ def test_evaluate_names_the_fields_that_differ_from_the_run(tiny_run, caplog):
     assert "differs" not in caplog.text
     other_teacher = config.copy_and_resolve_references()  # a path a resumed run may change
     other_teacher.teacher.path = "/elsewhere/teacher"
-    assert evaluate._differences_from_run(other_teacher, workdir, None) == ["teacher.path"]
+    saved = evaluate.load_run_config(workdir)
+    assert evaluate._differences_from_run(other_teacher, saved) == ["teacher.path"]
 
 
 @pytest.mark.slow
