@@ -510,10 +510,11 @@ def test_a_cache_that_does_not_fit_is_refused(written, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="other tokenised data"):
         rd.open_cache(bad)
     # A prepared folder's ids hash comes from its meta.json, without reading the ids file.
+    from tad_jax.data import prepared
     from tad_jax.teacher_cache.rows import PackedRows
 
     read = []
-    monkeypatch.setattr(fmt, "_file_sha256", lambda *a: read.append(a) or "")
+    monkeypatch.setattr(prepared, "_file_sha256", lambda *a: read.append(a) or "")
     fmt.data_hash(PackedRows(cfg.data.prepared_dir, "train", cfg.data.seq_len))
     assert read == []
     monkeypatch.undo()

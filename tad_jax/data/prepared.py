@@ -15,8 +15,10 @@ a run reading the prepared folder yields the same batches as one tokenising on t
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
+import logging
 import os
 
 import grain
@@ -31,6 +33,7 @@ from tad_jax.data.features import (
 from tad_jax.data.sources import empty_split_error, iter_split
 from tad_jax.teacher_cache.format import tokenizer_hash
 
+logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 SPLITS = ("train", "validation")
 # Documents tokenised per call: batches let the fast tokenizer use all cores.
@@ -102,6 +105,32 @@ def prepare(cfg, out_dir: str, *, splits=SPLITS) -> dict:
     with open(meta_path, "w") as f:
         json.dump(meta, f, indent=1)
     return meta
+
+
+def ids_sha256(folder: str, split: str) -> str:
+    """sha256 of the split's token ids file: the one `prepare` recorded in meta.json as it wrote
+    the file (a re-preparation records a new one), where the file has the size meta.json gives;
+    else (a folder prepared before `prepare` recorded it) the file read once per process, ~1 s
+    per GB."""
+    with open(os.path.join(folder, "meta.json")) as f:
+        info = json.load(f)["splits"].get(split, {})
+    path = os.path.join(folder, f"{split}.ids.bin")
+    st = os.stat(path)
+    if info.get("ids_sha256") and st.st_size == 4 * info.get("tokens", -1):
+        return info["ids_sha256"]
+    logger.info("Hashing %s (%.1f GB): its meta.json gives no matching sha256", path,
+                st.st_size / 1e9)
+    return _file_sha256(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, cached by its size and mtime (a rewritten file is read again)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(64 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 class PreparedSource:

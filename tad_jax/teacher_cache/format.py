@@ -24,10 +24,8 @@ so bytes per token = K_max·(B + 2) + 8 + S·B (`bytes_per_token`).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
-import logging
 import math
 import os
 import tempfile
@@ -36,7 +34,6 @@ import numpy as np
 
 from tad_jax.teacher_cache.stats import TeacherStats
 
-logger = logging.getLogger(__name__)
 # 2: data_sha256 covers the sha256 of the prepared split's token ids, not only its document
 # lengths.
 FORMAT_VERSION = 2
@@ -195,32 +192,7 @@ def data_hash(rows) -> str:
     changed."""
     h = hashlib.sha256(np.ascontiguousarray(rows.offsets).tobytes())
     h.update(str(rows.num_pairs).encode())
-    h.update(_ids_sha256(rows.prepared_dir, rows.split).encode())
-    return h.hexdigest()
-
-
-def _ids_sha256(prepared_dir: str, split: str) -> str:
-    """sha256 of `<split>.ids.bin`: the one `data.prepare` wrote into meta.json with the file (a
-    re-preparation writes a new one), where the file has the size meta.json gives; else (a
-    folder prepared before prepare kept it) the file read once per process, ~1 s per GB."""
-    with open(os.path.join(prepared_dir, "meta.json")) as f:
-        info = json.load(f)["splits"].get(split, {})
-    path = os.path.join(prepared_dir, f"{split}.ids.bin")
-    st = os.stat(path)
-    if info.get("ids_sha256") and st.st_size == 4 * info.get("tokens", -1):
-        return info["ids_sha256"]
-    logger.info("Hashing %s (%.1f GB): its meta.json gives no matching sha256", path,
-                st.st_size / 1e9)
-    return _file_sha256(path, st.st_size, st.st_mtime_ns)
-
-
-@functools.lru_cache(maxsize=8)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    """sha256 of a file, cached by its size and mtime (a rewritten file is read again)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(64 << 20), b""):
-            h.update(block)
+    h.update(rows.ids_sha256().encode())
     return h.hexdigest()
 
 

@@ -19,7 +19,7 @@ import os
 
 import numpy as np
 
-from tad_jax.data.prepared import prepared_source
+from tad_jax.data.prepared import ids_sha256, prepared_source
 
 
 class PackedRows:
@@ -38,14 +38,14 @@ class PackedRows:
     def __len__(self) -> int:
         return -(-self.num_pairs // self.seq_len)
 
-    @property
-    def ids_path(self) -> str:
-        """The split's token ids, int32 (the prepared folder's `<split>.ids.bin`)."""
-        return os.path.join(self.prepared_dir, f"{self.split}.ids.bin")
+    def ids_sha256(self) -> str:
+        """sha256 of the split's token ids (`data.prepared.ids_sha256`)."""
+        return ids_sha256(self.prepared_dir, self.split)
 
     def _tokens(self) -> np.memmap:
         if self._ids is None:
-            self._ids = np.memmap(self.ids_path, dtype=np.int32, mode="r")
+            path = os.path.join(self.prepared_dir, f"{self.split}.ids.bin")
+            self._ids = np.memmap(path, dtype=np.int32, mode="r")
         return self._ids
 
     def __getitem__(self, index: int) -> dict:
